@@ -1,0 +1,1 @@
+"""Triton kernels. Each module holds its kernels, their launch functions and `aot_specs()`."""

@@ -1,0 +1,63 @@
+"""The one dispatch point: which implementation (Triton, CUDA, C++ CPU, PyTorch) runs an op.
+
+Chosen by the tensor's device and what is available, overridable per call (`impl=`) or per
+process with the environment variable CODEX_ML_IMPL (all ops) or CODEX_ML_<OP>_IMPL (one op,
+e.g. CODEX_ML_ATTENTION_IMPL=cuda).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+IMPLS = ("triton", "cuda", "cpu", "torch")
+
+
+def requested_impl(op: str, impl: str | None = None) -> str | None:
+    """The implementation asked for by argument or environment, validated; None means auto."""
+    choice = impl or os.environ.get(f"CODEX_ML_{op.upper()}_IMPL") or os.environ.get("CODEX_ML_IMPL")
+    if choice in (None, "", "auto"):
+        return None
+    if choice not in IMPLS:
+        raise ValueError(f"unknown implementation {choice!r} for {op}: choose one of {', '.join(IMPLS)} or 'auto'")
+    return choice
+
+
+@functools.lru_cache(maxsize=None)
+def load_extension(name: str):
+    """Imports the compiled CPU extension codex_ml.kernels.<name> (registering its torch ops)."""
+    try:
+        return importlib.import_module(f"codex_ml.kernels.{name}")
+    except ImportError as err:
+        raise RuntimeError(
+            f"the compiled kernel codex_ml.kernels.{name} is missing or failed to load ({err}); "
+            "build it with `tools/bazel build //python:codex_ml` or reinstall the wheel"
+        ) from err
+
+
+def triton_available(device: torch.device) -> bool:
+    """Triton runs on CUDA tensors, and on CPU tensors only in its interpreter (TRITON_INTERPRET=1)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def choose_impl(op: str, device: torch.device, impl: str | None, default_cuda: str = "triton") -> str:
+    """Returns the implementation to run `op` on `device`, raising a clear error if impossible."""
+    choice = requested_impl(op, impl)
+    if choice is None:
+        return default_cuda if device.type == "cuda" else "cpu"
+    if choice == "cuda" and device.type != "cuda":
+        raise ValueError(f"{op}: impl='cuda' needs CUDA tensors, got tensors on {device}")
+    if choice == "cpu" and device.type != "cpu":
+        raise ValueError(f"{op}: impl='cpu' needs CPU tensors, got tensors on {device}")
+    if choice == "triton" and not triton_available(device):
+        raise ValueError(f"{op}: impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), got {device}")
+    return choice

@@ -1,0 +1,16 @@
+"""py_pytest: a py_test that runs pytest on its sources, with codex_ml importable."""
+
+def py_pytest(name, srcs, deps = [], data = [], args = [], size = "medium", env = {}, **kwargs):
+    """A pytest test target. `srcs` are test files; `args` are extra pytest flags."""
+    native.py_test(
+        name = name,
+        srcs = srcs + ["//tools:pytest_main.py"],
+        main = "//tools:pytest_main.py",
+        args = args + ["$(location %s)" % s for s in srcs],
+        deps = deps + ["//python:codex_ml"],
+        data = data,
+        size = size,
+        python_version = "PY3",
+        env = env,
+        **kwargs
+    )
