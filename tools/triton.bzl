@@ -1,0 +1,13 @@
+"""triton_aot_test: proves at build time that Triton kernels compile for sm_80 and sm_90, no GPU needed."""
+
+def triton_aot_test(name, modules, **kwargs):
+    """A test compiling every `aot_specs()` triple of each module (e.g. codex_ml.kernels.triton.attention)."""
+    native.py_test(
+        name = name,
+        srcs = ["//tools:triton_aot_check.py"],
+        main = "//tools:triton_aot_check.py",
+        args = modules,
+        deps = ["//python:codex_ml"],
+        python_version = "PY3",
+        **kwargs
+    )
