@@ -1,0 +1,72 @@
+"""Deterministic, resumable batches of packed token sequences.
+
+A split's tokens (documents joined with eos) are cut into sequences of seq_len + 1 tokens. Each epoch
+visits them in a permutation drawn from (seed, epoch); rank r of w takes every w-th sequence of it,
+so ranks see disjoint data. The iterator's state (epoch, position) restores it exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from codex_ml.data.corpus import DataError
+
+
+class BatchIterator:
+    """Yields {"input_ids": int64 [B, T], "targets": int64 [B, T]} (targets are the next tokens)."""
+
+    def __init__(self, tokens: np.ndarray, *, split: str, batch_size: int, seq_len: int, seed: int,
+                 rank: int = 0, world_size: int = 1, epoch_limit: int | None = None):
+        if batch_size < 1 or seq_len < 1:
+            raise DataError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.tokens, self.split = tokens, split
+        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.rank, self.world_size, self.epoch_limit = rank, world_size, epoch_limit
+        self.num_sequences = (len(tokens) - 1) // seq_len if len(tokens) > 1 else 0
+        self.batches_per_epoch = self.num_sequences // world_size // batch_size
+        if self.batches_per_epoch == 0:
+            raise DataError(
+                f"split {split!r} has {len(tokens)} tokens: too few for one batch of {batch_size} x {seq_len} "
+                f"per rank on {world_size} rank(s); add documents, or lower batch_size or seq_len"
+            )
+        self.tokens_per_batch = batch_size * seq_len
+        self.epoch, self.position = 0, 0
+        self._order = None
+
+    def _epoch_order(self) -> np.ndarray:
+        if self._order is None or self._order[0] != self.epoch:
+            perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_sequences)
+            self._order = (self.epoch, perm[self.rank::self.world_size])
+        return self._order[1]
+
+    def __iter__(self) -> BatchIterator:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.position >= self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        if self.epoch_limit is not None and self.epoch >= self.epoch_limit:
+            raise StopIteration
+        order = self._epoch_order()
+        starts = order[self.position * self.batch_size:(self.position + 1) * self.batch_size] * self.seq_len
+        rows = np.stack([np.asarray(self.tokens[s:s + self.seq_len + 1], dtype=np.int64) for s in starts])
+        self.position += 1
+        rows = torch.from_numpy(rows)
+        return {"input_ids": rows[:, :-1], "targets": rows[:, 1:]}
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable position of the iterator."""
+        return {"split": self.split, "epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size,
+                "seq_len": self.seq_len}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continues exactly where `state` was taken; the layout (batch, seq_len, ranks) must match."""
+        for key in ("split", "seed", "rank", "world_size", "batch_size", "seq_len"):
+            if key in state and state[key] != getattr(self, key):
+                raise DataError(f"cannot restore the data iterator: saved {key}={state[key]!r}, "
+                                f"this run has {getattr(self, key)!r}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

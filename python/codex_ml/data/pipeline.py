@@ -1,0 +1,143 @@
+"""prepare_data: corpus -> tokenizer -> cached, verified token shards -> batches."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sentencepiece
+
+from codex_ml.data.batches import BatchIterator
+from codex_ml.data.corpus import SPLITS, DataError, read_corpus
+from codex_ml.data.shards import MANIFEST, load_manifest, load_split, token_dtype, write_shards
+from codex_ml.tokenization import Tokenizer
+
+
+def _key(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+@dataclass
+class PreparedData:
+    """A verified shard set and its tokenizer."""
+
+    tokenizer: Tokenizer
+    manifest: dict
+    manifest_path: Path
+
+    @property
+    def directory(self) -> Path:
+        return self.manifest_path.parent
+
+    def tokens(self, split: str) -> np.ndarray:
+        return load_split(self.directory, self.manifest, split, verify=False)
+
+    def batches(self, split: str, *, batch_size: int, seq_len: int, seed: int, rank: int = 0, world_size: int = 1,
+                epoch_limit: int | None = None) -> BatchIterator:
+        """A deterministic, resumable iterator over packed sequences of `split`."""
+        return BatchIterator(self.tokens(split), split=split, batch_size=batch_size, seq_len=seq_len, seed=seed,
+                             rank=rank, world_size=world_size, epoch_limit=epoch_limit)
+
+
+def prepare_data(
+    cache_dir: str | Path,
+    *,
+    sources: Sequence[str] | None = None,
+    tokenizer_path: str | Path | None = None,
+    vocab_size: int = 8000,
+    model_type: str = "bpe",
+    max_documents: int | None = None,
+    splits: tuple[float, float, float] = (0.98, 0.01, 0.01),
+    non_utf8: str = "skip",
+    filter_secrets: bool = True,
+    shard_tokens: int = 1 << 26,
+    num_threads: int = 2,
+    log: Callable[[str], None] = print,
+) -> PreparedData:
+    """Reads the corpus, trains (or loads) the tokenizer and tokenizes into shards, all cached by content.
+
+    A second call with the same inputs reuses the cached tokenizer and shards (and says so); any change
+    (sources, their content, policies, tokenizer) builds a new shard set beside the old one.
+    """
+    cache_dir = Path(cache_dir)
+    start = time.time()
+    corpus = read_corpus(list(sources) if sources else None, non_utf8=non_utf8, filter_secrets=filter_secrets,
+                         max_documents=max_documents)
+    by_split = corpus.split(tuple(splits))
+    policies = {"non_utf8": non_utf8, "filter_secrets": filter_secrets, "dedup": "exact content sha256",
+                "split": "content sha256", "splits": list(splits), "max_documents": max_documents}
+    corpus_digest = hashlib.sha256("".join(d.sha256 for d in corpus.documents).encode()).hexdigest()
+    stats = dict(corpus.stats)
+    log(f"Corpus: {stats.get('documents', 0)} documents from {stats.get('files', 0)} files "
+        f"(skipped: {stats.get('skipped_non_utf8', 0)} not UTF-8, {stats.get('duplicates_removed', 0)} duplicates, "
+        f"{stats.get('skipped_secrets', 0)} with secrets, {stats.get('skipped_empty', 0)} empty) "
+        f"in {time.time() - start:.1f}s")
+
+    if tokenizer_path is not None:
+        tokenizer = Tokenizer.load(tokenizer_path)
+        log(f"Tokenizer: loaded {tokenizer_path} (vocabulary {tokenizer.vocab_size}, sha256 {tokenizer.sha256[:12]})")
+    else:
+        train_digest = hashlib.sha256("".join(d.sha256 for d in by_split["train"]).encode()).hexdigest()
+        tok_key = _key({"train_docs": train_digest, "vocab_size": vocab_size, "model_type": model_type,
+                        "sentencepiece": sentencepiece.__version__})
+        model_path = cache_dir / "tokenizers" / tok_key / "tokenizer.model"
+        if model_path.is_file():
+            tokenizer = Tokenizer.load(model_path)
+            log(f"Tokenizer: reusing cached {model_path}")
+        else:
+            t = time.time()
+            tokenizer = Tokenizer.train((d.text for d in by_split["train"]), model_path, vocab_size=vocab_size,
+                                        model_type=model_type, num_threads=num_threads)
+            log(f"Tokenizer: trained {model_type} vocabulary {vocab_size} in {time.time() - t:.1f}s -> {model_path}")
+
+    shard_key = _key({"corpus": corpus_digest, "policies": policies, "tokenizer": tokenizer.sha256,
+                      "shard_tokens": shard_tokens})
+    directory = cache_dir / "shards" / shard_key
+    if (directory / MANIFEST).is_file():
+        manifest = load_manifest(directory)
+        for split in SPLITS:  # verifies every shard's digest: a modified cache is an error, never reused silently
+            load_split(directory, manifest, split, verify=True)
+        log(f"Shards: reusing cached {directory} ({manifest['splits']['train']['tokens']} train tokens)")
+        return PreparedData(tokenizer, manifest, directory / MANIFEST)
+    if directory.exists():
+        raise DataError(f"{directory} exists but has no manifest: an interrupted or foreign directory; delete it")
+
+    t = time.time()
+    split_tokens = {}
+    eos = np.array([tokenizer.eos_id], dtype=np.int64)
+    for split, docs in by_split.items():
+        ids = tokenizer.encode_many([d.text for d in docs], num_threads=num_threads)
+        split_tokens[split] = [np.concatenate([np.asarray(x, dtype=np.int64), eos]) for x in ids]
+    manifest = {
+        "tokenizer_sha256": tokenizer.sha256,
+        "vocab_size": tokenizer.vocab_size,
+        "eos_id": tokenizer.eos_id,
+        "sources": corpus.sources,
+        "corpus_sha256": corpus_digest,
+        "policies": policies,
+        "corpus_stats": stats,
+        "secret_rules_matched": dict(sorted(corpus.secret_rules.items())),
+    }
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    manifest = write_shards(directory, split_tokens, manifest, dtype=token_dtype(tokenizer.vocab_size),
+                            shard_tokens=shard_tokens)
+    counts = ", ".join(f"{s} {manifest['splits'][s]['tokens']}" for s in SPLITS)
+    log(f"Shards: tokenized in {time.time() - t:.1f}s ({counts} tokens) -> {directory}")
+    return PreparedData(tokenizer, manifest, directory / MANIFEST)
+
+
+def load_prepared(directory: str | Path, tokenizer: Tokenizer) -> PreparedData:
+    """Opens an existing shard set, verifying its shards and that `tokenizer` is the one it was made with."""
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    if manifest["tokenizer_sha256"] != tokenizer.sha256:
+        raise DataError(f"{directory} was tokenized with tokenizer {manifest['tokenizer_sha256'][:12]}, not "
+                        f"{tokenizer.sha256[:12]} ({tokenizer.model_path}): use the matching tokenizer or rebuild")
+    for split in SPLITS:
+        load_split(directory, manifest, split, verify=True)
+    return PreparedData(tokenizer, manifest, directory / MANIFEST)

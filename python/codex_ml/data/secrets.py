@@ -1,0 +1,27 @@
+"""Patterns of secrets that must never be trained on or generated: one list, used by both.
+
+`find_secret(text)` returns the name of the first rule that matches, never the secret itself.
+"""
+
+from __future__ import annotations
+
+import re
+
+SECRET_RULES: dict[str, re.Pattern[str]] = {
+    "private_key_block": re.compile(r"-----BEGIN (?:RSA |EC |DSA |OPENSSH |PGP |ENCRYPTED )?PRIVATE KEY(?: BLOCK)?-----"),
+    "aws_access_key_id": re.compile(r"\b(?:AKIA|ASIA|ABIA|ACCA)[0-9A-Z]{16}\b"),
+    "github_token": re.compile(r"\b(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{36,}\b|\bgithub_pat_[A-Za-z0-9_]{22,}\b"),
+    "slack_token": re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}\b"),
+    "google_api_key": re.compile(r"\bAIza[0-9A-Za-z_\-]{35}\b"),
+    "stripe_secret_key": re.compile(r"\b(?:sk|rk)_live_[0-9A-Za-z]{16,}\b"),
+    "openai_api_key": re.compile(r"\bsk-(?:proj-)?[A-Za-z0-9_\-]{32,}\b"),
+    "jwt": re.compile(r"\beyJ[A-Za-z0-9_\-]{10,}\.eyJ[A-Za-z0-9_\-]{10,}\.[A-Za-z0-9_\-]{10,}\b"),
+}
+
+
+def find_secret(text: str) -> str | None:
+    """The name of the first secret rule matching `text`, or None."""
+    for name, pattern in SECRET_RULES.items():
+        if pattern.search(text):
+            return name
+    return None

@@ -1,0 +1,5 @@
+"""SentencePiece tokenizer for code: exact round trip, fixed special ids, identified by its file's SHA-256."""
+
+from codex_ml.tokenization.tokenizer import SPECIAL_IDS, Tokenizer, TokenizerError
+
+__all__ = ["SPECIAL_IDS", "Tokenizer", "TokenizerError"]

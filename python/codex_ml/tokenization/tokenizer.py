@@ -1,0 +1,175 @@
+"""A SentencePiece tokenizer that keeps code byte for byte.
+
+SentencePiece's defaults normalize text (NFKC), collapse whitespace and add a dummy prefix space, so
+indentation and newlines do not survive. Here: identity normalization, no dummy prefix, whitespace
+kept, whitespace-only pieces allowed (runs of indentation become single tokens), newline and tab as
+user-defined symbols, and byte fallback so any character round-trips. decode(encode(x)) == x.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shutil
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+
+# Fixed ids, written into the model itself (pad_id/unk_id/bos_id/eos_id of the trainer spec).
+SPECIAL_IDS = {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
+
+
+class TokenizerError(ValueError):
+    """A tokenizer could not be trained or loaded; the message says why and what to do."""
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Tokenizer:
+    """Wraps a SentencePiece model file. Create with `Tokenizer.train` or `Tokenizer.load`."""
+
+    def __init__(self, model_path: str | Path):
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise TokenizerError(f"tokenizer model {self.model_path} does not exist: train one or give the right path")
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.Load(str(self.model_path))
+        except (OSError, RuntimeError) as err:
+            raise TokenizerError(f"{self.model_path} is not a SentencePiece model ({err})") from err
+        self.sha256 = file_sha256(self.model_path)
+        self.vocab_size = self._sp.GetPieceSize()
+        self.pad_id, self.unk_id = self._sp.pad_id(), self._sp.unk_id()
+        self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
+
+    @classmethod
+    def load(cls, model_path: str | Path) -> Tokenizer:
+        """Loads a saved model file."""
+        return cls(model_path)
+
+    @classmethod
+    def train(
+        cls,
+        texts: Iterable[str],
+        model_path: str | Path,
+        *,
+        vocab_size: int = 8000,
+        model_type: str = "bpe",
+        byte_fallback: bool = True,
+        character_coverage: float = 1.0,
+        num_threads: int = 2,
+        max_sentence_length: int = 16384,
+        input_sentence_size: int = 2_000_000,
+    ) -> Tokenizer:
+        """Trains on `texts` (documents; split into lines for training) and writes the model to `model_path`."""
+        if model_type not in ("bpe", "unigram"):
+            raise TokenizerError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
+        lines = [line for text in texts for line in text.split("\n") if line.strip()]
+        if not lines:
+            raise TokenizerError("cannot train a tokenizer on an empty corpus: no non-blank lines in the documents")
+        model_path = Path(model_path)
+        model_path.parent.mkdir(parents=True, exist_ok=True)
+        proto = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.Train(
+                sentence_iterator=iter(lines),
+                model_writer=proto,
+                vocab_size=vocab_size,
+                model_type=model_type,
+                byte_fallback=byte_fallback,
+                character_coverage=character_coverage,
+                num_threads=num_threads,
+                max_sentence_length=max_sentence_length,
+                input_sentence_size=input_sentence_size,
+                # No shuffling: the same corpus always gives the same model file.
+                shuffle_input_sentence=False,
+                normalization_rule_name="identity",
+                remove_extra_whitespaces=False,
+                add_dummy_prefix=False,
+                allow_whitespace_only_pieces=True,
+                split_digits=True,
+                user_defined_symbols=["\n", "\t", "\r"],
+                pad_id=SPECIAL_IDS["pad"], unk_id=SPECIAL_IDS["unk"],
+                bos_id=SPECIAL_IDS["bos"], eos_id=SPECIAL_IDS["eos"],
+                minloglevel=2,
+            )
+        except RuntimeError as err:
+            if "Vocabulary size" in str(err) or "vocab_size" in str(err):
+                raise TokenizerError(
+                    f"the corpus is too small for a vocabulary of {vocab_size} ({err}); "
+                    "lower the vocabulary size or add documents"
+                ) from err
+            raise TokenizerError(f"SentencePiece training failed: {err}") from err
+        # Written in one step so that a crash never leaves a half-written model behind.
+        tmp = model_path.with_name(model_path.name + ".tmp")
+        tmp.write_bytes(proto.getvalue())
+        tmp.replace(model_path)
+        return cls(model_path)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` (no bos/eos)."""
+        return self._sp.EncodeAsIds(text)
+
+    def encode_many(self, texts: Sequence[str], num_threads: int = 2) -> list[list[int]]:
+        """Token ids of many texts, encoded on `num_threads` threads."""
+        return self._sp.Encode(list(texts), out_type=int, num_threads=num_threads)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of `ids`; special ids (pad, bos, eos) are dropped."""
+        specials = (self.pad_id, self.bos_id, self.eos_id)
+        return self._sp.DecodeIds([int(i) for i in ids if int(i) not in specials])
+
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        *,
+        max_len: int | None = None,
+        padding_side: str = "right",
+        pad: bool = True,
+        add_bos: bool = False,
+        add_eos: bool = False,
+    ) -> dict[str, torch.Tensor | list[list[int]]]:
+        """Encodes a batch: truncated to max_len, padded with pad_id (as tensors) when `pad`.
+
+        Returns {"input_ids": LongTensor [B, L], "attention_mask": LongTensor [B, L]} when padded,
+        else lists of ids and of ones.
+        """
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        rows = []
+        for ids in self.encode_many(texts):
+            ids = ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
+            rows.append(ids[:max_len] if max_len is not None else ids)
+        if not pad:
+            return {"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]}
+        width = max((len(r) for r in rows), default=0)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            span = slice(0, len(row)) if padding_side == "right" else slice(width - len(row), width)
+            input_ids[i, span] = torch.tensor(row, dtype=torch.long)
+            mask[i, span] = 1
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+    def decode_batch(self, batch: dict | Sequence[Sequence[int]] | torch.Tensor) -> list[str]:
+        """Decodes rows of ids (padding and special ids dropped)."""
+        rows = batch["input_ids"] if isinstance(batch, dict) else batch
+        if isinstance(rows, torch.Tensor):
+            rows = rows.tolist()
+        return [self.decode(r) for r in rows]
+
+    def save(self, path: str | Path) -> Path:
+        """Copies the model file to `path` (a file, or a directory to put tokenizer.model in)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.model"
+        shutil.copyfile(self.model_path, path)
+        return path
