@@ -73,7 +73,8 @@ def load_manifest(directory: Path) -> dict:
     except json.JSONDecodeError as err:
         raise DataError(f"{path} is not valid JSON ({err.msg}); delete {directory} to rebuild") from err
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{path}: shard format {manifest.get('format_version')} is not {FORMAT_VERSION}; delete it to rebuild")
+        raise DataError(f"{path}: shard format {manifest.get('format_version')} is not {FORMAT_VERSION}; "
+                        "delete it to rebuild")
     return manifest
 
 

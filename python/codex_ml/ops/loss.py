@@ -1,27 +1,314 @@
-"""Losses: interim PyTorch implementation, replaced by the fused-kernel ops (issue 3)."""
+"""Cross-entropy losses that never hold the full [N, V] logits: `linear_cross_entropy` and `cross_entropy`.
+
+Both are torch.library custom ops (fake implementations and autograd formulas registered, so
+torch.compile traces them). For "mean" and "sum" the forward pass also computes the gradients (one
+pass over the vocabulary instead of two) and the backward pass only scales them by grad_output; for
+"none" the backward recomputes each chunk with every row's own grad_output, so its gradients are exact
+too. Implementations, chosen by codex_ml.ops.dispatch: the C++ kernel on CPU tensors
+(kernels/cpu/linear_cross_entropy.cc) and, on other devices, the same chunked algorithm in PyTorch.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from codex_ml.ops.dispatch import choose_impl, load_extension
 
-def cross_entropy(
-    logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -100, reduction: str = "mean",
-    label_smoothing: float = 0.0,
-) -> torch.Tensor:
-    """Cross-entropy of logits [N, V] against target [N]."""
-    return F.cross_entropy(
-        logits.float(), target, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
-    )
+REDUCTIONS = ("mean", "sum", "none")
+_CHUNK_ELEMENTS = 1 << 22  # logits per chunk in the PyTorch path
+
+
+def _check_common(inputs: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int, reduction: str,
+                  label_smoothing: float, z_loss: float, logit_softcap: float | None) -> None:
+    """Checks shared by both losses: target, options. `inputs` is hidden or logits ([N, ...])."""
+    if target.dim() != 1 or target.shape[0] != inputs.shape[0]:
+        raise ValueError(f"target must have shape [N] = [{inputs.shape[0]}], got {tuple(target.shape)}")
+    if inputs.shape[0] == 0:
+        raise ValueError("the loss got no tokens (N = 0): pass at least one row")
+    if num_classes == 0:
+        raise ValueError("the vocabulary is empty: V must be at least 1")
+    if target.dtype != torch.int64:
+        raise ValueError(f"target must be int64 (torch.long), got {target.dtype}")
+    if inputs.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise ValueError(f"inputs must be floating point (fp32, bf16, fp16), got {inputs.dtype}")
+    if target.device != inputs.device:
+        raise ValueError(f"target is on {target.device} but the inputs are on {inputs.device}: use one device")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if z_loss < 0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    if logit_softcap is not None and logit_softcap <= 0:
+        raise ValueError(f"logit_softcap must be positive or None, got {logit_softcap}")
+    out_of_range = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bool(out_of_range.any()):
+        bad = target[out_of_range][0].item()
+        raise ValueError(f"target value {bad} is out of range [0, {num_classes}) and is not "
+                         f"ignore_index ({ignore_index})")
+
+
+def _check(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"linear_cross_entropy expects hidden [N, H] and weight [V, H]; got "
+                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"hidden has {hidden.shape[1]} features but weight has {weight.shape[1]}: "
+                         "weight must be [V, H]")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise ValueError(f"{name} must be floating point, got {t.dtype}")
+        if t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}: move them to one device")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+
+
+def _chunk_rows(logits, t, row_scale, ignore_index, label_smoothing, z_loss, softcap):
+    """Loss, lse and (when row_scale is given) d(sum scale_i loss_i)/dlogits of one chunk of fp32 logits."""
+    v = logits.shape[1]
+    valid = t != ignore_index
+    safe_t = t.clamp(0, v - 1)
+    z = softcap * torch.tanh(logits / softcap) if softcap > 0 else logits
+    row_lse = torch.logsumexp(z, dim=-1)
+    zt = z.gather(1, safe_t[:, None])[:, 0]
+    rows = row_lse - (1 - label_smoothing) * zt - label_smoothing * z.mean(-1) + z_loss * row_lse ** 2
+    rows, row_lse = torch.where(valid, rows, 0.0), torch.where(valid, row_lse, 0.0)
+    if row_scale is None:
+        return rows, row_lse, None
+    g = torch.softmax(z, dim=-1) * (1 + 2 * z_loss * row_lse[:, None]) - label_smoothing / v
+    g[torch.arange(len(t), device=g.device), safe_t] -= 1 - label_smoothing
+    g = g * torch.where(valid, row_scale.float(), 0.0)[:, None]
+    if softcap > 0:
+        g = g * (1 - (z / softcap) ** 2)
+    return rows, row_lse, g
+
+
+def _torch_impl(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap):
+    """The chunked algorithm in PyTorch (any device): same outputs as the C++ kernel."""
+    n, v = hidden.shape[0], weight.shape[0]
+    w = weight.float()
+    b = bias.float() if bias is not None else None
+    loss = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+    lse = torch.zeros_like(loss)
+    grad = row_scale is not None
+    def empty():  # distinct tensors: a custom op's outputs may not alias each other
+        return hidden.new_empty(0, dtype=torch.float32)
+
+    gh = torch.zeros(n, hidden.shape[1], dtype=torch.float32, device=hidden.device) if grad else empty()
+    gw = torch.zeros_like(w) if grad else empty()
+    gb = torch.zeros_like(b) if grad and b is not None else empty()
+    chunk = max(1, _CHUNK_ELEMENTS // max(v, 1))
+    for s in range(0, n, chunk):
+        h = hidden[s:s + chunk].float()
+        scale = row_scale[s:s + chunk] if grad else None
+        rows, row_lse, g = _chunk_rows(F.linear(h, w, b), target[s:s + chunk], scale, ignore_index,
+                                       label_smoothing, z_loss, softcap)
+        loss[s:s + chunk], lse[s:s + chunk] = rows, row_lse
+        if grad:
+            gh[s:s + chunk] = g @ w
+            gw += g.t() @ h
+            if b is not None:
+                gb += g.sum(0)
+    return loss, lse, gh, gw, gb
+
+
+def _run(impl, hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap):
+    if impl == "cpu":
+        load_extension("_linear_cross_entropy_cpu")
+        return torch.ops.codex_ml_cpu.linear_cross_entropy(hidden.contiguous(), weight, bias, target, row_scale,
+                                                          ignore_index, label_smoothing, z_loss, softcap)
+    return _torch_impl(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap)
+
+
+def _reduce(rows: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    return total / valid.sum().clamp(min=1) if reduction == "mean" else total
+
+
+@torch.library.custom_op("codex_ml::linear_cross_entropy", mutates_args=())
+def _lce_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+            ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, softcap: float,
+            fused_grad: bool, impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, z-loss term, grad_hidden, grad_weight, grad_bias); the grads are empty unless fused_grad."""
+    valid = target != ignore_index
+    row_scale = None
+    if fused_grad:
+        n_valid = valid.sum().clamp(min=1)
+        row_scale = (valid.float() / n_valid) if reduction == "mean" else valid.float()
+    rows, lse, gh, gw, gb = _run(impl, hidden, weight, bias, target, row_scale, ignore_index, label_smoothing,
+                                 z_loss, softcap)
+    z_term = z_loss * _reduce(lse ** 2, valid, "mean" if reduction == "none" else reduction)
+    if fused_grad:
+        gh, gw = gh.to(hidden.dtype), gw.to(weight.dtype)
+        gb = gb.to(bias.dtype) if bias is not None else gb
+    return _reduce(rows, valid, reduction).to(hidden.dtype), z_term.to(hidden.dtype), gh, gw, gb
+
+
+@_lce_op.register_fake
+def _(hidden, weight, bias, target, ignore_index, reduction, label_smoothing, z_loss, softcap, fused_grad, impl):
+    loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else ())
+    if fused_grad:
+        gb = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0, dtype=torch.float32)
+        return loss, hidden.new_empty(()), hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), gb
+    empty = hidden.new_empty(0, dtype=torch.float32)
+    return loss, hidden.new_empty(()), empty, empty, empty.clone()
+
+
+@torch.library.custom_op("codex_ml::linear_cross_entropy_backward", mutates_args=())
+def _lce_backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                     row_scale: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
+                     softcap: float, impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of sum_i row_scale[i] * loss_i, recomputing the logits chunk by chunk."""
+    _, _, gh, gw, gb = _run(impl, hidden, weight, bias, target, row_scale.contiguous(), ignore_index,
+                            label_smoothing, z_loss, softcap)
+    return gh.to(hidden.dtype), gw.to(weight.dtype), (gb.to(bias.dtype) if bias is not None else gb)
+
+
+@_lce_backward_op.register_fake
+def _(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap, impl):
+    gb = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0, dtype=torch.float32)
+    return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), gb
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, target, ignore_index, reduction, label_smoothing, z_loss, softcap, fused_grad, impl = inputs
+    ctx.fused, ctx.reduction, ctx.has_bias = fused_grad, reduction, bias is not None
+    ctx.args = (ignore_index, label_smoothing, z_loss, softcap, impl)
+    if fused_grad:
+        ctx.save_for_backward(*output[2:])
+    else:
+        ctx.save_for_backward(hidden, weight, bias, target)
+
+
+def _backward(ctx, grad_loss, grad_z, _gh, _gw, _gb):
+    if ctx.fused:
+        gh, gw, gb = ctx.saved_tensors
+        gh, gw = gh * grad_loss, gw * grad_loss
+        gb = gb * grad_loss if ctx.has_bias else None
+    else:
+        hidden, weight, bias, target = ctx.saved_tensors
+        ignore_index, label_smoothing, z_loss, softcap, impl = ctx.args
+        row_scale = grad_loss.float().expand(target.shape[0]) if grad_loss.dim() == 0 else grad_loss.float()
+        if ctx.reduction == "mean":
+            row_scale = row_scale / (target != ignore_index).sum().clamp(min=1)
+        gh, gw, gb = _lce_backward_op(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss,
+                                      softcap, impl)
+        gb = gb if ctx.has_bias else None
+    return gh, gw, gb, None, None, None, None, None, None, None, None
+
+
+_lce_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *, bias: torch.Tensor | None = None,
-    ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-) -> torch.Tensor:
-    """Cross-entropy of F.linear(hidden [N, H], weight [V, H], bias) against target [N]."""
-    return cross_entropy(
-        F.linear(hidden, weight, bias), target, ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing,
-    )
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    return_z_loss: bool = False,
+    impl: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of softcap(hidden [N, H] @ weight[V, H]^T + bias) against target [N], without the logits.
+
+    Returns the loss (a scalar, or [N] for reduction="none"); with z_loss > 0 it includes
+    z_loss * mean(logsumexp^2) over non-ignored rows, and `return_z_loss=True` returns (loss, that term).
+    Ignored rows (target == ignore_index) contribute nothing; if all are ignored the loss is 0.
+    """
+    _check(hidden, weight, target, bias)
+    _check_common(hidden, target, weight.shape[0], ignore_index, reduction, label_smoothing, z_loss, logit_softcap)
+    chosen = choose_impl("linear_cross_entropy", hidden.device, impl, default_cuda="torch")
+    if chosen not in ("cpu", "torch"):
+        raise ValueError(f"linear_cross_entropy has no {chosen!r} implementation yet: use impl='cpu' or 'torch'")
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    fused = needs_grad and reduction != "none"
+    loss, z_term, *_ = _lce_op(hidden, weight, bias, target, ignore_index, reduction, float(label_smoothing),
+                               float(z_loss), float(logit_softcap or 0.0), fused, chosen)
+    return (loss, z_term) if return_z_loss else loss
+
+
+@torch.library.custom_op("codex_ml::cross_entropy", mutates_args=())
+def _ce_op(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, reduction: str, label_smoothing: float,
+           z_loss: float, softcap: float, fused_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, z-loss term, grad_logits): one chunked pass; grad_logits is empty unless fused_grad."""
+    n = logits.shape[0]
+    valid = target != ignore_index
+    row_scale = None
+    if fused_grad:
+        row_scale = valid.float() / valid.sum().clamp(min=1) if reduction == "mean" else valid.float()
+    rows = torch.zeros(n, dtype=torch.float32, device=logits.device)
+    lse = torch.zeros_like(rows)
+    grad = torch.empty_like(logits) if fused_grad else logits.new_empty(0)
+    chunk = max(1, _CHUNK_ELEMENTS // max(logits.shape[1], 1))
+    for s in range(0, n, chunk):
+        scale = row_scale[s:s + chunk] if fused_grad else None
+        rows[s:s + chunk], lse[s:s + chunk], g = _chunk_rows(logits[s:s + chunk].float(), target[s:s + chunk], scale,
+                                                             ignore_index, label_smoothing, z_loss, softcap)
+        if fused_grad:
+            grad[s:s + chunk] = g
+    z_term = z_loss * _reduce(lse ** 2, valid, "mean" if reduction == "none" else reduction)
+    return _reduce(rows, valid, reduction).to(logits.dtype), z_term.to(logits.dtype), grad
+
+
+@_ce_op.register_fake
+def _(logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap, fused_grad):
+    loss = logits.new_empty((logits.shape[0],) if reduction == "none" else ())
+    return loss, logits.new_empty(()), logits.new_empty(logits.shape if fused_grad else (0,))
+
+
+def _ce_setup_context(ctx, inputs, output):
+    logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap, fused_grad = inputs
+    ctx.fused, ctx.reduction, ctx.args = fused_grad, reduction, (ignore_index, label_smoothing, z_loss, softcap)
+    ctx.save_for_backward(output[2] if fused_grad else logits, target)
+
+
+def _ce_backward(ctx, grad_loss, grad_z, _grad):
+    saved, target = ctx.saved_tensors
+    if ctx.fused:
+        return saved * grad_loss, None, None, None, None, None, None, None
+    ignore_index, label_smoothing, z_loss, softcap = ctx.args
+    row_scale = grad_loss.float().expand(target.shape[0]) if grad_loss.dim() == 0 else grad_loss.float()
+    if ctx.reduction == "mean":
+        row_scale = row_scale / (target != ignore_index).sum().clamp(min=1)
+    _, _, g = _chunk_rows(saved.float(), target, row_scale, ignore_index, label_smoothing, z_loss, softcap)
+    return g.to(saved.dtype), None, None, None, None, None, None, None
+
+
+_ce_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    return_z_loss: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of logits [N, V] against target [N], with the options of linear_cross_entropy.
+
+    One chunked pass computes the loss and, when a gradient is needed for "mean"/"sum", the gradient
+    too (in fp32 per chunk, stored in the logits' dtype), so the backward pass is a single scaling.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"cross_entropy expects logits [N, V], got shape {tuple(logits.shape)}")
+    _check_common(logits, target, logits.shape[1], ignore_index, reduction, label_smoothing, z_loss, logit_softcap)
+    fused = torch.is_grad_enabled() and logits.requires_grad and reduction != "none"
+    loss, z_term, _ = _ce_op(logits, target, ignore_index, reduction, float(label_smoothing), float(z_loss),
+                             float(logit_softcap or 0.0), fused)
+    return (loss, z_term) if return_z_loss else loss
