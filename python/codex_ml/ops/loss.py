@@ -42,6 +42,10 @@ def _check_common(inputs: torch.Tensor, target: torch.Tensor, num_classes: int, 
         raise ValueError(f"z_loss must be >= 0, got {z_loss}")
     if logit_softcap is not None and logit_softcap <= 0:
         raise ValueError(f"logit_softcap must be positive or None, got {logit_softcap}")
+
+
+def _check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Data-dependent, so checked inside the ops' implementations (where torch.compile does not trace)."""
     out_of_range = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(out_of_range.any()):
         bad = target[out_of_range][0].item()
@@ -136,6 +140,7 @@ def _lce_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, softcap: float,
             fused_grad: bool, impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, z-loss term, grad_hidden, grad_weight, grad_bias); the grads are empty unless fused_grad."""
+    _check_target_range(target, weight.shape[0], ignore_index)
     valid = target != ignore_index
     row_scale = None
     if fused_grad:
@@ -156,8 +161,7 @@ def _(hidden, weight, bias, target, ignore_index, reduction, label_smoothing, z_
     if fused_grad:
         gb = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0, dtype=torch.float32)
         return loss, hidden.new_empty(()), hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), gb
-    empty = hidden.new_empty(0, dtype=torch.float32)
-    return loss, hidden.new_empty(()), empty, empty, empty.clone()
+    return loss, hidden.new_empty(()), *(hidden.new_empty(0, dtype=torch.float32) for _ in range(3))
 
 
 @torch.library.custom_op("codex_ml::linear_cross_entropy_backward", mutates_args=())
@@ -243,6 +247,7 @@ def linear_cross_entropy(
 def _ce_op(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, reduction: str, label_smoothing: float,
            z_loss: float, softcap: float, fused_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, z-loss term, grad_logits): one chunked pass; grad_logits is empty unless fused_grad."""
+    _check_target_range(target, logits.shape[1], ignore_index)
     n = logits.shape[0]
     valid = target != ignore_index
     row_scale = None

@@ -1,0 +1,211 @@
+"""codex_ml.ops.linear_cross_entropy and cross_entropy against a float64 PyTorch reference.
+
+Error bounds (relative L2 error of the loss and of each gradient against float64):
+fp32 inputs 1e-5; bf16 inputs 2e-2 (bf16 rounding of inputs/outputs; arithmetic is fp32 inside).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from codex_ml.ops import cross_entropy, linear_cross_entropy
+
+BOUNDS = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+IMPLS = ["cpu", "torch"]
+
+
+def reference(h, w, b, t, *, reduction, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None):
+    z = F.linear(h, w, b)
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    valid = t != ignore_index
+    rows = F.cross_entropy(z, t.clamp(min=0), reduction="none", label_smoothing=label_smoothing)
+    rows = torch.where(valid, rows + z_loss * torch.logsumexp(z, -1) ** 2, 0.0)
+    if reduction == "none":
+        return rows
+    return rows.sum() / valid.sum().clamp(min=1) if reduction == "mean" else rows.sum()
+
+
+def rel_err(actual, expected):
+    expected = expected.double()
+    denom = expected.norm()
+    diff = (actual.double() - expected).norm()
+    return (diff / denom).item() if denom > 0 else diff.item()
+
+
+def run_case(n, h, v, *, dtype=torch.float32, impl="cpu", reduction="mean", bias=True, ignore="some",
+             label_smoothing=0.0, z_loss=0.0, softcap=None, scale=1.0):
+    hidden = (torch.randn(n, h) * scale).to(dtype).requires_grad_()
+    weight = torch.randn(v, h).div(h ** 0.5).to(dtype).requires_grad_()
+    b = torch.randn(v).to(dtype).requires_grad_() if bias else None
+    target = torch.randint(0, v, (n,))
+    if ignore == "some":
+        target[::3] = -100
+    elif ignore == "all":
+        target[:] = -100
+    loss = linear_cross_entropy(hidden, weight, target, bias=b, reduction=reduction, label_smoothing=label_smoothing,
+                                z_loss=z_loss, logit_softcap=softcap, impl=impl)
+    grad_out = torch.randn_like(loss)
+    params = [hidden, weight] + ([b] if bias else [])
+    for p in params:  # poisoned: a gradient that is never written stays NaN and fails
+        p.grad = None
+    grads = torch.autograd.grad((loss * grad_out).sum(), params)
+    ref_params = [p.detach().double().requires_grad_() for p in params]
+    ref = reference(ref_params[0], ref_params[1], ref_params[2] if bias else None, target, reduction=reduction,
+                    label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+    ref_grads = torch.autograd.grad((ref * grad_out.double()).sum(), ref_params)
+    return loss, ref, grads, ref_grads
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n,h,v", [(1, 3, 1), (7, 64, 2), (1000, 64, 1000), (7, 768, 32003), (1000, 3, 1000)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_matches_float64_reference(impl, n, h, v, reduction):
+    torch.manual_seed(n * 7 + h + v)
+    loss, ref, grads, ref_grads = run_case(n, h, v, impl=impl, reduction=reduction)
+    assert torch.isfinite(loss).all()
+    assert rel_err(loss.detach(), ref.detach()) < BOUNDS[torch.float32]
+    for g, r in zip(grads, ref_grads):
+        assert torch.isfinite(g).all()
+        assert rel_err(g, r) < BOUNDS[torch.float32]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("options", [
+    {"label_smoothing": 0.1}, {"z_loss": 1e-3}, {"softcap": 5.0},
+    {"label_smoothing": 0.2, "z_loss": 1e-2, "softcap": 30.0, "bias": False},
+])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_options(impl, options, reduction):
+    torch.manual_seed(1)
+    loss, ref, grads, ref_grads = run_case(33, 48, 517, impl=impl, reduction=reduction, **options)
+    assert rel_err(loss.detach(), ref.detach()) < BOUNDS[torch.float32]
+    for g, r in zip(grads, ref_grads):
+        assert rel_err(g, r) < BOUNDS[torch.float32]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bf16_inputs(impl):
+    torch.manual_seed(2)
+    loss, ref, grads, ref_grads = run_case(65, 64, 1000, dtype=torch.bfloat16, impl=impl)
+    assert loss.dtype == torch.bfloat16 and grads[0].dtype == torch.bfloat16
+    assert rel_err(loss.detach().float(), ref.detach()) < BOUNDS[torch.bfloat16]
+    for g, r in zip(grads, ref_grads):
+        assert rel_err(g.float(), r) < BOUNDS[torch.bfloat16]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_targets_ignored_gives_zero_loss_and_gradients(impl, reduction):
+    loss, _, grads, _ = run_case(9, 16, 40, impl=impl, reduction=reduction, ignore="all")
+    assert torch.all(loss == 0)
+    for g in grads:
+        assert torch.all(g == 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_huge_logits_stay_finite_and_right(impl):
+    torch.manual_seed(3)
+    loss, ref, grads, ref_grads = run_case(17, 8, 300, impl=impl, scale=3e3)  # logits ~1e4
+    assert ref.abs().item() > 1e3
+    assert torch.isfinite(loss).all() and rel_err(loss.detach(), ref.detach()) < BOUNDS[torch.float32]
+    for g, r in zip(grads, ref_grads):
+        assert torch.isfinite(g).all() and rel_err(g, r) < 1e-4
+
+
+def test_z_loss_is_reported_separately():
+    torch.manual_seed(4)
+    h, w, t = torch.randn(20, 8), torch.randn(50, 8), torch.randint(0, 50, (20,))
+    loss, z_term = linear_cross_entropy(h, w, t, z_loss=1e-2, return_z_loss=True)
+    plain = linear_cross_entropy(h, w, t)
+    expected = 1e-2 * (torch.logsumexp(h @ w.T, -1) ** 2).mean()
+    torch.testing.assert_close(z_term, expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(loss, plain + expected, rtol=1e-5, atol=0)
+
+
+def test_non_contiguous_inputs_are_handled():
+    torch.manual_seed(5)
+    h = torch.randn(16, 40)[:, ::2]
+    w = torch.randn(20, 33).t()  # [33, 20], not contiguous
+    t = torch.randint(0, 33, (16,))
+    assert not h.is_contiguous() and not w.is_contiguous()
+    torch.testing.assert_close(linear_cross_entropy(h, w, t), F.cross_entropy(h @ w.T, t), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cross_entropy_on_logits(reduction):
+    torch.manual_seed(6)
+    logits = torch.randn(50, 1001, requires_grad=True)
+    target = torch.randint(0, 1001, (50,))
+    target[::4] = -100
+    loss = cross_entropy(logits, target, reduction=reduction, label_smoothing=0.1)
+    grad_out = torch.randn_like(loss)
+    (g,) = torch.autograd.grad((loss * grad_out).sum(), [logits])
+    ref_logits = logits.detach().double().requires_grad_()
+    ref = F.cross_entropy(ref_logits, target, reduction=reduction, label_smoothing=0.1)
+    (ref_g,) = torch.autograd.grad((ref * grad_out.double()).sum(), [ref_logits])
+    assert rel_err(loss.detach(), ref.detach()) < 1e-5
+    assert rel_err(g, ref_g) < 1e-5
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda h, w, t: (h, w[:, :5], t), "features"),
+    (lambda h, w, t: (h, w, t[:3]), "target must have shape"),
+    (lambda h, w, t: (h, w, t.int()), "int64"),
+    (lambda h, w, t: (h, w.to(torch.int32), t), "floating"),
+    (lambda h, w, t: (h, w, torch.full_like(t, 10_000)), "out of range"),
+    (lambda h, w, t: (h[:0], w, t[:0]), "N = 0"),
+    (lambda h, w, t: (h, w, t.to("meta")), "device"),
+])
+def test_bad_input_gets_a_clear_error(bad, message):
+    h, w, t = torch.randn(6, 8), torch.randn(10, 8), torch.randint(0, 10, (6,))
+    with pytest.raises(ValueError, match=message):
+        linear_cross_entropy(*bad(h, w, t))
+
+
+def test_bad_options_get_a_clear_error():
+    h, w, t = torch.randn(6, 8), torch.randn(10, 8), torch.randint(0, 10, (6,))
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(h, w, t, reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        linear_cross_entropy(h, w, t, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="impl"):
+        linear_cross_entropy(h, w, t, impl="cuda")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_opcheck(reduction):
+    torch.manual_seed(7)
+    h = torch.randn(12, 16, requires_grad=True)
+    w = torch.randn(30, 16, requires_grad=True)
+    b = torch.randn(30, requires_grad=True)
+    t = torch.randint(0, 30, (12,))
+    fused = reduction != "none"
+    torch.library.opcheck(torch.ops.codex_ml.linear_cross_entropy.default,
+                          (h, w, b, t, -100, reduction, 0.1, 1e-3, 0.0, fused, "cpu"))
+    logits = torch.randn(12, 30, requires_grad=True)
+    torch.library.opcheck(torch.ops.codex_ml.cross_entropy.default, (logits, t, -100, reduction, 0.0, 0.0, 0.0, fused))
+
+
+def test_compiles_with_fullgraph():
+    torch.manual_seed(8)
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(16, 16)
+            self.out = torch.nn.Linear(16, 40, bias=False)
+
+        def forward(self, x, t):
+            return linear_cross_entropy(torch.relu(self.proj(x)), self.out.weight, t)
+
+    model = Head()
+    x, t = torch.randn(10, 16), torch.randint(0, 40, (10,))
+    eager = model(x, t)
+    eager.backward()
+    eager_grad = model.proj.weight.grad.clone()
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x, t)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(model.proj.weight.grad, eager_grad)
