@@ -102,6 +102,11 @@ class Tokenizer:
                 minloglevel=2,
             )
         except RuntimeError as err:
+            if "smaller than required_chars" in str(err):
+                raise TokenizerError(
+                    f"a vocabulary of {vocab_size} is too small for this corpus's characters ({err}); "
+                    "raise vocab_size (byte fallback alone needs 256 pieces)"
+                ) from err
             if "Vocabulary size" in str(err) or "vocab_size" in str(err):
                 raise TokenizerError(
                     f"the corpus is too small for a vocabulary of {vocab_size} ({err}); "

@@ -1,0 +1,216 @@
+"""The data pipeline: corpus policies, content-hash splits, cached verified shards, resumable batches."""
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from codex_ml.data import BatchIterator, DataError, find_secret, load_prepared, prepare_data, read_corpus
+from codex_ml.tokenization import Tokenizer, TokenizerError
+
+AWS_KEY = "AKIA" + "ABCDEFGHIJKLMNOP"
+PEM = "-----BEGIN RSA " + "PRIVATE KEY-----"
+
+
+def make_corpus(root: Path, n: int = 60, seed: int = 0) -> Path:
+    """A small code corpus with a duplicate, a non-UTF-8 file, a secret and an empty file."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    words = ["value", "index", "result", "items", "count", "name", "data", "total", "node", "key"]
+    for i in range(n):
+        lines = range(rng.randint(5, 40))
+        body = "\n".join(f"    {rng.choice(words)}_{j} = {rng.choice(words)}({i}, {j})  # step {j}" for j in lines)
+        (root / f"mod_{i:03d}.py").write_text(f"def function_{i}(x):\n{body}\n    return x\n")
+    (root / "dup.py").write_text((root / "mod_000.py").read_text())
+    (root / "latin1.py").write_bytes("name = 'caf\xe9'\n".encode("latin-1"))
+    (root / "creds.py").write_text(f"ACCESS_KEY = '{AWS_KEY}'\n")
+    (root / "empty.py").write_text("\n\n")
+    (root / "notes.txt").write_text("not python\n")
+    return root
+
+
+@pytest.fixture
+def tmp(tmp_path):
+    return tmp_path
+
+
+def prepare(tmp, corpus, **kwargs):
+    logs = []
+    kwargs.setdefault("vocab_size", 300)
+    kwargs.setdefault("splits", (0.8, 0.1, 0.1))
+    data = prepare_data(tmp / "cache", sources=[str(corpus)], log=logs.append, **kwargs)
+    return data, logs
+
+
+def test_corpus_policies_are_applied_and_counted(tmp):
+    corpus = read_corpus([str(make_corpus(tmp / "src"))])
+    assert corpus.stats["skipped_non_utf8"] == 1
+    assert corpus.stats["duplicates_removed"] == 1
+    assert corpus.stats["skipped_secrets"] == 1 and corpus.secret_rules == {"aws_access_key_id": 1}
+    assert corpus.stats["skipped_empty"] == 1
+    assert corpus.stats["documents"] == 60  # notes.txt is not *.py
+    assert all(AWS_KEY not in d.text for d in corpus.documents)
+
+
+def test_non_utf8_replace_policy_keeps_the_file(tmp):
+    corpus = read_corpus([str(make_corpus(tmp / "src"))], non_utf8="replace")
+    assert corpus.stats.get("skipped_non_utf8", 0) == 0
+    assert any("\ufffd" in d.text for d in corpus.documents)
+
+
+def test_secret_rules_detect_well_known_formats():
+    assert find_secret(f"x = 1\n{PEM}\nMIIE...") == "private_key_block"
+    assert find_secret("token = 'ghp_" + "a" * 36 + "'") == "github_token"
+    assert find_secret("slack = 'xoxb-" + "1234567890-abcdef'") == "slack_token"
+    assert find_secret("def f():\n    return 'AKIA is a prefix'\n") is None
+
+
+def test_globs_and_jsonl_sources(tmp):
+    make_corpus(tmp / "src", n=5)
+    lines = [json.dumps({"text": f"print({i})\n"}) for i in range(4)] + [json.dumps({"text": "print(0)\n"})]
+    (tmp / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    corpus = read_corpus([str(tmp / "src" / "*.txt"), str(tmp / "docs.jsonl")])
+    assert corpus.stats["documents"] == 5  # notes.txt + 4 unique JSON texts
+    with pytest.raises(DataError, match="no string field 'code'"):
+        read_corpus([str(tmp / "docs.jsonl") + "#code"])
+
+
+def test_split_membership_ignores_file_order(tmp):
+    src = make_corpus(tmp / "src")
+    first = read_corpus([str(src)]).split((0.7, 0.15, 0.15))
+    # The same files under other names (so another listing order) give the same splits.
+    shuffled = tmp / "shuffled"
+    shuffled.mkdir()
+    names = sorted(os.listdir(src))
+    for i, name in enumerate(reversed(names)):
+        shutil.copy(src / name, shuffled / f"{i:03d}_{name}")
+    second = read_corpus([str(shuffled)]).split((0.7, 0.15, 0.15))
+    for split in first:
+        assert {d.sha256 for d in first[split]} == {d.sha256 for d in second[split]}
+    assert first["val"] and first["test"]
+
+
+def test_two_runs_give_identical_shards_and_manifest_and_reuse_the_cache(tmp):
+    src = make_corpus(tmp / "src")
+    data_a, logs_a = prepare(tmp / "a", src)
+    data_b, _ = prepare(tmp / "b", src)
+    files_a = sorted(p.name for p in data_a.directory.iterdir())
+    assert files_a == sorted(p.name for p in data_b.directory.iterdir())
+    for name in files_a:
+        assert (data_a.directory / name).read_bytes() == (data_b.directory / name).read_bytes(), name
+    assert any("trained" in line for line in logs_a)
+    again, logs = prepare(tmp / "a", src)
+    assert any("reusing cached" in line and "Shards" in line for line in logs)
+    assert any("reusing cached" in line and "Tokenizer" in line for line in logs)
+    assert again.directory == data_a.directory
+
+
+def test_manifest_records_hashes_counts_and_policies(tmp):
+    data, _ = prepare(tmp, make_corpus(tmp / "src"))
+    m = data.manifest
+    assert m["tokenizer_sha256"] == data.tokenizer.sha256
+    assert m["dtype"] == "uint16"
+    assert m["policies"]["non_utf8"] == "skip" and m["corpus_stats"]["skipped_secrets"] == 1
+    assert m["secret_rules_matched"] == {"aws_access_key_id": 1}
+    assert sum(m["splits"][s]["documents"] for s in ("train", "val", "test")) == 60
+    for split in ("train", "val", "test"):
+        tokens = data.tokens(split)
+        assert len(tokens) == m["splits"][split]["tokens"]
+        assert int(np.sum(tokens == data.tokenizer.eos_id)) >= m["splits"][split]["documents"]
+
+
+def test_changed_input_builds_new_shards_beside_the_old(tmp):
+    src = make_corpus(tmp / "src")
+    first, _ = prepare(tmp, src)
+    (src / "mod_001.py").write_text("def changed():\n    return 42\n")
+    second, _ = prepare(tmp, src)
+    assert second.directory != first.directory and first.directory.exists()
+
+
+def test_truncated_or_edited_shard_is_an_error_naming_the_file(tmp):
+    src = make_corpus(tmp / "src")
+    data, _ = prepare(tmp, src)
+    shard = data.directory / "train_00000.bin"
+    raw = bytearray(shard.read_bytes())
+    raw[10] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="train_00000.bin.*SHA-256"):
+        prepare(tmp, src)
+    shard.write_bytes(bytes(raw[:-4]))
+    with pytest.raises(DataError, match="train_00000.bin.*truncated"):
+        prepare(tmp, src)
+
+
+def test_shards_made_with_another_tokenizer_are_refused(tmp):
+    src = make_corpus(tmp / "src")
+    data, _ = prepare(tmp, src)
+    other = Tokenizer.train(["completely different text\n" * 50, "x = 1\n"], tmp / "other.model", vocab_size=280)
+    with pytest.raises(DataError, match="tokenizer"):
+        load_prepared(data.directory, other)
+
+
+def test_batches_are_deterministic_and_resume_exactly(tmp):
+    data, _ = prepare(tmp, make_corpus(tmp / "src"))
+    kwargs = dict(batch_size=2, seq_len=16, seed=3)
+    straight = data.batches("train", **kwargs)
+    expected = [next(straight) for _ in range(straight.batches_per_epoch + 5)]  # crosses an epoch
+    again = data.batches("train", **kwargs)
+    for batch, want in zip(again, expected[:3]):
+        assert torch.equal(batch["input_ids"], want["input_ids"])
+    first = data.batches("train", **kwargs)
+    for _ in range(7):
+        next(first)
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = data.batches("train", **kwargs)
+    resumed.load_state_dict(state)
+    for want in expected[7:]:
+        got = next(resumed)
+        assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["targets"], want["targets"])
+    b = expected[0]
+    assert b["input_ids"].dtype == torch.int64 and b["input_ids"].shape == (2, 16)
+    assert torch.equal(b["input_ids"][:, 1:], b["targets"][:, :-1])
+
+
+def test_ranks_get_disjoint_slices():
+    tokens = np.arange(16 * 40 + 1, dtype=np.uint16)  # every sequence distinct
+    seen = []
+    for rank in range(2):
+        it = BatchIterator(tokens, split="train", batch_size=2, seq_len=16, seed=0, rank=rank, world_size=2,
+                           epoch_limit=1)
+        seen.append([int(row[0]) for batch in it for row in batch["input_ids"]])
+    assert len(seen[0]) == len(seen[1]) == 20
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(0, 16 * 40, 16))
+
+
+def test_restoring_with_another_layout_is_refused(tmp):
+    data, _ = prepare(tmp, make_corpus(tmp / "src"))
+    state = data.batches("train", batch_size=2, seq_len=16, seed=0).state_dict()
+    with pytest.raises(DataError, match="seq_len"):
+        data.batches("train", batch_size=2, seq_len=8, seed=0).load_state_dict(state)
+
+
+def test_bad_inputs_get_errors_naming_the_problem(tmp):
+    with pytest.raises(DataError, match="does not exist"):
+        read_corpus([str(tmp / "missing")])
+    (tmp / "empty_dir").mkdir()
+    with pytest.raises(DataError, match="no \\*.py files"):
+        read_corpus([str(tmp / "empty_dir")])
+    with pytest.raises(DataError, match="no files match"):
+        read_corpus([str(tmp / "empty_dir" / "*.rs")])
+    (tmp / "bin").mkdir()
+    (tmp / "bin" / "a.py").write_bytes(b"\x00\x01\x02binary\x00")
+    (tmp / "bin" / "b.py").write_bytes(b"\xff\xfe\xfa")
+    with pytest.raises(DataError, match="corpus is empty"):
+        read_corpus([str(tmp / "bin")])
+    src = make_corpus(tmp / "src", n=3)
+    with pytest.raises(TokenizerError, match="too small for a vocabulary"):
+        prepare(tmp, src, vocab_size=50000)
+    data, _ = prepare(tmp, make_corpus(tmp / "src2"))
+    with pytest.raises(DataError, match="too few for one batch"):
+        data.batches("val", batch_size=64, seq_len=512, seed=0)

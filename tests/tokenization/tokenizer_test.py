@@ -1,0 +1,118 @@
+"""The SentencePiece tokenizer keeps code byte for byte and has fixed special ids."""
+
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from codex_ml.tokenization import SPECIAL_IDS, Tokenizer, TokenizerError
+
+NASTY = [
+    "",
+    " ",
+    "\n\n\n",
+    "\t\tx = 1\t# tab\t\n",
+    "  leading and trailing spaces  ",
+    "line one\r\nline two\r\n",
+    "def f():\n    if x:\n        return 'héllo ✓ 你好 🚀'\n",
+    "mixed \t \n \r indentation\n\t    \t",
+    "\x0b\x0c form feed and vertical tab",
+    "a" * 5000,
+    "unknown chars: \u2028 \ufeff \U0001f600 \u0301",
+]
+
+
+@pytest.fixture(scope="module")
+def stdlib_docs():
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for path in sorted(root.glob("*.py"))[:120]:
+        try:
+            docs.append(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            continue
+    return docs
+
+
+@pytest.fixture(scope="module")
+def tokenizer(stdlib_docs, tmp_path_factory):
+    return Tokenizer.train(stdlib_docs, tmp_path_factory.mktemp("tok") / "tokenizer.model", vocab_size=1000)
+
+
+def test_special_ids_are_fixed(tokenizer):
+    assert (tokenizer.pad_id, tokenizer.unk_id, tokenizer.bos_id, tokenizer.eos_id) == tuple(SPECIAL_IDS.values())
+    assert tokenizer.vocab_size == 1000
+
+
+def test_round_trip_on_the_standard_library(tokenizer, stdlib_docs):
+    failures = [i for i, doc in enumerate(stdlib_docs) if tokenizer.decode(tokenizer.encode(doc)) != doc]
+    assert not failures
+    total_bytes = sum(len(d.encode()) for d in stdlib_docs)
+    total_tokens = sum(len(x) for x in tokenizer.encode_many(stdlib_docs))
+    assert total_bytes / total_tokens > 2.0  # it compresses: indentation and keywords are single tokens
+
+
+@pytest.mark.parametrize("text", NASTY)
+def test_round_trip_on_nasty_strings(tokenizer, text):
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_batch_encode_pads_truncates_and_masks(tokenizer):
+    texts = ["def f(x):\n    return x\n", "x = 1"]
+    right = tokenizer.encode_batch(texts, max_len=6, add_bos=True)
+    ids, mask = right["input_ids"], right["attention_mask"]
+    assert ids.shape[1] <= 6 and ids.dtype == torch.long
+    short = len(tokenizer.encode("x = 1")) + 1
+    assert mask[1].tolist() == [1] * short + [0] * (ids.shape[1] - short)
+    assert ids[1, short:].eq(tokenizer.pad_id).all() and ids[0, 0] == tokenizer.bos_id
+    left = tokenizer.encode_batch(texts, max_len=6, padding_side="left")
+    assert left["attention_mask"][1, -1] == 1 and left["attention_mask"][1, 0] == 0
+    decoded = tokenizer.decode_batch(tokenizer.encode_batch(texts, add_eos=True))
+    assert decoded == texts
+    with pytest.raises(ValueError, match="padding_side"):
+        tokenizer.encode_batch(texts, padding_side="middle")
+
+
+def test_identity_is_the_model_files_sha256(tokenizer, tmp_path):
+    copy = Tokenizer.load(tokenizer.save(tmp_path))
+    assert copy.sha256 == tokenizer.sha256 and len(copy.sha256) == 64
+    other = Tokenizer.train(["other text entirely\n" * 20, "y = 2\n"], tmp_path / "o.model", vocab_size=280)
+    assert other.sha256 != tokenizer.sha256
+
+
+def test_training_is_deterministic(stdlib_docs, tmp_path):
+    a = Tokenizer.train(stdlib_docs[:30], tmp_path / "a.model", vocab_size=400)
+    b = Tokenizer.train(stdlib_docs[:30], tmp_path / "b.model", vocab_size=400)
+    assert a.sha256 == b.sha256
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(TokenizerError, match="empty corpus"):
+        Tokenizer.train(["", "   \n"], tmp_path / "x.model")
+    with pytest.raises(TokenizerError, match="does not exist"):
+        Tokenizer.load(tmp_path / "missing.model")
+    (tmp_path / "junk.model").write_bytes(b"not a model")
+    with pytest.raises(TokenizerError, match="not a SentencePiece model"):
+        Tokenizer.load(tmp_path / "junk.model")
+    with pytest.raises(TokenizerError, match="too small for this corpus's characters"):
+        Tokenizer.train(["x = 1\n"], tmp_path / "z.model", vocab_size=60)
+    with pytest.raises(TokenizerError, match="model_type"):
+        Tokenizer.train(["x"], tmp_path / "y.model", model_type="wordpiece")
+
+
+def test_command_line_train_encode_decode(tmp_path, capsys):
+    from codex_ml.cli.tokenize import main
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.py").write_text("def add(a, b):\n    return a + b\n" * 30)
+    model = tmp_path / "t.model"
+    assert main(["train", f"--output={model}", "--vocab_size=300", str(tmp_path / "src")]) == 0
+    capsys.readouterr()
+    assert main(["encode", f"--model={model}", "def add(x):\n\treturn x"]) == 0
+    ids = capsys.readouterr().out.strip()
+    assert main(["decode", f"--model={model}", ids]) == 0
+    assert capsys.readouterr().out == "def add(x):\n\treturn x"
+    assert main(["decode", f"--model={model}", "999999"]) == 2
+    assert "outside the vocabulary" in capsys.readouterr().err
+    assert main(["encode", f"--model={tmp_path / 'missing.model'}", "x"]) == 2
