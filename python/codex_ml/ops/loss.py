@@ -91,8 +91,19 @@ def _chunk_rows(logits, t, row_scale, ignore_index, label_smoothing, z_loss, sof
     return rows, row_lse, g
 
 
-def _torch_impl(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap):
-    """The chunked algorithm in PyTorch (any device): same outputs as the C++ kernel."""
+def _rows(impl, logits, t, row_scale, ignore_index, label_smoothing, z_loss, softcap):
+    """_chunk_rows on fp32 scratch logits, by the Triton kernel (gradient written in place) or PyTorch."""
+    if impl == "triton":
+        from codex_ml.kernels.triton.cross_entropy import cross_entropy_rows
+
+        rows, row_lse = cross_entropy_rows(logits, t, row_scale, ignore_index=ignore_index,
+                                           label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+        return rows, row_lse, logits if row_scale is not None else None
+    return _chunk_rows(logits, t, row_scale, ignore_index, label_smoothing, z_loss, softcap)
+
+
+def _chunked_impl(impl, hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap):
+    """The chunked algorithm on any device: logits by F.linear per chunk, rows by Triton or PyTorch."""
     n, v = hidden.shape[0], weight.shape[0]
     w = weight.float()
     b = bias.float() if bias is not None else None
@@ -109,8 +120,8 @@ def _torch_impl(hidden, weight, bias, target, row_scale, ignore_index, label_smo
     for s in range(0, n, chunk):
         h = hidden[s:s + chunk].float()
         scale = row_scale[s:s + chunk] if grad else None
-        rows, row_lse, g = _chunk_rows(F.linear(h, w, b), target[s:s + chunk], scale, ignore_index,
-                                       label_smoothing, z_loss, softcap)
+        rows, row_lse, g = _rows(impl, F.linear(h, w, b), target[s:s + chunk], scale, ignore_index,
+                                 label_smoothing, z_loss, softcap)
         loss[s:s + chunk], lse[s:s + chunk] = rows, row_lse
         if grad:
             gh[s:s + chunk] = g @ w
@@ -125,7 +136,15 @@ def _run(impl, hidden, weight, bias, target, row_scale, ignore_index, label_smoo
         load_extension("_linear_cross_entropy_cpu")
         return torch.ops.codex_ml_cpu.linear_cross_entropy(hidden.contiguous(), weight, bias, target, row_scale,
                                                           ignore_index, label_smoothing, z_loss, softcap)
-    return _torch_impl(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap)
+    return _chunked_impl(impl, hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap)
+
+
+def _choose(device: torch.device, impl: str | None) -> str:
+    chosen = choose_impl("linear_cross_entropy", device, impl, default_cuda="triton")
+    if chosen == "cuda":
+        raise ValueError("the loss has no plain-CUDA implementation: use impl='triton' (the default on CUDA), "
+                         "'cpu' or 'torch'")
+    return chosen
 
 
 def _reduce(rows: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -232,9 +251,7 @@ def linear_cross_entropy(
     """
     _check(hidden, weight, target, bias)
     _check_common(hidden, target, weight.shape[0], ignore_index, reduction, label_smoothing, z_loss, logit_softcap)
-    chosen = choose_impl("linear_cross_entropy", hidden.device, impl, default_cuda="torch")
-    if chosen not in ("cpu", "torch"):
-        raise ValueError(f"linear_cross_entropy has no {chosen!r} implementation yet: use impl='cpu' or 'torch'")
+    chosen = _choose(hidden.device, impl)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     fused = needs_grad and reduction != "none"
@@ -245,7 +262,8 @@ def linear_cross_entropy(
 
 @torch.library.custom_op("codex_ml::cross_entropy", mutates_args=())
 def _ce_op(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, reduction: str, label_smoothing: float,
-           z_loss: float, softcap: float, fused_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           z_loss: float, softcap: float, fused_grad: bool,
+           impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, z-loss term, grad_logits): one chunked pass; grad_logits is empty unless fused_grad."""
     _check_target_range(target, logits.shape[1], ignore_index)
     n = logits.shape[0]
@@ -259,8 +277,9 @@ def _ce_op(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, reduct
     chunk = max(1, _CHUNK_ELEMENTS // max(logits.shape[1], 1))
     for s in range(0, n, chunk):
         scale = row_scale[s:s + chunk] if fused_grad else None
-        rows[s:s + chunk], lse[s:s + chunk], g = _chunk_rows(logits[s:s + chunk].float(), target[s:s + chunk], scale,
-                                                             ignore_index, label_smoothing, z_loss, softcap)
+        scratch = logits[s:s + chunk].to(torch.float32, copy=True)
+        rows[s:s + chunk], lse[s:s + chunk], g = _rows(impl, scratch, target[s:s + chunk], scale, ignore_index,
+                                                       label_smoothing, z_loss, softcap)
         if fused_grad:
             grad[s:s + chunk] = g
     z_term = z_loss * _reduce(lse ** 2, valid, "mean" if reduction == "none" else reduction)
@@ -268,27 +287,28 @@ def _ce_op(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, reduct
 
 
 @_ce_op.register_fake
-def _(logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap, fused_grad):
+def _(logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap, fused_grad, impl):
     loss = logits.new_empty((logits.shape[0],) if reduction == "none" else ())
     return loss, logits.new_empty(()), logits.new_empty(logits.shape if fused_grad else (0,))
 
 
 def _ce_setup_context(ctx, inputs, output):
-    logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap, fused_grad = inputs
-    ctx.fused, ctx.reduction, ctx.args = fused_grad, reduction, (ignore_index, label_smoothing, z_loss, softcap)
+    logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap, fused_grad, impl = inputs
+    ctx.fused, ctx.reduction, ctx.args = fused_grad, reduction, (ignore_index, label_smoothing, z_loss, softcap, impl)
     ctx.save_for_backward(output[2] if fused_grad else logits, target)
 
 
 def _ce_backward(ctx, grad_loss, grad_z, _grad):
     saved, target = ctx.saved_tensors
     if ctx.fused:
-        return saved * grad_loss, None, None, None, None, None, None, None
-    ignore_index, label_smoothing, z_loss, softcap = ctx.args
+        return saved * grad_loss, None, None, None, None, None, None, None, None
+    ignore_index, label_smoothing, z_loss, softcap, impl = ctx.args
     row_scale = grad_loss.float().expand(target.shape[0]) if grad_loss.dim() == 0 else grad_loss.float()
     if ctx.reduction == "mean":
         row_scale = row_scale / (target != ignore_index).sum().clamp(min=1)
-    _, _, g = _chunk_rows(saved.float(), target, row_scale, ignore_index, label_smoothing, z_loss, softcap)
-    return g.to(saved.dtype), None, None, None, None, None, None, None
+    _, _, g = _rows(impl, saved.to(torch.float32, copy=True), target, row_scale, ignore_index, label_smoothing,
+                    z_loss, softcap)
+    return g.to(saved.dtype), None, None, None, None, None, None, None, None
 
 
 _ce_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
@@ -304,6 +324,7 @@ def cross_entropy(
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
     return_z_loss: bool = False,
+    impl: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of logits [N, V] against target [N], with the options of linear_cross_entropy.
 
@@ -313,7 +334,8 @@ def cross_entropy(
     if logits.dim() != 2:
         raise ValueError(f"cross_entropy expects logits [N, V], got shape {tuple(logits.shape)}")
     _check_common(logits, target, logits.shape[1], ignore_index, reduction, label_smoothing, z_loss, logit_softcap)
+    chosen = _choose(logits.device, impl)
     fused = torch.is_grad_enabled() and logits.requires_grad and reduction != "none"
     loss, z_term, _ = _ce_op(logits, target, ignore_index, reduction, float(label_smoothing), float(z_loss),
-                             float(logit_softcap or 0.0), fused)
+                             float(logit_softcap or 0.0), fused, "torch" if chosen == "cpu" else chosen)
     return (loss, z_term) if return_z_loss else loss
