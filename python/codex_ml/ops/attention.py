@@ -1,23 +1,195 @@
-"""attention(q, k, v): interim PyTorch implementation, replaced by the fused-kernel op (issue 4)."""
+"""attention(q, k, v): softmax attention with GQA, causal and sliding-window masks, as one custom op.
+
+The op returns the output and keeps the log-sum-exp of each query row for the backward pass, which
+recomputes the probabilities from it (never storing the T x T matrix). Implementations:
+- "cpu": PyTorch's fused flash-attention kernel for CPU (the fastest correct CPU path measured, see
+  docs/kernels.md); grouped K/V heads are broadcast to the query heads and their gradients summed back.
+- "torch": a blocked PyTorch implementation for any device: query blocks of 128 rows, so memory is
+  O(128 x T) per head, never T x T.
+"""
 
 from __future__ import annotations
 
+import math
+
 import torch
-import torch.nn.functional as F
+
+from codex_ml.ops.dispatch import choose_impl
+
+HEAD_DIMS = (16, 32, 64, 128)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_BLOCK = 128
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention expects q [B, Hq, T, D] and k, v [B, Hkv, T, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    b, hq, t, d = q.shape
+    if k.shape[0] != b or k.shape[2] != t or k.shape[3] != d:
+        raise ValueError(f"k/v shape {tuple(k.shape)} does not match q {tuple(q.shape)} in batch, length or head dim")
+    if k.shape[1] == 0 or hq % k.shape[1]:
+        raise ValueError(f"the number of K/V heads ({k.shape[1]}) must divide the number of query heads ({hq})")
+    if d not in HEAD_DIMS:
+        raise ValueError(f"head dim {d} is not supported: use one of {HEAD_DIMS}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dtype not in DTYPES:
+            raise ValueError(f"{name} has dtype {x.dtype}: attention supports fp32, bf16 and fp16")
+        if x.dtype != q.dtype or x.device != q.device:
+            raise ValueError(f"{name} is {x.dtype} on {x.device} but q is {q.dtype} on {q.device}: "
+                             "pass q, k and v with one dtype on one device")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be a positive number of positions, got {window}")
+
+
+def _mask(t_q: torch.Tensor, t_k: torch.Tensor, causal: bool, window: int) -> torch.Tensor | None:
+    """Boolean [len(t_q), len(t_k)] of allowed (query, key) pairs, or None when all are allowed."""
+    if not causal and window < 0:
+        return None
+    dist = t_q[:, None] - t_k[None, :]
+    allowed = dist >= 0 if causal else torch.ones_like(dist, dtype=torch.bool)
+    if window > 0:
+        allowed = allowed & (dist < window) if causal else allowed & (dist.abs() < window)
+    return allowed
+
+
+def _expand(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def _fold(grad: torch.Tensor, groups: int) -> torch.Tensor:
+    if groups == 1:
+        return grad
+    b, h, t, d = grad.shape
+    return grad.view(b, h // groups, groups, t, d).sum(2)
+
+
+def _cpu_mask(t: int, causal: bool, window: int, dtype: torch.dtype, device) -> tuple[torch.Tensor | None, bool]:
+    """Additive mask for the CPU flash kernel; plain causal needs none (the kernel skips blocks itself)."""
+    if window < 0:
+        return None, causal
+    pos = torch.arange(t, device=device)
+    allowed = _mask(pos, pos, causal, window)
+    return torch.zeros(t, t, dtype=dtype, device=device).masked_fill(~allowed, float("-inf")), False
+
+
+def _forward_blocked(q, k, v, causal, scale, window):
+    groups = q.shape[1] // k.shape[1]
+    k, v = _expand(k, groups).float(), _expand(v, groups).float()
+    t = q.shape[2]
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    pos = torch.arange(t, device=q.device)
+    for s in range(0, t, _BLOCK):
+        qb = q[:, :, s:s + _BLOCK].float()
+        scores = qb @ k.transpose(-1, -2) * scale
+        allowed = _mask(pos[s:s + _BLOCK], pos, causal, window)
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        block_lse = torch.logsumexp(scores, dim=-1)
+        out[:, :, s:s + _BLOCK] = torch.exp(scores - block_lse[..., None]) @ v
+        lse[:, :, s:s + _BLOCK] = block_lse
+    return out.to(q.dtype), lse
+
+
+def _backward_blocked(grad_out, q, k, v, out, lse, causal, scale, window):
+    groups = q.shape[1] // k.shape[1]
+    kf, vf = _expand(k, groups).float(), _expand(v, groups).float()
+    t = q.shape[2]
+    dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    dk, dv = torch.zeros_like(kf), torch.zeros_like(vf)
+    delta = (grad_out.float() * out.float()).sum(-1)  # rowsum(dO * O)
+    pos = torch.arange(t, device=q.device)
+    for s in range(0, t, _BLOCK):
+        qb, dob = q[:, :, s:s + _BLOCK].float(), grad_out[:, :, s:s + _BLOCK].float()
+        scores = qb @ kf.transpose(-1, -2) * scale
+        allowed = _mask(pos[s:s + _BLOCK], pos, causal, window)
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        p = torch.exp(scores - lse[:, :, s:s + _BLOCK, None])
+        dv += p.transpose(-1, -2) @ dob
+        ds = p * (dob @ vf.transpose(-1, -2) - delta[:, :, s:s + _BLOCK, None]) * scale
+        dq[:, :, s:s + _BLOCK] = ds @ kf
+        dk += ds.transpose(-1, -2) @ qb
+    return dq.to(q.dtype), _fold(dk, groups).to(k.dtype), _fold(dv, groups).to(v.dtype)
+
+
+@torch.library.custom_op("codex_ml::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, window: int,
+                  impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output [B, Hq, T, D], log-sum-exp [B, Hq, T] in fp32); window < 0 means no window."""
+    if impl == "cpu":
+        groups = q.shape[1] // k.shape[1]
+        mask, is_causal = _cpu_mask(q.shape[2], causal, window, q.dtype, q.device)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, _expand(k, groups), _expand(v, groups), 0.0, is_causal, attn_mask=mask, scale=scale)
+        return out, lse.float().contiguous()
+    return _forward_blocked(q, k, v, causal, scale, window)
+
+
+@_attention_op.register_fake
+def _(q, k, v, causal, scale, window, impl):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("codex_ml::attention_backward", mutates_args=())
+def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float, window: int,
+                           impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), the probabilities recomputed from lse."""
+    if impl == "cpu":
+        groups = q.shape[1] // k.shape[1]
+        mask, is_causal = _cpu_mask(q.shape[2], causal, window, q.dtype, q.device)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out.contiguous(), q, _expand(k, groups), _expand(v, groups), out, lse, 0.0, is_causal,
+            attn_mask=mask, scale=scale)
+        return dq, _fold(dk, groups), _fold(dv, groups)
+    return _backward_blocked(grad_out, q, k, v, out, lse, causal, scale, window)
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, causal, scale, window, impl):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, scale, window, impl = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.args = (causal, scale, window, impl)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, *ctx.args)
+    return dq, dk, dv, None, None, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, scale: float | None = None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
     window: int | None = None,
+    impl: str | None = None,
 ) -> torch.Tensor:
-    """Softmax attention. q [B, Hq, T, D], k and v [B, Hkv, T, D] with Hkv dividing Hq; returns [B, Hq, T, D]."""
-    t = q.shape[-2]
-    mask = None
-    if window is not None:
-        i = torch.arange(t, device=q.device)
-        dist = i[:, None] - i[None, :]
-        mask = (dist >= 0) & (dist < window) if causal else dist.abs() < window
-        causal = False
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
-    )
+    """softmax(q k^T * scale + mask) v for q [B, Hq, T, D] and k, v [B, Hkv, T, D] (Hkv divides Hq).
+
+    causal: query i sees keys j <= i. window: additionally only the `window` most recent keys
+    (j > i - window); without causal, keys with |i - j| < window. scale defaults to 1/sqrt(D).
+    Returns [B, Hq, T, D] in q's dtype (fp32 softmax inside).
+    """
+    _check(q, k, v, window)
+    chosen = choose_impl("attention", q.device, impl, default_cuda="torch")
+    if chosen not in ("cpu", "torch"):
+        raise ValueError(f"attention has no {chosen!r} implementation yet: use impl='cpu' (CPU) or 'torch'")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, _ = _attention_op(q.contiguous(), k.contiguous(), v.contiguous(), causal, scale,
+                           -1 if window is None else int(window), chosen)
+    return out
