@@ -6,4 +6,6 @@ import pkgutil
 # assembled kernels live under bazel-bin/python/codex_ml/kernels: let the package span both.
 __path__ = pkgutil.extend_path(__path__, __name__)
 
-__version__ = "0.1.0"
+from codex_ml._version import __version__  # generated from tools/version.bzl
+
+__all__ = ["__version__"]
