@@ -1,0 +1,324 @@
+"""Atomic checkpoint directories with a SHA-256 manifest, verification, discovery and retention."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.safetensors"
+CHECKPOINTS_SUBDIR = "checkpoints"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, partial or corrupt, or could not be written."""
+
+
+def step_dir_name(step: int) -> str:
+    """The directory name of the checkpoint of `step`: step_XXXXXXXX (sortable)."""
+    return f"step_{step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Writes `data` to `path` and fsyncs it, so a completed rename never points at unwritten blocks."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _safetensors_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
+    """Serializes a state_dict; tensors sharing storage (tied embeddings) are stored as separate copies."""
+    from safetensors.torch import save
+
+    seen: set[tuple[int, int]] = set()
+    tensors = {}
+    for name, tensor in state.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key in seen or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+            tensor = tensor.clone()
+        seen.add(key)
+        tensors[name] = tensor
+    return save(tensors)
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """The git commit of the source tree (or of the directory Bazel ran from), or None when unknown."""
+    candidates = [Path(__file__).resolve().parent, os.environ.get("BUILD_WORKSPACE_DIRECTORY")]
+    for candidate in candidates:
+        if not candidate:
+            continue
+        try:
+            out = subprocess.run(
+                ["git", "-C", str(candidate), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if out.returncode == 0:
+            return out.stdout.strip()
+    return None
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that determine what a checkpoint means."""
+    import numpy
+
+    import codex_ml
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
+    versions["codex_ml"] = codex_ml.__version__
+    try:
+        import safetensors
+
+        versions["safetensors"] = safetensors.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model_state: Mapping[str, torch.Tensor],
+    model_config: Mapping[str, Any] | None = None,
+    tokenizer_path: str | os.PathLike | None = None,
+    torch_states: Mapping[str, Any] | None = None,
+    json_states: Mapping[str, Any] | None = None,
+    operative_config: str | None = None,
+    manifest_extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Writes a checkpoint directory at `path` atomically and returns it.
+
+    Files go to a temporary directory beside `path`; each is fsynced, then the directory is renamed into
+    place and the parent fsynced. A failure at any point (a full disk included) removes the temporary
+    directory, leaves every earlier checkpoint untouched and raises CheckpointError.
+
+    Args:
+      model_state: the model's state_dict, saved as model.safetensors.
+      model_config: saved as model_config.json (for the native GPT: GPTConfig.to_dict() + architecture).
+      tokenizer_path: a tokenizer model file, copied as tokenizer.model.
+      torch_states: name -> plain tensors/containers, each saved as <name>.pt (optimizer, rng, ...).
+      json_states: name -> JSON-able object, each saved as <name>.json (trainer_state, data_state, ...).
+      operative_config: the operative gin config text, saved as operative_config.gin.
+      manifest_extra: extra manifest fields (step, tokens, val_loss, tokenizer_sha256, ...).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{_TMP_PREFIX}{path.name}-{os.getpid()}"
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        _write_bytes(tmp / MODEL_FILE, _safetensors_bytes(model_state))
+        if model_config is not None:
+            _write_bytes(tmp / "model_config.json", json.dumps(dict(model_config), indent=2).encode())
+        if tokenizer_path is not None:
+            _write_bytes(tmp / "tokenizer.model", Path(tokenizer_path).read_bytes())
+        for name, obj in (torch_states or {}).items():
+            _write_bytes(tmp / f"{name}.pt", _torch_bytes(obj))
+        for name, obj in (json_states or {}).items():
+            _write_bytes(tmp / f"{name}.json", json.dumps(obj, indent=2).encode())
+        if operative_config is not None:
+            _write_bytes(tmp / "operative_config.gin", operative_config.encode())
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        manifest = {
+            "format": 1,
+            "files": files,
+            "git_commit": git_commit(),
+            "versions": package_versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **dict(manifest_extra or {}),
+        }
+        _write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
+        _fsync_dir(tmp)
+        if path.exists():  # Re-saving the same step: move the old one aside only once the new one is complete.
+            old = path.parent / f"{_TMP_PREFIX}old-{path.name}-{os.getpid()}"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+        _fsync_dir(path.parent)
+    except (OSError, RuntimeError, ValueError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"Could not write checkpoint {path}: {e}. Earlier checkpoints are intact; free disk space or "
+            "choose another --run_dir, then resume with --resume=auto."
+        ) from e
+    return path
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Checks every file of a checkpoint against its manifest and returns the manifest.
+
+    Raises CheckpointError naming the missing or corrupt file.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"Checkpoint {path} does not exist or is not a directory.")
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"Checkpoint {path} has no {MANIFEST}: it is partial (interrupted while written).")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"Checkpoint {path}: {MANIFEST} is corrupt ({e}).") from e
+    if MODEL_FILE not in files:
+        raise CheckpointError(f"Checkpoint {path}: the manifest lists no {MODEL_FILE}.")
+    for name, digest in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"Checkpoint {path}: {name} is missing.")
+        if _sha256(file) != digest:
+            raise CheckpointError(f"Checkpoint {path}: {name} is corrupt (SHA-256 differs from the manifest).")
+    return manifest
+
+
+def _checkpoints_dir(run_dir: Path) -> Path:
+    """Accepts a run directory or its checkpoints/ directory."""
+    return run_dir if run_dir.name == CHECKPOINTS_SUBDIR else run_dir / CHECKPOINTS_SUBDIR
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of every step_* directory under `run_dir` (or a checkpoints/ dir), oldest first."""
+    directory = _checkpoints_dir(Path(run_dir))
+    if not directory.is_dir():
+        return []
+    found = []
+    for child in directory.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_valid_checkpoint(
+    run_dir: str | os.PathLike, report: Callable[[str], None] | None = None
+) -> Path | None:
+    """The newest checkpoint under `run_dir` that verifies, or None.
+
+    Corrupt or partial checkpoints are reported (through `report`, default: the logging warning) and skipped.
+    """
+    report = report or log.warning
+    for _, path in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            report(f"Skipping checkpoint: {e}")
+            continue
+        return path
+    return None
+
+
+def load_model_state(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The model state_dict of a checkpoint directory (from model.safetensors)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / MODEL_FILE), device=str(device))
+
+
+def load_state_file(path: str | os.PathLike, name: str) -> Any:
+    """Loads <name>.pt (torch.load with weights_only=True) or <name>.json from a checkpoint directory."""
+    path = Path(path)
+    if (path / f"{name}.json").is_file():
+        return json.loads((path / f"{name}.json").read_text())
+    file = path / f"{name}.pt"
+    if not file.is_file():
+        raise CheckpointError(f"Checkpoint {path}: {name}.pt is missing.")
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+class CheckpointManager:
+    """Saves checkpoints of one run and prunes them: keeps the last `keep_last` and the best `keep_best`.
+
+    "Best" means lowest validation loss among checkpoints that recorded one (manifest field "val_loss");
+    a best checkpoint is never pruned while it stays among the best `keep_best`.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, keep_last: int = 3, keep_best: int = 1):
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1 (the newest checkpoint is always kept), got {keep_last}.")
+        if keep_best < 0:
+            raise ValueError(f"keep_best must be >= 0, got {keep_best}.")
+        self.directory = Path(run_dir) / CHECKPOINTS_SUBDIR
+        self.keep_last = keep_last
+        self.keep_best = keep_best
+
+    def remove_stale_temporaries(self) -> None:
+        """Removes temporary directories left by a writer that died mid-checkpoint."""
+        if self.directory.is_dir():
+            for child in self.directory.iterdir():
+                if child.name.startswith(_TMP_PREFIX):
+                    log.warning("Removing partial checkpoint %s left by an interrupted run.", child)
+                    shutil.rmtree(child, ignore_errors=True)
+
+    def save(self, step: int, **kwargs: Any) -> Path:
+        """save_checkpoint() into checkpoints/step_XXXXXXXX, then prunes. Returns the checkpoint path."""
+        extra = dict(kwargs.pop("manifest_extra", None) or {})
+        extra.setdefault("step", step)
+        path = save_checkpoint(self.directory / step_dir_name(step), manifest_extra=extra, **kwargs)
+        self.prune()
+        return path
+
+    def prune(self) -> list[Path]:
+        """Deletes checkpoints that are neither among the last K nor the best K. Returns what was deleted."""
+        entries = []
+        for step, path in list_checkpoints(self.directory):
+            try:
+                val_loss = json.loads((path / MANIFEST).read_text()).get("val_loss")
+            except (OSError, ValueError):
+                continue  # Unreadable ones are left for a human: latest_valid_checkpoint skips them.
+            entries.append((step, path, val_loss))
+        keep = {path for _, path, _ in entries[-self.keep_last :]}
+        scored = [e for e in entries if isinstance(e[2], (int, float)) and math.isfinite(e[2])]
+        keep |= {path for _, path, _ in sorted(scored, key=lambda e: (e[2], -e[0]))[: self.keep_best]}
+        removed = []
+        for _, path, _ in entries:
+            if path not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        return removed

@@ -1,0 +1,264 @@
+"""Trains a model from gin configs.
+
+    tools/bazel run //python:train -- --gin_file=configs/default.gin
+    tools/bazel run //python:train -- --gin_file=configs/smoke.gin --gin_bindings='Trainer.max_steps = 50'
+    torchrun --nproc_per_node=2 python/codex_ml/cli/train.py --gin_file=configs/default.gin --run_dir=runs/ddp
+
+Later --gin_file flags override earlier ones; --gin_bindings are applied last. Exit codes: 0 finished or
+stopped by a signal (after a checkpoint), 1 stopped on a non-finite loss, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import difflib
+import importlib
+import inspect
+import logging
+import os
+import pkgutil
+import re
+import sys
+import tempfile
+import time
+import types
+import typing
+from pathlib import Path
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("gin_file", [], "A gin config file (repeatable; later files override earlier ones).")
+flags.DEFINE_multi_string("gin_bindings", [], "A gin binding such as 'Trainer.max_steps = 100' (repeatable).")
+flags.DEFINE_list("gin_search_paths", [], "Directories searched for --gin_file and gin `include` paths.")
+flags.DEFINE_string("run_dir", None, "The run directory (default: runs/<config name>-<timestamp>).")
+flags.DEFINE_string("resume", "auto", "auto (the newest valid checkpoint in --run_dir), never, or a checkpoint path.")
+flags.DEFINE_bool("gin_help", False, "List every gin configurable and its parameters, then exit.")
+
+
+
+class UsageError(Exception):
+    """Bad input from the command line or a config file: reported in one paragraph, exit code 2."""
+
+
+def import_configurables() -> None:
+    """Imports every codex_ml.<area>.gin_config module: each area registers its configurables there."""
+    import codex_ml
+
+    for info in pkgutil.walk_packages(codex_ml.__path__, "codex_ml."):
+        if info.name.rsplit(".", 1)[-1] == "gin_config":
+            importlib.import_module(info.name)
+
+
+def _configurables() -> list:
+    from gin import config as gin_config
+
+    return sorted((c for _, c in gin_config._REGISTRY.items() if not c.module.startswith("gin")),
+                  key=lambda c: c.selector)
+
+
+def _parameters(configurable) -> dict[str, inspect.Parameter]:
+    target = configurable.wrapped
+    signature = inspect.signature(target.__init__ if inspect.isclass(target) else target)
+    denied = set(configurable.denylist or ())
+    return {name: p for name, p in signature.parameters.items()
+            if name != "self" and name not in denied and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def gin_help() -> str:
+    """Every configurable with its parameters and defaults."""
+    lines = []
+    for configurable in _configurables():
+        lines.append(f"{configurable.name}  ({configurable.selector})")
+        for name, param in _parameters(configurable).items():
+            default = "REQUIRED" if param.default is inspect.Parameter.empty else repr(param.default)
+            lines.append(f"    {configurable.name}.{name} = {default}")
+    return "\n".join(lines)
+
+
+def _suggest(word: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(word, candidates, n=3, cutoff=0.5)
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def _explain_gin_error(error: Exception) -> str:
+    text = str(error)
+    first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    location = next((line.strip() for line in text.splitlines()[1:] if line.strip().startswith("In ")), "")
+    where = f" ({location[0].lower()}{location[1:]})" if location else ""
+    missing = re.search(r"No configurable matching '([^']+)'", text)
+    if missing:
+        names = sorted({c.name for c in _configurables()} | {c.selector for c in _configurables()})
+        return (f"Unknown configurable {missing.group(1)!r}{where}.{_suggest(missing.group(1), names)} "
+                "Run with --gin_help to list every configurable and its parameters.")
+    param = re.search(r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'", text)
+    if param:
+        owner = next((c for c in _configurables() if param.group(1) in (c.name, c.selector)), None)
+        valid = list(_parameters(owner)) if owner else []
+        return (f"{param.group(1)} has no parameter {param.group(2)!r}{where}.{_suggest(param.group(2), valid)} "
+                "Run with --gin_help to list every configurable and its parameters.")
+    return f"Invalid gin configuration: {first_line}{where}"
+
+
+def _matches(value: object, hint: object) -> bool:
+    """Whether a bound value fits a type annotation (the common cases; anything unusual is accepted)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is typing.Any or hint is object:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, collections.abc.Sequence):
+        item = args[0] if args and (origin is not tuple or (len(args) == 2 and args[1] is Ellipsis)) else None
+        return isinstance(value, (list, tuple)) and (item is None or all(_matches(v, item) for v in value))
+    return True
+
+
+def check_binding_types() -> None:
+    """Rejects bound values whose type contradicts the parameter's annotation, naming binding and type."""
+    from gin import config as gin_config
+
+    for (_, selector), params in gin_config._CONFIG.items():
+        configurable = gin_config._REGISTRY.get_match(selector)
+        if configurable is None:
+            continue
+        target = configurable.wrapped
+        try:
+            hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+        except Exception:  # noqa: BLE001 - unresolvable annotations: nothing to check against.
+            continue
+        for name, value in params.items():
+            if type(value).__module__.startswith("gin") or name not in hints:
+                continue  # References (@fn()) and macros are resolved by gin at call time.
+            if not _matches(value, hints[name]):
+                expected = getattr(hints[name], "__name__", None) or str(hints[name]).replace("typing.", "")
+                raise UsageError(f"{configurable.name}.{name} = {value!r} has the wrong type: expected {expected}. "
+                                 "Fix the value in the gin file or --gin_bindings.")
+
+
+def _search_paths() -> list[str]:
+    """Extra places to find configs: --gin_search_paths, then the packaged configs (runfiles or source tree)."""
+    paths = [str(Path(p).expanduser()) for p in FLAGS.gin_search_paths]
+    runfiles = os.environ.get("RUNFILES_DIR")
+    if runfiles:
+        paths.append(str(Path(runfiles) / "codex_ml"))
+    paths.append(str(Path(__file__).parents[3]))  # The repository root when run from the source tree.
+    return [p for p in paths if Path(p).is_dir()]
+
+
+def parse_gin() -> None:
+    import gin
+
+    search_paths = _search_paths()
+    for path in search_paths:
+        gin.add_config_file_search_path(path)
+    # Resolved here rather than by gin: gin's fallback reader crashes on a directory that Python can import
+    # as a namespace package (configs/ in Bazel runfiles).
+    files = []
+    for file in FLAGS.gin_file:
+        found = [Path(base) / file for base in [os.getcwd(), *search_paths] if (Path(base) / file).is_file()]
+        if not found:
+            raise UsageError(f"Gin file {file!r} not found in {os.getcwd()} (the directory you ran from) nor in "
+                             f"{', '.join(search_paths)}. Check the path, or add a directory with --gin_search_paths.")
+        files.append(str(found[0].absolute()))
+    logging.disable(logging.ERROR)  # gin logs every search-path miss as an error while it looks for files.
+    try:
+        gin.parse_config_files_and_bindings(files, FLAGS.gin_bindings)
+    except Exception as e:  # noqa: BLE001 - gin raises ValueError, SyntaxError, IOError...: all are config errors.
+        raise UsageError(_explain_gin_error(e)) from e
+    finally:
+        logging.disable(logging.NOTSET)
+    check_binding_types()
+
+
+def default_run_dir() -> str:
+    name = Path(FLAGS.gin_file[-1]).stem if FLAGS.gin_file else "run"
+    run_dir = f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # Every process must use rank 0's timestamp.
+        import torch.distributed as dist
+
+        from codex_ml.training import init_distributed
+
+        init_distributed()
+        box = [run_dir]
+        dist.broadcast_object_list(box, src=0)
+        run_dir = box[0]
+    return run_dir
+
+
+def check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"Cannot write the run directory {run_dir}: {e.strerror or e}. "
+                         "Choose a writable --run_dir.") from e
+
+
+def run() -> int:
+    import gin
+
+    from codex_ml.checkpoint import CheckpointError
+    from codex_ml.data import DataError
+    from codex_ml.training import ConfigError
+    from codex_ml.training.gin_config import train
+
+    import_configurables()
+    if FLAGS.gin_help:
+        print(gin_help())
+        return 0
+    if not FLAGS.gin_file and not FLAGS.gin_bindings:
+        raise UsageError("No configuration given: pass --gin_file=configs/default.gin (or configs/smoke.gin for a "
+                         "one-minute check), and optionally --gin_bindings. --gin_help lists every setting.")
+    parse_gin()
+    run_dir = Path(FLAGS.run_dir or default_run_dir()).expanduser().absolute()
+    rank = int(os.environ.get("RANK", 0))
+    if rank == 0:
+        check_writable(run_dir)
+        print(f"Run directory: {run_dir}\nGin configuration:\n{gin.config_str()}", flush=True)
+    try:
+        result = train(run_dir=run_dir, resume=FLAGS.resume, operative_config=gin.operative_config_str)
+    except (ConfigError, CheckpointError, DataError) as e:
+        # Gin appends "In call to configurable ..." lines: the first paragraph is the message.
+        raise UsageError(str(e).split("\n  In call to configurable")[0]) from e
+    if rank == 0:
+        print(f"Done: {result.status} at step {result.step} ({result.tokens:,} tokens); run directory {run_dir}.")
+    return 1 if result.status == "stopped_nonfinite" else 0
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {argv[1:]}; every option is a --flag (see --help).", file=sys.stderr)
+        return 2
+    from codex_ml.cli.common import enter_working_directory
+
+    enter_working_directory()
+    try:
+        return run()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        from codex_ml.training import shutdown_distributed
+
+        shutdown_distributed()
+
+
+def console_main() -> None:
+    """The codex-train console script."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    console_main()

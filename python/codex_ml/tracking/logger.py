@@ -1,0 +1,99 @@
+"""Metrics of a run: metrics.ndjson and metrics.csv in the run directory, and MLflow (local SQLite by default)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class MetricsLogger:
+    """Writes one NDJSON object per (step, split) and the same values to a long-format CSV; mirrors to MLflow.
+
+    metrics.ndjson lines look like {"step": 10, "split": "train", "loss": 3.2, "lr": 0.0003, ...};
+    metrics.csv has the columns step, split, name, value. Both are appended to, so a resumed run
+    continues the same files. MLflow is imported only when enabled; its telemetry is switched off and,
+    without `tracking_uri`, it writes to sqlite:///<run_dir>/mlflow.db and nowhere else.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        *,
+        mlflow: bool = True,
+        tracking_uri: str | None = None,
+        experiment_name: str = "codex_ml",
+        run_name: str | None = None,
+    ):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._ndjson = open(self.run_dir / "metrics.ndjson", "a", encoding="utf-8")
+        csv_path = self.run_dir / "metrics.csv"
+        new_csv = not csv_path.exists() or csv_path.stat().st_size == 0
+        self._csv_file = open(csv_path, "a", newline="", encoding="utf-8")
+        self._csv = csv.writer(self._csv_file)
+        if new_csv:
+            self._csv.writerow(["step", "split", "name", "value"])
+        self._mlflow = None
+        if mlflow:
+            self._start_mlflow(tracking_uri, experiment_name, run_name or self.run_dir.name)
+
+    def _start_mlflow(self, tracking_uri: str | None, experiment_name: str, run_name: str) -> None:
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        os.environ.setdefault("DO_NOT_TRACK", "true")
+        import mlflow
+
+        uri = tracking_uri or f"sqlite:///{(self.run_dir / 'mlflow.db').resolve()}"
+        mlflow.set_tracking_uri(uri)
+        if tracking_uri is None and mlflow.get_experiment_by_name(experiment_name) is None:
+            # Artifacts would otherwise go to ./mlruns of whatever the current directory is.
+            artifacts = (self.run_dir / "mlartifacts").resolve().as_uri()
+            mlflow.create_experiment(experiment_name, artifact_location=artifacts)
+        mlflow.set_experiment(experiment_name)
+        mlflow.start_run(run_name=run_name)
+        self._mlflow = mlflow
+        log.info("MLflow tracking at %s (view: mlflow ui --backend-store-uri %s)", uri, uri)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Records run parameters (flattened, stringified) in MLflow."""
+        if self._mlflow is not None:
+            flat = {key: str(value)[:500] for key, value in params.items()}
+            self._mlflow.log_params(flat)
+
+    def log_text(self, text: str, name: str) -> None:
+        """Stores a text artifact (e.g. the operative config) in MLflow."""
+        if self._mlflow is not None:
+            self._mlflow.log_text(text, name)
+
+    def log(self, step: int, split: str, metrics: Mapping[str, float], *, mlflow: bool = True) -> None:
+        """Records the metrics of one step for `split` ("train" or "val"); `mlflow=False` keeps them to the files
+        (MLflow gets every log_every-th training step: a database write per step would slow short steps)."""
+        values = {key: float(value) for key, value in metrics.items()}
+        record = {"step": step, "split": split, **{k: (v if math.isfinite(v) else str(v)) for k, v in values.items()}}
+        self._ndjson.write(json.dumps(record) + "\n")
+        self._ndjson.flush()
+        for key, value in values.items():
+            self._csv.writerow([step, split, key, repr(value)])
+        self._csv_file.flush()
+        if mlflow and self._mlflow is not None:
+            finite = {f"{split}/{k}": v for k, v in values.items() if math.isfinite(v)}
+            self._mlflow.log_metrics(finite, step=step)
+
+    def event(self, step: int, kind: str, message: str) -> None:
+        """Records a notable event (NaN skipped, checkpoint written, interrupted) in metrics.ndjson."""
+        self._ndjson.write(json.dumps({"step": step, "split": "event", "event": kind, "message": message}) + "\n")
+        self._ndjson.flush()
+
+    def close(self, status: str = "FINISHED") -> None:
+        self._ndjson.close()
+        self._csv_file.close()
+        if self._mlflow is not None:
+            self._mlflow.end_run(status=status)
+            self._mlflow = None

@@ -1,0 +1,94 @@
+"""The experiment: prepares data (tokenizer + shards, cached), builds the model, trains, prints a sample."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from codex_ml.training.trainer import ConfigError, Trainer, TrainResult, seed_everything
+
+
+@torch.no_grad()
+def sample_text(model: torch.nn.Module, tokenizer: Any, prompt: str, *, max_new_tokens: int = 80,
+                temperature: float = 0.8, top_k: int = 40, seed: int = 0, max_seq_len: int | None = None) -> str:
+    """Samples a continuation of `prompt` (top-k, temperature; greedy when temperature is 0)."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    ids = list(tokenizer.encode(prompt)) or [tokenizer.eos_id]
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(max_new_tokens):
+            context = torch.tensor([ids[-max_seq_len:] if max_seq_len else ids], device=device)
+            logits, _ = model(context)
+            logits = logits[0, -1].float()
+            if temperature <= 0:
+                next_id = int(logits.argmax())
+            else:
+                values, indices = logits.topk(min(top_k, logits.numel()))
+                probs = torch.softmax(values / temperature, dim=-1)
+                next_id = int(indices[torch.multinomial(probs, 1, generator=generator)])
+            if next_id == tokenizer.eos_id:
+                break
+            ids.append(next_id)
+    finally:
+        model.train(was_training)
+    return tokenizer.decode(ids)
+
+
+def train(
+    run_dir: str | os.PathLike,
+    *,
+    resume: str = "auto",
+    operative_config: str | Callable[[], str] = "",
+    seed: int = 0,
+    cache_dir: str = ".cache/codex_ml",
+    data_fn: Callable[..., Any] | None = None,
+    model_fn: Callable[..., torch.nn.Module] | None = None,
+    model_config: Any = None,
+    sample_prompt: str | None = "def ",
+    sample_tokens: int = 120,
+) -> TrainResult:
+    """Trains a model end to end and returns the TrainResult.
+
+    Args:
+      run_dir: where metrics, the operative config and checkpoints go.
+      resume: "auto", "never" or a checkpoint path (see Trainer.fit).
+      seed: seeds Python, NumPy and torch before the model is built (and the data order, via Trainer).
+      cache_dir: the data cache (tokenizer and token shards, reused by later runs); relative to the current
+        directory, which the CLI sets to the directory Bazel was run from.
+      data_fn: cache_dir=..., log=... -> the prepared data (gin: `train.data_fn = @prepare_data`).
+      model_fn: model_config -> nn.Module (gin: `train.model_fn = @GPT`).
+      model_config: the model's config (gin: `train.model_config = @GPTConfig()`); its vocab_size is set
+        from the tokenizer.
+      sample_prompt: printed with a sampled continuation at the end; None to skip.
+    """
+    for name, value, example in (("data_fn", data_fn, "@prepare_data"), ("model_fn", model_fn, "@GPT"),
+                                 ("model_config", model_config, "@GPTConfig()")):
+        if value is None:
+            raise ConfigError(f"train.{name} is not set: bind it in the gin file, e.g. `train.{name} = {example}` "
+                              "(configs/default.gin shows a complete configuration).")
+    rank = int(os.environ.get("RANK", 0))
+    say = print if rank == 0 else (lambda *args, **kwargs: None)
+    data = data_fn(cache_dir=str(Path(cache_dir).expanduser()), log=say)
+    tokenizer = data.tokenizer
+    if dataclasses.is_dataclass(model_config) and getattr(model_config, "vocab_size", None) != tokenizer.vocab_size:
+        model_config = dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size)
+    seed_everything(seed)
+    model = model_fn(model_config)
+    num_params = model.num_params() if hasattr(model, "num_params") else sum(p.numel() for p in model.parameters())
+    say(f"Model: {type(model).__name__} with {num_params / 1e6:.2f}M parameters; tokenizer vocabulary "
+        f"{tokenizer.vocab_size}.")
+    trainer = Trainer(run_dir, model, data, seed=seed, operative_config=operative_config)
+    result = trainer.fit(resume=resume)
+    if rank == 0 and sample_prompt is not None and result.status == "finished":
+        max_len = getattr(getattr(model, "config", None), "max_seq_len", None)
+        text = sample_text(model, tokenizer, sample_prompt, max_new_tokens=sample_tokens, seed=seed,
+                           max_seq_len=max_len)
+        say("Sample from the trained model:\n" + "-" * 60 + "\n" + text + "\n" + "-" * 60)
+    return result

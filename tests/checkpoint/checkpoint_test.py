@@ -1,0 +1,146 @@
+"""Checkpoint directories: atomic writes, verification, discovery of the newest valid one, retention."""
+
+import json
+
+import pytest
+import torch
+
+from codex_ml.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    core,
+    latest_valid_checkpoint,
+    list_checkpoints,
+    load_model_state,
+    load_state_file,
+    verify_checkpoint,
+)
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    return tmp_path / "run"
+
+
+def _model_state(seed=0):
+    torch.manual_seed(seed)
+    emb = torch.randn(11, 4)
+    # A tied weight (same storage under two names), as GPT's embedding/lm_head.
+    return {"embedding.weight": emb, "lm_head.weight": emb, "block.bias": torch.randn(5)}
+
+
+def _save(manager, step, val_loss=None, seed=0):
+    extra = {"val_loss": val_loss} if val_loss is not None else {}
+    return manager.save(
+        step,
+        model_state=_model_state(seed),
+        model_config={"n_layer": 1, "architecture": "codex_ml.GPT"},
+        torch_states={"optimizer": {"state": {0: {"exp_avg": torch.ones(3)}}, "param_groups": [{"lr": 0.1}]}},
+        json_states={"trainer_state": {"step": step}},
+        operative_config="Trainer.max_steps = 10\n",
+        manifest_extra=extra,
+    )
+
+
+def test_round_trip_and_manifest_lists_every_file(run_dir):
+    manager = CheckpointManager(run_dir, keep_last=2)
+    path = _save(manager, 5)
+    assert path.name == "step_00000005"
+    manifest = verify_checkpoint(path)
+    assert manifest["step"] == 5
+    assert set(manifest["files"]) == {p.name for p in path.iterdir()} - {"manifest.json"}
+    assert "torch" in manifest["versions"]
+    state = load_model_state(path)
+    for name, tensor in _model_state().items():
+        assert torch.equal(state[name], tensor)
+    optimizer = load_state_file(path, "optimizer")
+    assert torch.equal(optimizer["state"][0]["exp_avg"], torch.ones(3))
+    assert load_state_file(path, "trainer_state") == {"step": 5}
+    assert (path / "operative_config.gin").read_text() == "Trainer.max_steps = 10\n"
+    assert json.loads((path / "model_config.json").read_text())["architecture"] == "codex_ml.GPT"
+
+
+def test_corrupt_file_is_named(run_dir):
+    path = _save(CheckpointManager(run_dir), 1)
+    with open(path / "optimizer.pt", "r+b") as f:
+        f.seek(10)
+        f.write(b"\x00\xff")
+    with pytest.raises(CheckpointError, match="optimizer.pt is corrupt"):
+        verify_checkpoint(path)
+    (path / "optimizer.pt").unlink()
+    with pytest.raises(CheckpointError, match="optimizer.pt is missing"):
+        verify_checkpoint(path)
+
+
+def test_partial_checkpoint_without_manifest_is_reported(run_dir):
+    path = _save(CheckpointManager(run_dir), 1)
+    (path / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="partial"):
+        verify_checkpoint(path)
+
+
+def test_latest_valid_skips_corrupt_and_reports(run_dir):
+    manager = CheckpointManager(run_dir, keep_last=5)
+    _save(manager, 1)
+    second = _save(manager, 2)
+    third = _save(manager, 3)
+    (third / "model.safetensors").write_bytes(b"garbage")
+    reports = []
+    assert latest_valid_checkpoint(run_dir, report=reports.append) == second
+    assert len(reports) == 1 and "step_00000003" in reports[0] and "model.safetensors" in reports[0]
+    assert latest_valid_checkpoint(run_dir / "checkpoints", report=reports.append) == second
+
+
+def test_no_checkpoint_gives_none(run_dir):
+    assert latest_valid_checkpoint(run_dir) is None
+
+
+def test_disk_full_mid_write_leaves_previous_intact(run_dir, monkeypatch):
+    manager = CheckpointManager(run_dir)
+    first = _save(manager, 1)
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    real_write = core._write_bytes
+    calls = []
+
+    def failing_write(path, data):
+        calls.append(path.name)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real_write(path, data)
+
+    monkeypatch.setattr(core, "_write_bytes", failing_write)
+    with pytest.raises(CheckpointError, match="No space left on device.*intact"):
+        _save(manager, 2)
+    assert [step for step, _ in list_checkpoints(run_dir)] == [1]
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+    assert latest_valid_checkpoint(run_dir) == first
+
+
+def test_resaving_a_step_replaces_it_atomically(run_dir):
+    manager = CheckpointManager(run_dir)
+    _save(manager, 4, seed=0)
+    path = _save(manager, 4, seed=1)
+    verify_checkpoint(path)
+    assert torch.equal(load_model_state(path)["block.bias"], _model_state(1)["block.bias"])
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000004"]
+
+
+def test_retention_keeps_last_k_and_best_k(run_dir):
+    manager = CheckpointManager(run_dir, keep_last=2, keep_best=1)
+    losses = {1: 3.0, 2: 1.0, 3: 2.0, 4: 2.5, 5: 2.7}
+    for step, loss in losses.items():
+        _save(manager, step, val_loss=loss)
+    # Last two (4, 5) and the best (2, val loss 1.0), which is never pruned.
+    assert [step for step, _ in list_checkpoints(run_dir)] == [2, 4, 5]
+
+
+def test_stale_temporaries_are_removed(run_dir):
+    manager = CheckpointManager(run_dir)
+    _save(manager, 1)
+    stale = run_dir / "checkpoints" / ".tmp-step_00000002-999"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    manager.remove_stale_temporaries()
+    assert not stale.exists()
+    assert latest_valid_checkpoint(run_dir) is not None

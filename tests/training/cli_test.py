@@ -1,0 +1,51 @@
+"""The train command line: bad input gives one clear paragraph and exit code 2, never a traceback."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+
+def _train(*args, cwd):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    env.pop("BUILD_WORKING_DIRECTORY", None)
+    return subprocess.run([sys.executable, "-m", "codex_ml.cli.train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "binding, expected",
+    [
+        ("Trainr.max_steps = 3", "Unknown configurable 'Trainr'.*Did you mean 'Trainer'"),
+        ("Trainer.max_step = 3", "Trainer has no parameter 'max_step'.*Did you mean 'max_steps'"),
+        ("Trainer.max_steps = 'ten'", "Trainer.max_steps = 'ten' has the wrong type: expected int"),
+        ("Trainer.learning_rate = [1]", "Trainer.learning_rate = \\[1\\] has the wrong type: expected float"),
+        ("Trainer.max_steps = = 3", "Invalid gin configuration"),
+    ],
+)
+def test_bad_bindings_exit_2_with_a_clear_message(tmp_path, binding, expected):
+    proc = _train(f"--gin_bindings={binding}", f"--run_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert re.search(expected, proc.stderr), proc.stderr
+
+
+def test_missing_gin_file_is_named(tmp_path):
+    proc = _train("--gin_file=configs/nope.gin", cwd=tmp_path)
+    assert proc.returncode == 2 and "Gin file 'configs/nope.gin' not found" in proc.stderr
+
+
+def test_unwritable_run_dir(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    proc = _train("--gin_bindings=Trainer.max_steps = 3", f"--run_dir={blocker / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2 and "Cannot write the run directory" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_gin_help_lists_configurables_and_parameters(tmp_path):
+    proc = _train("--gin_help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Trainer.max_steps = 100" in proc.stdout and "train.sample_prompt = 'def '" in proc.stdout

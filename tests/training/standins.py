@@ -1,0 +1,116 @@
+"""Tiny stand-ins for the data pipeline and the model, so the loop can be tested in seconds.
+
+StandinData follows the PreparedData.batches contract: rows of the global batch are a deterministic
+function of (seed, row index), and rank r of N reads rows [r*B/N, (r+1)*B/N) of each global batch, so
+N processes together see exactly what one process sees.
+"""
+
+import os
+import signal
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+class StandinBatches:
+    def __init__(self, tokens, batch_size, seq_len, seed, rank, world_size, signals=()):
+        self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.position = 0
+        self.signals = dict(signals)  # position -> list of signals to send to this process at that position
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        for signum in self.signals.get(self.position, ()):
+            os.kill(os.getpid(), signum)
+        global_batch = self.batch_size * self.world_size
+        rows = []
+        for i in range(self.batch_size):
+            row = self.position * global_batch + self.rank * self.batch_size + i
+            start = (row * 7919 + self.seed * 104729) % (len(self.tokens) - self.seq_len - 1)
+            rows.append(self.tokens[start : start + self.seq_len + 1])
+        self.position += 1
+        rows = torch.stack(rows)
+        return {"input_ids": rows[:, :-1].clone(), "targets": rows[:, 1:].clone()}
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+
+
+class StandinData:
+    """A token stream with learnable structure (a noisy repeating pattern) over `vocab_size` tokens."""
+
+    def __init__(self, vocab_size=32, length=5000, signals=None):
+        g = torch.Generator().manual_seed(1234)
+        pattern = torch.randint(0, vocab_size, (37,), generator=g)
+        self.tokens = pattern.repeat(length // 37 + 1)[:length].clone()
+        noise = torch.rand(length, generator=g) < 0.1
+        self.tokens[noise] = torch.randint(0, vocab_size, (int(noise.sum()),), generator=g)
+        self.val_tokens = self.tokens.roll(11)
+        self.signals = signals or {}
+        self.tokenizer = None
+
+    def batches(self, split, *, batch_size, seq_len, seed, rank=0, world_size=1):
+        if split == "train":
+            return StandinBatches(self.tokens, batch_size, seq_len, seed, rank, world_size, self.signals)
+        return StandinBatches(self.val_tokens, batch_size, seq_len, seed + 1, rank, world_size)
+
+
+@dataclass
+class TinyConfig:
+    vocab_size: int = 32
+    d_model: int = 16
+    dropout: float = 0.1
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class TinyLM(torch.nn.Module):
+    """Embedding -> MLP with dropout -> tied head; forward(idx, targets) -> (logits, loss)."""
+
+    def __init__(self, config: TinyConfig, nan_at_call: int | None = None):
+        super().__init__()
+        self.config = config
+        self.embedding = torch.nn.Embedding(config.vocab_size, config.d_model)
+        hidden = 4 * config.d_model
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(config.d_model, hidden), torch.nn.GELU(),
+                                       torch.nn.Dropout(config.dropout), torch.nn.Linear(hidden, config.d_model))
+        self.norm = torch.nn.LayerNorm(config.d_model)
+        self.nan_at_call, self.calls = nan_at_call, 0
+
+    def forward(self, idx, targets=None):
+        h = self.embedding(idx)
+        h = self.norm(h + self.mlp(h))
+        logits = h @ self.embedding.weight.T
+        if targets is None:
+            return logits, None
+        self.calls += 1
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+        if self.calls == self.nan_at_call:
+            loss = loss * float("nan")
+        return None, loss
+
+    def flops_per_token(self, seq_len):
+        return 6 * sum(p.numel() for p in self.parameters())
+
+
+def make_trainer(run_dir, *, seed=0, dropout=0.1, data=None, model=None, **kwargs):
+    """A Trainer over the stand-ins; the model is built right after seeding, as the experiment does."""
+    from codex_ml.training import Trainer, seed_everything
+
+    seed_everything(seed)
+    model = model or TinyLM(TinyConfig(dropout=dropout))
+    options = dict(batch_size=4, seq_len=16, max_steps=8, learning_rate=1e-2, warmup_steps=2, eval_every=0,
+                   eval_batches=2, checkpoint_every=0, log_every=1, mlflow=False, device="cpu")
+    options.update(kwargs)
+    return Trainer(run_dir, model, data or StandinData(), seed=seed, **options)
+
+
+SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT, "SIGKILL": signal.SIGKILL}

@@ -1,0 +1,29 @@
+"""Runs a stand-in training in its own process (for signal, kill -9 and torchrun tests).
+
+Usage: train_standin_main.py RUN_DIR JSON_OPTIONS
+JSON_OPTIONS: Trainer options plus "signals": {"<batch position>": ["SIGTERM", ...]} sent to this process
+when the training iterator reaches that position, and "dropout".
+"""
+
+import json
+import sys
+
+from standins import SIGNALS, StandinData, make_trainer
+
+from codex_ml.training import shutdown_distributed
+
+
+def main() -> int:
+    run_dir, options = sys.argv[1], json.loads(sys.argv[2])
+    signals = {int(k): [SIGNALS[s] for s in v] for k, v in options.pop("signals", {}).items()}
+    trainer = make_trainer(run_dir, data=StandinData(signals=signals), **options)
+    try:
+        result = trainer.fit(resume="auto")
+    finally:
+        shutdown_distributed()
+    print("STATUS", result.status, result.step, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""The training loop on tiny stand-ins: accumulation, non-finite policy, evaluation, schedules, tracking."""
+
+import json
+import math
+
+import pytest
+import torch
+from standins import StandinData, TinyConfig, TinyLM, make_trainer
+
+from codex_ml.checkpoint import latest_valid_checkpoint, list_checkpoints, load_model_state
+from codex_ml.eval import evaluate, register_metric
+from codex_ml.training import ConfigError, LRSchedule
+
+
+def _records(run_dir, split):
+    lines = (run_dir / "metrics.ndjson").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def test_training_reduces_loss_and_writes_metrics(tmp_path):
+    result = make_trainer(tmp_path, max_steps=40, eval_every=20, dropout=0.0).fit()
+    assert result.status == "finished" and result.step == 40
+    first, last = result.train_losses[1], result.train_losses[40]
+    assert last < first - 1.0, (first, last)  # the pattern is learnable: ln(32) = 3.47 -> well below
+    train = _records(tmp_path, "train")
+    assert [r["step"] for r in train] == list(range(1, 41))
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "tokens"} <= set(train[0])
+    val = _records(tmp_path, "val")
+    assert [r["step"] for r in val] == [20, 40]
+    assert math.isclose(val[-1]["perplexity"], math.exp(val[-1]["loss"]), rel_tol=1e-9)
+    assert 0.0 <= val[-1]["token_accuracy"] <= 1.0 and val[-1]["loss"] < val[0]["loss"] + 0.5
+    csv_lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0] == "step,split,name,value" and any(line.startswith("40,val,loss,") for line in csv_lines)
+    assert (tmp_path / "checkpoints" / "step_00000040" / "manifest.json").is_file()
+
+
+def test_gradient_accumulation_matches_full_batch(tmp_path):
+    full = make_trainer(tmp_path / "full", batch_size=4, grad_accum_steps=1, dropout=0.0).fit()
+    # The stand-in data hands out the rows of a batch of 4 as two consecutive batches of 2.
+    accumulated = make_trainer(tmp_path / "accum", batch_size=2, grad_accum_steps=2, dropout=0.0).fit()
+    for step, loss in full.train_losses.items():
+        assert accumulated.train_losses[step] == pytest.approx(loss, rel=1e-5)
+    a = load_model_state(full.last_checkpoint)
+    b = load_model_state(accumulated.last_checkpoint)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adafactor"])
+def test_alternative_optimizers_train(tmp_path, optimizer):
+    lr = 0.5 if optimizer == "sgd" else 1e-2
+    result = make_trainer(tmp_path, optimizer=optimizer, learning_rate=lr, max_steps=30, dropout=0.0).fit()
+    assert result.train_losses[30] < result.train_losses[1] - 0.3
+
+
+def test_bf16_autocast_on_cpu_trains(tmp_path):
+    result = make_trainer(tmp_path, precision="bf16", max_steps=20, dropout=0.0).fit()
+    assert result.train_losses[20] < result.train_losses[1]
+
+
+def test_nan_loss_skip_policy_skips_update_and_logs(tmp_path):
+    model = TinyLM(TinyConfig(), nan_at_call=3)
+    trainer = make_trainer(tmp_path, model=model, nan_policy="skip", max_steps=5)
+    result = trainer.fit()
+    assert result.status == "finished" and result.step == 5
+    assert math.isnan(result.train_losses[3]) and all(math.isfinite(result.train_losses[s]) for s in (1, 2, 4, 5))
+    events = [r for r in _records(tmp_path, "event") if r["event"] == "nonfinite_skip"]
+    assert len(events) == 1 and events[0]["step"] == 3
+    assert trainer.nonfinite_skipped == 1
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_nan_loss_stop_policy_keeps_last_good_checkpoint(tmp_path):
+    model = TinyLM(TinyConfig(), nan_at_call=5)
+    result = make_trainer(tmp_path, model=model, nan_policy="stop", checkpoint_every=2).fit()
+    assert result.status == "stopped_nonfinite" and result.step == 5
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [2, 4]
+    state = load_model_state(latest_valid_checkpoint(tmp_path))
+    assert all(torch.isfinite(t).all() for t in state.values())
+    assert [r["event"] for r in _records(tmp_path, "event") if r["event"].startswith("nonfinite")] == ["nonfinite_stop"]
+
+
+def test_best_checkpoint_by_val_loss_is_kept(tmp_path):
+    make_trainer(tmp_path, max_steps=12, eval_every=2, checkpoint_every=2, keep_last=2, keep_best=1,
+                 dropout=0.0).fit()
+    kept = list_checkpoints(tmp_path)
+    manifests = {step: json.loads((p / "manifest.json").read_text()) for step, p in kept}
+    val = {r["step"]: r["loss"] for r in _records(tmp_path, "val")}
+    best_step = min(val, key=val.get)
+    assert set(manifests) == {10, 12} | {best_step}
+    assert manifests[best_step]["val_loss"] == val[best_step]
+
+
+def test_resume_refuses_other_model_shape(tmp_path):
+    make_trainer(tmp_path, max_steps=2).fit()
+    other = TinyLM(TinyConfig(d_model=8))
+    with pytest.raises(ConfigError, match=r"another configuration \(d_model: checkpoint 16 vs now 8\)"):
+        make_trainer(tmp_path, model=other, max_steps=4).fit(resume="auto")
+
+
+def test_resume_refuses_other_tokenizer(tmp_path):
+    class Tok:
+        def __init__(self, sha):
+            self.sha256, self.model_path = sha, None
+
+    data = StandinData()
+    data.tokenizer = Tok("a" * 64)
+    make_trainer(tmp_path, data=data, max_steps=2).fit()
+    data.tokenizer = Tok("b" * 64)
+    with pytest.raises(ConfigError, match="another tokenizer"):
+        make_trainer(tmp_path, data=data, max_steps=4).fit(resume="auto")
+
+
+def test_bad_options_are_rejected_clearly(tmp_path):
+    with pytest.raises(ConfigError, match="precision"):
+        make_trainer(tmp_path, precision="fp8")
+    with pytest.raises(ConfigError, match="needs a GPU"):
+        make_trainer(tmp_path, precision="fp16")
+    with pytest.raises(ConfigError, match="Unknown optimizer 'adamx'"):
+        make_trainer(tmp_path, optimizer="adamx")
+    with pytest.raises(ConfigError, match="warmup_steps must be in"):
+        make_trainer(tmp_path, warmup_steps=50, max_steps=20)
+
+
+def test_lr_schedules():
+    cosine = LRSchedule("cosine", 1.0, total_steps=110, warmup_steps=10, min_ratio=0.1)
+    assert cosine(0) == pytest.approx(0.1) and cosine(9) == pytest.approx(1.0)
+    assert cosine(10) == pytest.approx(1.0) and cosine(60) == pytest.approx(0.55) and cosine(110) == pytest.approx(0.1)
+    linear = LRSchedule("linear", 1.0, total_steps=100, warmup_steps=0, min_ratio=0.0)
+    assert linear(50) == pytest.approx(0.5)
+    assert LRSchedule("constant", 2.0, total_steps=10, warmup_steps=2)(9) == 2.0
+    with pytest.raises(ValueError, match="Unknown learning-rate schedule"):
+        LRSchedule("step", 1.0, 10)
+
+
+def test_custom_metric_from_registry_and_exact_values():
+    @register_metric("test_top2_accuracy")
+    def top2(logits, targets):
+        hit = (logits.topk(2, dim=-1).indices == targets.unsqueeze(-1)).any(-1)
+        return hit.sum(), torch.tensor(targets.numel())
+
+    class Uniform(torch.nn.Module):
+        def forward(self, idx, targets=None):
+            logits = torch.zeros(*idx.shape, 8)
+            logits[..., 3] = 1.0
+            logits[..., 5] = 0.5
+            return logits, None
+
+    batches = [{"input_ids": torch.zeros(2, 4, dtype=torch.long), "targets": torch.tensor([[3, 5, 1, 3]] * 2)}]
+    out = evaluate(Uniform(), batches, num_batches=1, metrics=["loss", "perplexity", "token_accuracy",
+                                                                "test_top2_accuracy"])
+    log_z = math.log(math.e + math.exp(0.5) + 6)
+    expected_loss = ((log_z - 1) * 2 + (log_z - 0.5) + log_z) / 4
+    assert out["loss"] == pytest.approx(expected_loss)
+    assert out["perplexity"] == pytest.approx(math.exp(expected_loss))
+    assert out["token_accuracy"] == pytest.approx(0.5) and out["test_top2_accuracy"] == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="Unknown metric 'nope'"):
+        evaluate(Uniform(), batches, num_batches=1, metrics=["nope"])
+
+
+def test_mlflow_sqlite_store_in_run_dir(tmp_path):
+    make_trainer(tmp_path, max_steps=2, mlflow=True).fit()
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("codex_ml").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert [m.value for m in client.get_metric_history(runs[0].info.run_id, "val/loss")]
+    assert (tmp_path / "mlartifacts").is_dir()  # artifacts stay in the run directory
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    from codex_ml.checkpoint import CheckpointError, core, verify_checkpoint
+
+    real_save = core.save_checkpoint
+    saves = []
+
+    def save_or_fail(path, **kwargs):
+        saves.append(path)
+        if len(saves) == 2:
+            def full_disk(file, data):
+                raise OSError(28, "No space left on device")
+
+            monkeypatch.setattr(core, "_write_bytes", full_disk)
+        return real_save(path, **kwargs)
+
+    monkeypatch.setattr(core, "save_checkpoint", save_or_fail)
+    with pytest.raises(CheckpointError, match="No space left on device.*Earlier checkpoints are intact"):
+        make_trainer(tmp_path, checkpoint_every=2).fit()
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [2]
+    verify_checkpoint(latest_valid_checkpoint(tmp_path))
