@@ -20,6 +20,8 @@ from codex_ml import ops
 
 @dataclass
 class GPTConfig:
+    """Sizes of the native GPT (vocab_size is set from the tokenizer by the trainer)."""
+
     vocab_size: int = 8000
     n_layer: int = 4
     n_head: int = 4
@@ -148,6 +150,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """The decoder-only transformer; forward(idx, targets) -> (logits, loss)."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
