@@ -14,7 +14,7 @@ import zipfile
 NAME = "codex_ml"
 ENTRY_POINTS = {
     "codex-train": "codex_ml.cli.train:console_main",
-    "codex-tokenize": "codex_ml.cli.tokenize:main",
+    "codex-tokenize": "codex_ml.cli.tokenizer:main",
 }
 FIXED_TIME = (2020, 1, 1, 0, 0, 0)
 

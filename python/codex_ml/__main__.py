@@ -20,7 +20,7 @@ def main(argv: list[str]) -> int:
         sys.argv = ["codex-train", *argv[1:]]
         app.run(train_main)
     if argv[0] == "tokenize":
-        from codex_ml.cli.tokenize import main as tokenize_main
+        from codex_ml.cli.tokenizer import main as tokenize_main
 
         return tokenize_main(argv[1:])
     print(f"unknown command {argv[0]!r}: use --version, train or tokenize", file=sys.stderr)

@@ -102,7 +102,7 @@ def test_bad_inputs(tmp_path):
 
 
 def test_command_line_train_encode_decode(tmp_path, capsys):
-    from codex_ml.cli.tokenize import main
+    from codex_ml.cli.tokenizer import main
 
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "a.py").write_text("def add(a, b):\n    return a + b\n" * 30)
