@@ -1,51 +1,49 @@
 // Fused linear cross-entropy on the CPU: loss = CE(softcap(hidden @ weight^T + bias), target), chunked
 // over tokens so that only a [chunk, V] block of logits ever exists. The matrix products go to ATen
-// (MKL / oneDNN); the softmax, loss and logit gradient of each chunk are fused in one parallel pass
-// that overwrites the logits with their gradient in place.
+// (MKL / oneDNN); the softmax, loss and logit gradient of each chunk overwrite its logits in place.
 //
 // With row_scale given, the same pass also accumulates the gradients of hidden, weight and bias, the
 // gradient of row i scaled by row_scale[i] (the Python side passes 1/n_valid for "mean", 1 for "sum",
 // or grad_output for "none" in a recomputing backward).
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
-#include <limits>
 #include <tuple>
 
 namespace {
 
 constexpr int64_t kChunkBytes = 16 << 20;  // logits block per chunk: bounded whatever N and V are
 
-// One row: logits z[0..V) (already soft-capped if cap > 0) -> loss, lse; overwrites z with dloss/dlogit
-// (times scale) when grad is true.
-inline void row_loss(float* z, int64_t V, int64_t t, float smoothing, float z_loss, float cap, bool grad,
-                     float scale, float* loss_out, float* lse_out) {
-  float mx = -std::numeric_limits<float>::infinity();
-  double zsum = 0.0;
-  for (int64_t v = 0; v < V; ++v) {
-    if (cap > 0.f) z[v] = cap * std::tanh(z[v] / cap);
-    mx = std::max(mx, z[v]);
-    zsum += z[v];
+// One chunk of logits z [n, V] (fp32, overwritten): writes loss and lse of its rows and, when scale [n]
+// is defined, replaces z by d(sum_i scale_i * loss_i)/dz. Whole-chunk ATen ops (vectorized exp,
+// multi-threaded) rather than a scalar loop per row: the softmax then costs a fraction of the matmul.
+void chunk_loss(at::Tensor z, const at::Tensor& target, const at::Tensor& valid, const at::Tensor& scale,
+                double smoothing, double z_loss, double cap, at::Tensor loss, at::Tensor lse) {
+  const int64_t V = z.size(1);
+  at::Tensor t = target.clamp(0, V - 1).unsqueeze(1);
+  at::Tensor cap_grad;
+  if (cap > 0) {
+    z.div_(cap).tanh_();
+    if (scale.defined()) cap_grad = 1 - z * z;  // d(cap*tanh(x/cap))/dx
+    z.mul_(cap);
   }
-  double sum = 0.0;
-  for (int64_t v = 0; v < V; ++v) sum += std::exp(static_cast<double>(z[v] - mx));
-  const float lse = mx + static_cast<float>(std::log(sum));
-  const float zt = z[t];
-  *lse_out = lse;
-  *loss_out = lse - (1.f - smoothing) * zt - smoothing * static_cast<float>(zsum / V) + z_loss * lse * lse;
-  if (!grad) return;
-  const float pscale = scale * (1.f + 2.f * z_loss * lse);
-  const float uniform = scale * smoothing / static_cast<float>(V);
-  for (int64_t v = 0; v < V; ++v) {
-    const float zv = z[v];
-    float g = pscale * std::exp(zv - lse) - uniform;
-    if (v == t) g -= scale * (1.f - smoothing);
-    if (cap > 0.f) g *= 1.f - (zv / cap) * (zv / cap);  // d(cap*tanh(x/cap))/dx
-    z[v] = g;
-  }
+  at::Tensor mx = std::get<0>(z.max(1, /*keepdim=*/true));
+  at::Tensor zt = z.gather(1, t);
+  at::Tensor zmean = smoothing > 0 ? z.mean(1, true) : at::zeros_like(mx);
+  z.sub_(mx).exp_();  // exp(z - max), in place
+  at::Tensor sum = z.sum(1, true);
+  at::Tensor row_lse = mx + sum.log();
+  at::Tensor rows = row_lse - (1 - smoothing) * zt - smoothing * zmean + z_loss * row_lse * row_lse;
+  loss.copy_(rows.squeeze(1) * valid);
+  lse.copy_(row_lse.squeeze(1) * valid);
+  if (!scale.defined()) return;
+  at::Tensor s = (scale * valid).unsqueeze(1);
+  // softmax * (1 + 2 z_loss lse) - smoothing / V - (1 - smoothing) [v == t], all times the row scale.
+  z.mul_(s * (1 + 2 * z_loss * row_lse) / sum);
+  if (smoothing > 0) z.sub_(s * (smoothing / V));
+  z.scatter_add_(1, t, -(1 - smoothing) * s);
+  if (cap_grad.defined()) z.mul_(cap_grad);
 }
 
 // Returns (loss [N], lse [N], grad_hidden [N, H], grad_weight [V, H], grad_bias [V]); the gradients are
@@ -61,15 +59,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   const auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor w = weight.to(at::kFloat).contiguous();
   at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  at::Tensor tgt = target.contiguous();
+  at::Tensor valid = target.ne(ignore_index).to(at::kFloat);
   at::Tensor loss = at::zeros({N}, f32), lse = at::zeros({N}, f32);
-  at::Tensor gh = grad ? at::zeros({N, H}, f32) : at::empty({0}, f32);
+  at::Tensor gh = grad ? at::empty({N, H}, f32) : at::empty({0}, f32);
   at::Tensor gw = grad ? at::zeros({V, H}, f32) : at::empty({0}, f32);
   at::Tensor gb = grad && bias.has_value() ? at::zeros({V}, f32) : at::empty({0}, f32);
-  at::Tensor scale = grad ? row_scale->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor scale = grad ? row_scale->to(at::kFloat) : at::Tensor();
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(N, kChunkBytes / (4 * std::max<int64_t>(V, 1))));
   at::Tensor logits_buf = at::empty({chunk, V}, f32);
-  const int64_t* t_ptr = tgt.data_ptr<int64_t>();
 
   for (int64_t start = 0; start < N; start += chunk) {
     const int64_t n = std::min(chunk, N - start);
@@ -80,22 +77,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
     } else {
       at::mm_out(logits, h, w.t());
     }
-    float* z = logits.data_ptr<float>();
-    float* loss_ptr = loss.data_ptr<float>() + start;
-    float* lse_ptr = lse.data_ptr<float>() + start;
-    const float* s_ptr = grad ? scale.data_ptr<float>() + start : nullptr;
-    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t t = t_ptr[start + i];
-        float* row = z + i * V;
-        if (t == ignore_index) {
-          if (grad) std::fill(row, row + V, 0.f);
-          continue;
-        }
-        row_loss(row, V, t, static_cast<float>(label_smoothing), static_cast<float>(z_loss),
-                 static_cast<float>(softcap), grad, grad ? s_ptr[i] : 1.f, loss_ptr + i, lse_ptr + i);
-      }
-    });
+    chunk_loss(logits, target.narrow(0, start, n), valid.narrow(0, start, n),
+               grad ? scale.narrow(0, start, n) : at::Tensor(), label_smoothing, z_loss, softcap,
+               loss.narrow(0, start, n), lse.narrow(0, start, n));
     if (grad) {
       at::Tensor gh_rows = gh.narrow(0, start, n);
       at::mm_out(gh_rows, logits, w);
