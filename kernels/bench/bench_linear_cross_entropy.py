@@ -1,0 +1,119 @@
+"""Benchmark of codex_ml.ops.linear_cross_entropy against F.linear + F.cross_entropy.
+
+For each shape and implementation it reports, forward only ("fwd") and forward + backward ("fwd+bwd"):
+time_ms (median of the repeats), peak_mem_mb (extra memory over the inputs, see kernels/bench/common.py
+for how it is measured), the same for the PyTorch reference (ref_*) and its torch.compile'd version
+(compiled_ref_time_ms, None where it does not compile), and floor_time_ms: the matrix products alone
+(logits for "fwd"; logits, grad hidden and grad weight for "fwd+bwd"), which no implementation can beat.
+
+    tools/bazel run //kernels:bench_linear_cross_entropy -- --preset=cpu --json=lce_cpu.json
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared helpers beside this file
+
+import common  # noqa: E402
+
+from codex_ml.ops.loss import linear_cross_entropy  # noqa: E402
+
+PRESETS = {
+    # (N, H, V, dtype, device, impls, repeats)
+    "quick": [(512, 256, 4096, torch.float32, "cpu", ("cpu",), 3)],
+    "cpu": [(8192, 1024, 32768, torch.float32, "cpu", ("cpu",), 3)],
+    "gpu": [(8192, 4096, 128256, torch.bfloat16, "cuda", ("triton", "cuda"), 10)],
+}
+
+
+def _reference(hidden, weight, target):
+    return F.cross_entropy(F.linear(hidden, weight).float(), target)
+
+
+def _floor(hidden, weight, backward: bool):
+    logits = hidden @ weight.t()
+    if backward:  # the two gradient products, with the logits standing in for their gradient
+        _ = logits @ weight
+        _ = logits.t() @ hidden
+
+
+def _passes(loss_fn, hidden, weight, target):
+    """(fwd, fwd+bwd) callables of loss_fn(hidden, weight, target)."""
+    def fwd():
+        with torch.no_grad():
+            loss_fn(hidden, weight, target)
+
+    def fwd_bwd():
+        hidden.grad = weight.grad = None
+        loss_fn(hidden, weight, target).backward()
+
+    return fwd, fwd_bwd
+
+
+def _compiled_reference():
+    try:
+        return torch.compile(_reference)
+    except Exception as err:  # noqa: BLE001  (reported as "did not compile", the bench goes on)
+        print(f"torch.compile of the reference failed: {err}")
+        return None
+
+
+def run_case(n: int, h: int, v: int, dtype: torch.dtype, device: str, impls: tuple[str, ...],
+             repeats: int) -> list[dict]:
+    torch.manual_seed(0)
+    hidden = (torch.randn(n, h, device=device) / h ** 0.5).to(dtype).requires_grad_()
+    weight = torch.randn(v, h, device=device).to(dtype).requires_grad_()
+    target = torch.randint(0, v, (n,), device=device)
+    ref = dict(zip(("fwd", "fwd+bwd"), _passes(_reference, hidden, weight, target)))
+    compiled = _compiled_reference()
+    compiled_passes = dict(zip(("fwd", "fwd+bwd"), _passes(compiled, hidden, weight, target))) if compiled else {}
+    rows = []
+    for pass_name in ("fwd", "fwd+bwd"):
+        ref_time = common.time_ms(ref[pass_name], repeats)
+        ref_mem = common.peak_mem_mb(ref[pass_name], device)
+        backward = pass_name == "fwd+bwd"
+        floor = common.time_ms(lambda backward=backward: _floor(hidden.detach(), weight.detach(), backward), repeats)
+        compiled_time = None
+        if compiled_passes:
+            try:
+                compiled_time = common.time_ms(compiled_passes[pass_name], repeats)
+            except Exception as err:  # noqa: BLE001
+                print(f"the compiled reference failed to run ({pass_name}): {err}")
+                compiled_passes = {}
+        for impl in impls:
+            def ours(hd, wt, tg, impl=impl):
+                return linear_cross_entropy(hd, wt, tg, impl=impl)
+
+            try:
+                fn = dict(zip(("fwd", "fwd+bwd"), _passes(ours, hidden, weight, target)))[pass_name]
+                time_ms, mem = common.time_ms(fn, repeats), common.peak_mem_mb(fn, device)
+            except (ValueError, RuntimeError) as err:
+                print(f"impl {impl} unavailable: {err}")
+                continue
+            rows.append({
+                "kernel": "linear_cross_entropy", "impl": impl, "N": n, "H": h, "V": v,
+                "dtype": str(dtype).removeprefix("torch."), "pass": pass_name, "time_ms": time_ms,
+                "peak_mem_mb": mem, "ref_time_ms": ref_time, "ref_peak_mem_mb": ref_mem,
+                "floor_time_ms": floor, "compiled_ref_time_ms": compiled_time,
+            })
+    return rows
+
+
+def main() -> None:
+    args = common.parse_args(__doc__.splitlines()[0])
+    rows = []
+    for n, h, v, dtype, device, impls, repeats in PRESETS[args.preset]:
+        if device == "cuda" and not torch.cuda.is_available():
+            sys.exit(f"preset {args.preset!r} needs a CUDA GPU and none is available")
+        rows += run_case(n, h, v, dtype, device, impls, args.repeats or repeats)
+    common.print_table(rows)
+    common.write_json(rows, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Shared helpers of the kernel benchmarks: flags, timing, peak memory, a table and a JSON file.
+
+Memory is measured as the peak *extra* memory a call needs over what was allocated before it:
+- CUDA: torch.cuda peak allocator statistics (max_memory_allocated after reset_peak_memory_stats,
+  minus memory_allocated before the call).
+- CPU: the process's resident-set high-water mark (VmHWM in /proc/self/status), reset before the call
+  by writing "5" to /proc/self/clear_refs (Linux >= 4.0), minus the resident set before the call. Large
+  tensors are mmap'ed by the allocator and returned to the system when freed, so this measures the
+  call's own peak; it is page-granular and includes anything else the process touches meanwhile.
+  For that, importing this module fixes glibc's mmap threshold at 1 MiB (mallopt): otherwise glibc
+  raises the threshold after frees and serves later large tensors from heap pages already resident,
+  which would hide them from the measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def _fix_mmap_threshold() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    except OSError:  # not glibc: the CPU figures may then under-count reused heap memory
+        pass
+
+
+_fix_mmap_threshold()
+
+
+def parse_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags every benchmark takes: --preset=quick|cpu|gpu, --json=PATH, --repeats=N.
+
+    Under `bazel run` the working directory is first set to BUILD_WORKING_DIRECTORY, so a relative
+    --json path resolves where the user ran bazel.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--preset", choices=("quick", "cpu", "gpu"), default="quick",
+                        help="shape set: quick (seconds, for a smoke run), cpu (the CPU figures), gpu (CUDA)")
+    parser.add_argument("--json", default=None, help="write the result rows to this JSON file")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per case (median reported)")
+    args = parser.parse_args(argv)
+    if os.environ.get("BUILD_WORKING_DIRECTORY"):
+        os.chdir(os.environ["BUILD_WORKING_DIRECTORY"])
+    return args
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of fn() in milliseconds over `repeats` runs, after `warmup` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    _sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def peak_mem_mb(fn: Callable[[], object], device: str = "cpu") -> float:
+    """Peak extra memory (MiB) of one fn() call over what was allocated before it (see module docstring)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    before = _rss_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear:  # resets VmHWM to the current resident set
+        clear.write("5")
+    fn()
+    return max(0, _rss_kib("VmHWM") - before) / 1024
+
+
+def print_table(rows: list[dict]) -> None:
+    """Prints rows (dicts with the same keys) as an aligned text table; floats with 2 decimals."""
+    if not rows:
+        print("(no rows)")
+        return
+    keys = list(rows[0].keys())
+
+    def fmt(value: object) -> str:
+        if isinstance(value, float):
+            return f"{value:.2f}"
+        return "-" if value is None else str(value)
+
+    cells = [[fmt(row.get(k)) for k in keys] for row in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
+
+
+def write_json(rows: list[dict], path: str | None) -> None:
+    """Writes rows as a JSON list to path (nothing when path is None)."""
+    if path is None:
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with open(path, "w") as out:
+        json.dump(rows, out, indent=2)
+    print(f"wrote {len(rows)} rows to {path}")
