@@ -54,7 +54,10 @@ def test_counts_and_initialization():
     per_layer = 4 * 64 * 64 - 2 * 64 * 32 + 3 * 64 * c.ffn_hidden + 2 * 64
     assert model.num_params() == 97 * 64 + 2 * per_layer + 64  # tied embeddings counted once
     assert tiny(tie_embeddings=False).num_params() == model.num_params() + 97 * 64
-    assert model.flops_per_token(48) > 6 * model.num_params(exclude_embeddings=True)
+    attention = 12 * c.n_layer * 64 * 48
+    # The output projection does matmul work whether or not it shares the embedding's weight: same FLOPs either way.
+    assert model.flops_per_token(48) == 6 * model.num_params() + attention
+    assert tiny(tie_embeddings=False).flops_per_token(48) == model.flops_per_token(48)
     std = model.blocks[0].attn.o_proj.weight.std().item()
     assert std == pytest.approx(0.02 / (2 * c.n_layer) ** 0.5, rel=0.15)
 
@@ -71,3 +74,5 @@ def test_bad_config_and_overlong_input_are_refused():
 def test_config_round_trips_through_a_dict():
     config = tiny().config
     assert GPTConfig.from_dict(config.to_dict()) == config
+    rebuilt = GPT.from_config_dict({**config.to_dict(), "architecture": "codex_ml.GPT"})
+    assert rebuilt.config == config

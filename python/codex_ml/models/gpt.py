@@ -169,6 +169,11 @@ class GPT(nn.Module):
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
 
+    @classmethod
+    def from_config_dict(cls, d: dict) -> GPT:
+        """A freshly initialized GPT from GPTConfig.to_dict() output (unknown keys such as "architecture" ignored)."""
+        return cls(GPTConfig.from_dict(d))
+
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
@@ -203,5 +208,7 @@ class GPT(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 per non-embedding parameter plus attention (PaLM appendix B)."""
         c = self.config
-        n = self.num_params(exclude_embeddings=True) + c.vocab_size * c.d_model  # the output projection
+        n = self.num_params(exclude_embeddings=True)
+        if c.tie_embeddings:  # the shared weight was excluded above, but as the output projection it does matmul work
+            n += c.vocab_size * c.d_model
         return 6.0 * n + 12.0 * c.n_layer * c.d_model * seq_len
