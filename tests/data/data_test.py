@@ -214,3 +214,13 @@ def test_bad_inputs_get_errors_naming_the_problem(tmp):
     data, _ = prepare(tmp, make_corpus(tmp / "src2"))
     with pytest.raises(DataError, match="too few for one batch"):
         data.batches("val", batch_size=64, seq_len=512, seed=0)
+
+
+def test_worker_count_changes_nothing(tmp):
+    """Tokenizing with 1 or 2 threads gives the same splits, shards and manifest."""
+    src = make_corpus(tmp / "src")
+    one, _ = prepare(tmp / "one", src, num_threads=1)
+    two, _ = prepare(tmp / "two", src, num_threads=2)
+    assert one.manifest == two.manifest
+    for shard in sorted(p.name for p in one.directory.glob("*.bin")):
+        assert (one.directory / shard).read_bytes() == (two.directory / shard).read_bytes()

@@ -57,12 +57,15 @@ def prepare_data(
     filter_secrets: bool = True,
     shard_tokens: int = 1 << 26,
     num_threads: int = 2,
+    tokenizer_threads: int = 2,
     log: Callable[[str], None] = print,
 ) -> PreparedData:
     """Reads the corpus, trains (or loads) the tokenizer and tokenizes into shards, all cached by content.
 
     A second call with the same inputs reuses the cached tokenizer and shards (and says so); any change
     (sources, their content, policies, tokenizer) builds a new shard set beside the old one.
+    num_threads only sets how many threads tokenize (the output does not depend on it);
+    tokenizer_threads is part of the tokenizer's recipe: SentencePiece's result depends on it.
     """
     cache_dir = Path(cache_dir)
     start = time.time()
@@ -84,7 +87,7 @@ def prepare_data(
     else:
         train_digest = hashlib.sha256("".join(d.sha256 for d in by_split["train"]).encode()).hexdigest()
         tok_key = _key({"train_docs": train_digest, "vocab_size": vocab_size, "model_type": model_type,
-                        "sentencepiece": sentencepiece.__version__})
+                        "threads": tokenizer_threads, "sentencepiece": sentencepiece.__version__})
         model_path = cache_dir / "tokenizers" / tok_key / "tokenizer.model"
         if model_path.is_file():
             tokenizer = Tokenizer.load(model_path)
@@ -92,7 +95,7 @@ def prepare_data(
         else:
             t = time.time()
             tokenizer = Tokenizer.train((d.text for d in by_split["train"]), model_path, vocab_size=vocab_size,
-                                        model_type=model_type, num_threads=num_threads)
+                                        model_type=model_type, num_threads=tokenizer_threads)
             log(f"Tokenizer: trained {model_type} vocabulary {vocab_size} in {time.time() - t:.1f}s -> {model_path}")
 
     shard_key = _key({"corpus": corpus_digest, "policies": policies, "tokenizer": tokenizer.sha256,
