@@ -27,7 +27,12 @@ def _cuda_configure_impl(ctx):
     nvcc, why = _find_nvcc(ctx)
     ctx.file("WORKSPACE", "workspace(name = \"%s\")\n" % ctx.name)
     if nvcc == None:
-        ctx.file("BUILD", "package(default_visibility = [\"//visibility:public\"])\n")
+        # The target must exist for analysis even though every CUDA target is incompatible here.
+        ctx.file("BUILD", "\n".join([
+            "package(default_visibility = [\"//visibility:public\"])",
+            "cc_library(name = \"cudart_static\")",
+            "",
+        ]))
         ctx.file("defs.bzl", "\n".join([
             "CUDA_AVAILABLE = False",
             "CUDA_WHY = \"%s\"" % why,
