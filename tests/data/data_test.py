@@ -1,5 +1,6 @@
 """The data pipeline: corpus policies, content-hash splits, cached verified shards, resumable batches."""
 
+import importlib.util
 import json
 import os
 import random
@@ -10,7 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from codex_ml.data import BatchIterator, DataError, find_secret, load_prepared, prepare_data, read_corpus
+from codex_ml.data import (
+    BatchIterator,
+    DataError,
+    document_attention_mask,
+    find_secret,
+    load_prepared,
+    prepare_data,
+    read_corpus,
+)
 from codex_ml.tokenization import Tokenizer, TokenizerError
 
 AWS_KEY = "AKIA" + "ABCDEFGHIJKLMNOP"
@@ -188,6 +197,42 @@ def test_ranks_get_disjoint_slices():
     assert sorted(seen[0] + seen[1]) == list(range(0, 16 * 40, 16))
 
 
+def test_document_ids_mark_packed_document_boundaries():
+    eos = 3
+    # Documents [10 11 eos] [20 eos] [30 31 32 33 eos] ... packed back to back.
+    tokens = np.array([10, 11, eos, 20, eos, 30, 31, 32, 33, eos, 40, 41, 42] * 4, dtype=np.uint16)
+    it = BatchIterator(tokens, split="train", batch_size=4, seq_len=12, seed=0, document_ids=True, eos_id=eos,
+                       epoch_limit=1)
+    batch = next(it)  # all 4 sequences, shuffled; find the one that starts the token stream
+    row = [r[:2] for r in batch["input_ids"].tolist()].index([10, 11])
+    ids, seg = batch["input_ids"][row].tolist(), batch["segment_ids"][row].tolist()
+    assert ids == [10, 11, eos, 20, eos, 30, 31, 32, 33, eos, 40, 41]
+    # A new document starts right after each eos; the eos belongs to the document it ends.
+    assert seg == [0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 3, 3]
+    mask = document_attention_mask(batch["segment_ids"])[row]
+    assert mask.shape == (12, 12) and mask.dtype == torch.bool
+    for q in range(12):
+        for k in range(12):
+            assert bool(mask[q, k]) == (k <= q and seg[q] == seg[k]), (q, k)
+    plain = BatchIterator(tokens, split="train", batch_size=1, seq_len=12, seed=0)
+    assert "segment_ids" not in next(plain)
+    with pytest.raises(DataError, match="eos_id"):
+        BatchIterator(tokens, split="train", batch_size=1, seq_len=12, seed=0, document_ids=True)
+
+
+def test_prepared_batches_carry_document_ids(tmp):
+    data, _ = prepare(tmp, make_corpus(tmp / "src"))
+    boundaries = 0
+    for batch in data.batches("train", batch_size=2, seq_len=64, seed=0, document_ids=True, epoch_limit=1):
+        is_eos = batch["input_ids"] == data.tokenizer.eos_id
+        boundaries += int(is_eos.sum())
+        # Segment ids start at 0 and step up by one exactly after an eos.
+        assert (batch["segment_ids"][:, 0] == 0).all()
+        steps = batch["segment_ids"][:, 1:] - batch["segment_ids"][:, :-1]
+        assert torch.equal(steps, is_eos[:, :-1].long())
+    assert boundaries >= 40, "the epoch covers most of the ~50 train documents"
+
+
 def test_restoring_with_another_layout_is_refused(tmp):
     data, _ = prepare(tmp, make_corpus(tmp / "src"))
     state = data.batches("train", batch_size=2, seq_len=16, seed=0).state_dict()
@@ -224,3 +269,37 @@ def test_worker_count_changes_nothing(tmp):
     assert one.manifest == two.manifest
     for shard in sorted(p.name for p in one.directory.glob("*.bin")):
         assert (one.directory / shard).read_bytes() == (two.directory / shard).read_bytes()
+
+
+def test_benchmark_runs_and_reports_its_figures(tmp):
+    """The benchmark's quick preset runs end to end (the figures themselves come from a full run)."""
+    here = Path(os.environ["RUNFILES_DIR"]) / "codex_ml" / "tests" / "data" if "RUNFILES_DIR" in os.environ \
+        else Path(__file__).parent
+    spec = importlib.util.spec_from_file_location("bench_data", here / "bench_data.py")
+    bench_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_data)
+    figures = bench_data.main(["--batches=20", "--batch_size=2", "--seq_len=32", "--vocab_size=300",
+                               str(make_corpus(tmp / "src"))])
+    assert figures["documents"] == 60 and figures["tokens"] > 2 * 20 * 32
+    assert figures["ms_per_batch_2x32"] > 0 and figures["encode_2_threads_s"] >= 0
+
+
+def test_tokenizer_settings_are_gin_configurable_and_part_of_the_cache_key(tmp):
+    import gin
+
+    import codex_ml.data.gin_config  # noqa: F401  (registers prepare_data)
+
+    src = make_corpus(tmp / "src")
+    base, _ = prepare(tmp, src)
+    gin.clear_config()
+    try:
+        gin.parse_config(["prepare_data.character_coverage = 0.9995", "prepare_data.model_type = 'unigram'"])
+        configured = gin.get_configurable("prepare_data")
+        logs = []
+        other = configured(tmp / "cache", sources=[str(src)], vocab_size=300, splits=(0.8, 0.1, 0.1), log=logs.append)
+    finally:
+        gin.clear_config()
+    assert any("trained unigram" in line for line in logs), logs
+    assert other.tokenizer.sha256 != base.tokenizer.sha256
+    assert other.tokenizer.model_path != base.tokenizer.model_path and base.tokenizer.model_path.is_file()
+    assert other.directory != base.directory  # new shards beside the old ones

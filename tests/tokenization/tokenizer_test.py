@@ -99,6 +99,22 @@ def test_bad_inputs(tmp_path):
         Tokenizer.train(["x = 1\n"], tmp_path / "z.model", vocab_size=60)
     with pytest.raises(TokenizerError, match="model_type"):
         Tokenizer.train(["x"], tmp_path / "y.model", model_type="wordpiece")
+    assert not list(tmp_path.glob("[xyz].model*")), "a failed training leaves no file behind"
+
+
+def test_nothing_already_written_is_overwritten(tokenizer, tmp_path):
+    texts = ["other text entirely\n" * 20, "y = 2\n"]
+    model = tmp_path / "o.model"
+    Tokenizer.train(texts, model, vocab_size=280)
+    before = model.read_bytes()
+    with pytest.raises(TokenizerError, match="already exists"):
+        Tokenizer.train(["something else = 1\n"] * 5, model, vocab_size=260)
+    assert model.read_bytes() == before
+    with pytest.raises(TokenizerError, match="already exists and is another model"):
+        tokenizer.save(model)
+    assert model.read_bytes() == before
+    assert Tokenizer.load(model).save(model) == model  # the same model: nothing to do
+    assert Tokenizer.train(texts, model, vocab_size=280, overwrite=True).sha256 == Tokenizer.load(model).sha256
 
 
 def test_command_line_train_encode_decode(tmp_path, capsys):
@@ -116,3 +132,6 @@ def test_command_line_train_encode_decode(tmp_path, capsys):
     assert main(["decode", f"--model={model}", "999999"]) == 2
     assert "outside the vocabulary" in capsys.readouterr().err
     assert main(["encode", f"--model={tmp_path / 'missing.model'}", "x"]) == 2
+    before = model.read_bytes()
+    assert main(["train", f"--output={model}", "--vocab_size=280", str(tmp_path / "src")]) == 2
+    assert "already exists" in capsys.readouterr().err and model.read_bytes() == before

@@ -1,6 +1,7 @@
 """codex-tokenize: the tokenizer alone.
 
-  tokenize train --output=tok.model [--vocab_size=8000] [--model_type=bpe] [SOURCE ...]   (default: the stdlib)
+  tokenize train --output=tok.model [--vocab_size=8000] [--model_type=bpe] [--character_coverage=1.0]
+                 [--no-byte_fallback] [--num_threads=2] [--overwrite] [SOURCE ...]   (default: the stdlib)
   tokenize encode --model=tok.model [TEXT | < file]     prints the ids, space-separated
   tokenize decode --model=tok.model [IDS | < file]      prints the text
 """
@@ -23,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--output", required=True, help="where to write the model file")
     train.add_argument("--vocab_size", type=int, default=8000)
     train.add_argument("--model_type", choices=("bpe", "unigram"), default="bpe")
+    train.add_argument("--character_coverage", type=float, default=1.0)
+    train.add_argument("--byte_fallback", action=argparse.BooleanOptionalAction, default=True,
+                       help="unknown characters as bytes (needed for an exact round trip)")
+    train.add_argument("--num_threads", type=int, default=2, help="training threads (part of the recipe)")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     train.add_argument("sources", nargs="*", help="files, directories or globs (default: the Python stdlib)")
     for name in ("encode", "decode"):
         p = sub.add_parser(name, help=f"{name} with a trained model")
@@ -34,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             corpus = read_corpus(args.sources or None)
             tok = Tokenizer.train((d.text for d in corpus.documents), args.output, vocab_size=args.vocab_size,
-                                  model_type=args.model_type)
+                                  model_type=args.model_type, character_coverage=args.character_coverage,
+                                  byte_fallback=args.byte_fallback, num_threads=args.num_threads,
+                                  overwrite=args.overwrite)
             print(f"trained on {len(corpus.documents)} documents: {args.output} (sha256 {tok.sha256})")
             return 0
         tok = Tokenizer.load(args.model)

@@ -3,6 +3,10 @@
 A split's tokens (documents joined with eos) are cut into sequences of seq_len + 1 tokens. Each epoch
 visits them in a permutation drawn from (seed, epoch); rank r of w takes every w-th sequence of it,
 so ranks see disjoint data. The iterator's state (epoch, position) restores it exactly.
+
+Packed documents attend across their eos unless the model masks it: with `document_ids=True` each batch
+also carries "segment_ids" [B, T] (which document of the row each position belongs to; the eos belongs
+to the document it ends), and `document_attention_mask` turns them into a causal block-diagonal mask.
 """
 
 from __future__ import annotations
@@ -13,13 +17,25 @@ import torch
 from codex_ml.data.corpus import DataError
 
 
+def document_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Bool [B, T, T]: query t may attend to key s iff s <= t and both are in the same document."""
+    T = segment_ids.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    return causal & (segment_ids.unsqueeze(-1) == segment_ids.unsqueeze(-2))
+
+
 class BatchIterator:
-    """Yields {"input_ids": int64 [B, T], "targets": int64 [B, T]} (targets are the next tokens)."""
+    """Yields {"input_ids": int64 [B, T], "targets": int64 [B, T]} (targets are the next tokens),
+    plus "segment_ids" int64 [B, T] when `document_ids` (needs `eos_id`)."""
 
     def __init__(self, tokens: np.ndarray, *, split: str, batch_size: int, seq_len: int, seed: int,
-                 rank: int = 0, world_size: int = 1, epoch_limit: int | None = None):
+                 rank: int = 0, world_size: int = 1, epoch_limit: int | None = None,
+                 document_ids: bool = False, eos_id: int | None = None):
         if batch_size < 1 or seq_len < 1:
             raise DataError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
+        if document_ids and eos_id is None:
+            raise DataError("document_ids=True needs the eos_id that separates the packed documents")
+        self.document_ids, self.eos_id = document_ids, eos_id
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
         self.tokens, self.split = tokens, split
@@ -55,7 +71,11 @@ class BatchIterator:
         rows = np.stack([np.asarray(self.tokens[s:s + self.seq_len + 1], dtype=np.int64) for s in starts])
         self.position += 1
         rows = torch.from_numpy(rows)
-        return {"input_ids": rows[:, :-1], "targets": rows[:, 1:]}
+        batch = {"input_ids": rows[:, :-1], "targets": rows[:, 1:]}
+        if self.document_ids:
+            is_eos = (batch["input_ids"] == self.eos_id).long()
+            batch["segment_ids"] = is_eos.cumsum(dim=1) - is_eos  # an eos closes its own document
+        return batch
 
     def state_dict(self) -> dict:
         """JSON-serialisable position of the iterator."""

@@ -38,10 +38,14 @@ class PreparedData:
         return load_split(self.directory, self.manifest, split, verify=False)
 
     def batches(self, split: str, *, batch_size: int, seq_len: int, seed: int, rank: int = 0, world_size: int = 1,
-                epoch_limit: int | None = None) -> BatchIterator:
-        """A deterministic, resumable iterator over packed sequences of `split`."""
+                epoch_limit: int | None = None, document_ids: bool = False) -> BatchIterator:
+        """A deterministic, resumable iterator over packed sequences of `split`.
+
+        document_ids: also yield "segment_ids" for document-boundary masks (see `document_attention_mask`).
+        """
         return BatchIterator(self.tokens(split), split=split, batch_size=batch_size, seq_len=seq_len, seed=seed,
-                             rank=rank, world_size=world_size, epoch_limit=epoch_limit)
+                             rank=rank, world_size=world_size, epoch_limit=epoch_limit, document_ids=document_ids,
+                             eos_id=self.manifest["eos_id"])
 
 
 def prepare_data(
@@ -51,6 +55,8 @@ def prepare_data(
     tokenizer_path: str | Path | None = None,
     vocab_size: int = 8000,
     model_type: str = "bpe",
+    character_coverage: float = 1.0,
+    byte_fallback: bool = True,
     max_documents: int | None = None,
     splits: tuple[float, float, float] = (0.98, 0.01, 0.01),
     non_utf8: str = "skip",
@@ -66,6 +72,9 @@ def prepare_data(
     (sources, their content, policies, tokenizer) builds a new shard set beside the old one.
     num_threads only sets how many threads tokenize (the output does not depend on it);
     tokenizer_threads is part of the tokenizer's recipe: SentencePiece's result depends on it.
+    vocab_size, model_type, character_coverage, byte_fallback and tokenizer_threads are the settings of
+    `Tokenizer.train` (ignored when tokenizer_path is given); byte_fallback=False loses the exact round
+    trip of characters the vocabulary lacks.
     """
     cache_dir = Path(cache_dir)
     start = time.time()
@@ -87,6 +96,7 @@ def prepare_data(
     else:
         train_digest = hashlib.sha256("".join(d.sha256 for d in by_split["train"]).encode()).hexdigest()
         tok_key = _key({"train_docs": train_digest, "vocab_size": vocab_size, "model_type": model_type,
+                        "character_coverage": character_coverage, "byte_fallback": byte_fallback,
                         "threads": tokenizer_threads, "sentencepiece": sentencepiece.__version__})
         model_path = cache_dir / "tokenizers" / tok_key / "tokenizer.model"
         if model_path.is_file():
@@ -95,7 +105,8 @@ def prepare_data(
         else:
             t = time.time()
             tokenizer = Tokenizer.train((d.text for d in by_split["train"]), model_path, vocab_size=vocab_size,
-                                        model_type=model_type, num_threads=tokenizer_threads)
+                                        model_type=model_type, character_coverage=character_coverage,
+                                        byte_fallback=byte_fallback, num_threads=tokenizer_threads)
             log(f"Tokenizer: trained {model_type} vocabulary {vocab_size} in {time.time() - t:.1f}s -> {model_path}")
 
     shard_key = _key({"corpus": corpus_digest, "policies": policies, "tokenizer": tokenizer.sha256,

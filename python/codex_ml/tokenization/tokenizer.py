@@ -68,14 +68,21 @@ class Tokenizer:
         num_threads: int = 2,
         max_sentence_length: int = 16384,
         input_sentence_size: int = 2_000_000,
+        overwrite: bool = False,
     ) -> Tokenizer:
-        """Trains on `texts` (documents; split into lines for training) and writes the model to `model_path`."""
+        """Trains on `texts` (documents; split into lines for training) and writes the model to `model_path`.
+
+        An existing `model_path` is an error unless `overwrite`: shards and checkpoints name a tokenizer by
+        its file's hash, so silently replacing the file would orphan them.
+        """
+        model_path = Path(model_path)
+        if model_path.exists() and not overwrite:
+            raise TokenizerError(f"{model_path} already exists: choose another path, or delete it to retrain")
         if model_type not in ("bpe", "unigram"):
             raise TokenizerError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
         lines = [line for text in texts for line in text.split("\n") if line.strip()]
         if not lines:
             raise TokenizerError("cannot train a tokenizer on an empty corpus: no non-blank lines in the documents")
-        model_path = Path(model_path)
         model_path.parent.mkdir(parents=True, exist_ok=True)
         proto = io.BytesIO()
         try:
@@ -172,9 +179,16 @@ class Tokenizer:
         return [self.decode(r) for r in rows]
 
     def save(self, path: str | Path) -> Path:
-        """Copies the model file to `path` (a file, or a directory to put tokenizer.model in)."""
+        """Copies the model file to `path` (a file, or a directory to put tokenizer.model in).
+
+        An existing file is replaced only if it is this very model (same SHA-256); anything else is an error.
+        """
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.model"
+        if path.exists():
+            if file_sha256(path) == self.sha256:
+                return path
+            raise TokenizerError(f"{path} already exists and is another model: choose another path or delete it")
         shutil.copyfile(self.model_path, path)
         return path
