@@ -11,6 +11,8 @@ if __name__ == "__main__":
     args = [a for a in sys.argv[1:]]
     files = [a for a in args if a.endswith(".py")]
     flags = [a for a in args if not a.endswith(".py")]
+    if "TEST_TMPDIR" in os.environ:  # pytest's tmp_path too stays inside the test's own directory
+        flags.append("--basetemp=" + os.path.join(os.environ["TEST_TMPDIR"], "pytest"))
     xml = os.environ.get("XML_OUTPUT_FILE")
     if xml:
         flags.append("--junitxml=" + xml)
