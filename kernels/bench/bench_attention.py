@@ -1,5 +1,9 @@
 """Benchmark of codex_ml.ops.attention against torch's scaled_dot_product_attention, in one run.
 
+Presets: quick (seconds, CPU), cpu (B=1, H=8, T=2048, D=64, fp32: the "cpu" path = PyTorch's flash kernel
+and the blocked "torch" path), gpu (bf16, D 64/128, T 512..16k, causal and not: the Triton and CUDA kernels,
+plus a bf16 matmul peak row for scale).
+
 Rows per shape, implementation and pass ("fwd", "bwd", "fwd+bwd"): time_ms (median), peak_mem_mb
 (extra memory, see common.py), ref_time_ms and ref_peak_mem_mb for SDPA on the same inputs, and tflops
 (useful FLOPs: 4*B*H*T*T*D for the forward, halved when causal; the backward counts 2.5x).
@@ -25,9 +29,21 @@ PRESETS = {
     # (B, H, T, D, dtype, device, causal values, impls, repeats)
     "quick": [(1, 2, 256, 64, torch.float32, "cpu", (True,), ("cpu", "torch"), 2)],
     "cpu": [(1, 8, 2048, 64, torch.float32, "cpu", (True, False), ("cpu", "torch"), 3)],
-    "gpu": [(b, 16, t, d, torch.bfloat16, "cuda", (True, False), ("torch",), 10)
-            for d in (64, 128) for t, b in ((512, 32), (4096, 4), (16384, 1))],
+    # 16k tokens per batch at H=16 (B = 16384 / T), then B*H = 256 heads at T=4096, D=128 to fill the chip.
+    "gpu": [(16384 // t, 16, t, d, torch.bfloat16, "cuda", (True, False), ("triton", "cuda"), 10)
+            for d in (64, 128) for t in (512, 2048, 4096, 16384)]
+           + [(8, 32, 4096, 128, torch.bfloat16, "cuda", (True, False), ("triton", "cuda"), 10)],
 }
+
+
+def matmul_peak_row(repeats: int) -> dict:
+    """A bf16 8192^3 matmul's throughput: the card's practical tensor-core peak, to put tflops in scale."""
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    time_ms = common.time_ms(lambda: a @ b, repeats)
+    return {"kernel": "matmul_peak", "impl": "torch", "B": 1, "H": 1, "T": n, "D": n, "dtype": "bfloat16",
+            "causal": False, "pass": "fwd", "time_ms": time_ms, "peak_mem_mb": None, "ref_time_ms": time_ms,
+            "ref_peak_mem_mb": None, "tflops": 2 * n**3 / time_ms / 1e9}
 
 
 def _sdpa(q, k, v, causal):
@@ -75,7 +91,7 @@ def run_case(b, h, t, d, dtype, device, causal, impls, repeats) -> list[dict]:
 
 def main() -> None:
     args = common.parse_args(__doc__.splitlines()[0])
-    rows = []
+    rows = [matmul_peak_row(args.repeats or 10)] if args.preset == "gpu" and torch.cuda.is_available() else []
     for b, h, t, d, dtype, device, causals, impls, repeats in PRESETS[args.preset]:
         if device == "cuda" and not torch.cuda.is_available():
             sys.exit(f"preset {args.preset!r} needs a CUDA GPU and none is available")

@@ -1,8 +1,11 @@
 """codex_ml.ops.attention against a float64 reference softmax(q k^T * scale + mask) v.
 
-Error bounds (relative L2 error of the output and of dq, dk, dv): fp32 1e-5 (2e-5 for T=1000);
-bf16 2e-2 (inputs and outputs rounded to bf16, softmax in fp32). bf16/fp16 on the GPU path are in
-attention_gpu_test.py.
+Implementations: "cpu" (the CPU default, PyTorch's flash kernel), "torch" (blocked PyTorch) and "triton"
+(our kernels, in the Triton interpreter here: TRITON_INTERPRET=1, so at T <= 129 and a subset of the grid).
+Error bounds (relative L2 error of the output, the lse and dq, dk, dv): fp32 1e-5 (2e-5 for T=1000);
+bf16 2e-2 (inputs and outputs rounded to bf16, softmax in fp32). CUDA-tensor runs of the Triton and CUDA
+kernels in bf16/fp16 are in attention_gpu_test.py. Every allocation is poisoned with NaN (PyTorch's
+fill_uninitialized_memory), so an output or gradient element a kernel leaves unwritten fails the checks.
 """
 
 import math
@@ -13,6 +16,19 @@ import torch
 from codex_ml.ops import attention
 
 BOUNDS = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def poison_uninitialized_memory():
+    """torch.empty / empty_like return NaN-filled tensors for the duration of each test."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def test_poisoning_is_active():
+    assert torch.isnan(torch.empty(4)).all() and torch.isnan(torch.empty_like(torch.ones(2, 3))).all()
 
 
 def reference(q, k, v, *, causal, window, scale):
@@ -41,16 +57,15 @@ def check(impl, b, hq, hkv, t, d, causal, window, dtype=torch.float32):
     out = attention(q, k, v, causal=causal, window=window, impl=impl)
     assert out.shape == q.shape and out.dtype == dtype and torch.isfinite(out).all()
     grad_out = torch.randn_like(out)
-    for x in (q, k, v):  # poisoned: any gradient element left unwritten fails the finiteness check
-        x.grad = torch.full_like(x, float("nan"))
     grads = torch.autograd.grad((out * grad_out).sum(), [q, k, v])
     ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
     ref = reference(*ref_in, causal=causal, window=window, scale=1 / math.sqrt(d))
     ref_grads = torch.autograd.grad((ref * grad_out.double()).sum(), ref_in)
     bound = BOUNDS[dtype] * (2 if t >= 1000 else 1)
     assert rel_err(out, ref) < bound
-    for g, r in zip(grads, ref_grads):
-        assert torch.isfinite(g).all() and rel_err(g, r) < bound
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert g.shape == r.shape and g.dtype == dtype, name
+        assert torch.isfinite(g).all() and rel_err(g, r) < bound, (name, rel_err(g, r))
 
 
 GRID = [
@@ -68,16 +83,62 @@ def test_matches_float64_reference(impl, t, d, hq, hkv, causal, window):
     check(impl, 1 if t >= 1000 else 2, hq, hkv, t, d, causal, window)
 
 
-@pytest.mark.parametrize("impl", ["cpu", "torch"])
+# The interpreter runs ~10-100x slower than the CPU path: T <= 129, one batch row, a subset covering
+# partial blocks, several key blocks with causal and window skipping, GQA, MQA and both head dims.
+TRITON_GRID = [
+    (1, 64, 1, 1, True, None), (17, 64, 4, 1, True, None), (17, 128, 8, 8, False, None),
+    (128, 64, 4, 2, True, None), (129, 128, 2, 2, False, None), (129, 64, 4, 1, True, 16),
+    (129, 64, 2, 2, False, 9), (100, 32, 2, 1, True, None), (45, 16, 4, 4, True, 7),
+    (1, 128, 8, 1, False, None), (129, 128, 8, 1, True, 40), (65, 64, 8, 8, False, 100),
+]
+
+
+@pytest.mark.parametrize("t,d,hq,hkv,causal,window", TRITON_GRID)
+def test_triton_kernels_match_float64_reference(t, d, hq, hkv, causal, window):
+    torch.manual_seed(t + d + hq + 1)
+    check("triton", 2 if t < 64 else 1, hq, hkv, t, d, causal, window)
+
+
+@pytest.mark.parametrize("impl", ["cpu", "torch", "triton"])
 def test_bf16_inputs(impl):
     torch.manual_seed(1)
     check(impl, 1, 4, 2, 65, 64, True, None, dtype=torch.bfloat16)
 
 
-def test_small_head_dims_for_tiny_models():
+@pytest.mark.parametrize("impl", ["cpu", "torch", "triton"])
+def test_lse_is_the_row_logsumexp(impl):
+    """The saved log-sum-exp (what the backward recomputes P from) is that of the masked, scaled scores."""
+    torch.manual_seed(5)
+    q, k, v = torch.randn(1, 4, 37, 32), torch.randn(1, 2, 37, 32), torch.randn(1, 2, 37, 32)
+    for causal, window in ((True, None), (False, 6), (True, 5)):
+        _, lse = torch.ops.codex_ml.attention(q, k, v, causal, 0.3, window or -1, impl)
+        kk = k.double().repeat_interleave(2, 1)
+        i = torch.arange(37)
+        dist = i[:, None] - i[None, :]
+        allowed = dist >= 0 if causal else torch.ones(37, 37, dtype=torch.bool)
+        if window:
+            allowed = allowed & ((dist < window) if causal else (dist.abs() < window))
+        scores = (q.double() @ kk.transpose(-1, -2) * 0.3).masked_fill(~allowed, float("-inf"))
+        assert lse.dtype == torch.float32 and rel_err(lse, torch.logsumexp(scores, -1)) < 1e-6
+
+
+def test_cpu_default_and_environment_override(monkeypatch):
+    """CPU tensors run the "cpu" path unless CODEX_ML_ATTENTION_IMPL says otherwise (all give one answer)."""
+    torch.manual_seed(6)
+    q, k, v = torch.randn(1, 2, 20, 16), torch.randn(1, 1, 20, 16), torch.randn(1, 1, 20, 16)
+    default = attention(q, k, v)
+    monkeypatch.setenv("CODEX_ML_ATTENTION_IMPL", "torch")
+    torch.testing.assert_close(attention(q, k, v), default, rtol=1e-5, atol=1e-6)
+    monkeypatch.setenv("CODEX_ML_ATTENTION_IMPL", "bogus")
+    with pytest.raises(ValueError, match="unknown implementation 'bogus'"):
+        attention(q, k, v)
+
+
+@pytest.mark.parametrize("impl", ["cpu", "torch", "triton"])
+def test_small_head_dims_for_tiny_models(impl):
     torch.manual_seed(2)
     for d in (16, 32):
-        check("cpu", 1, 2, 1, 33, d, True, None)
+        check(impl, 1, 2, 1, 33, d, True, None)
 
 
 @pytest.mark.parametrize("make, message", [
@@ -88,6 +149,7 @@ def test_small_head_dims_for_tiny_models():
     (lambda q, k, v: (q[..., :48], k[..., :48], v[..., :48]), "head dim 48"),
     (lambda q, k, v: (q.double(), k.double(), v.double()), "float64"),
     (lambda q, k, v: (q, k.half(), v.half()), "one dtype"),
+    (lambda q, k, v: (q, k.to("meta"), v.to("meta")), "one device"),
 ])
 def test_bad_input_gets_a_clear_error(make, message):
     q, k, v = torch.randn(1, 4, 9, 64), torch.randn(1, 2, 9, 64), torch.randn(1, 2, 9, 64)
@@ -95,11 +157,11 @@ def test_bad_input_gets_a_clear_error(make, message):
         attention(*make(q, k, v))
     with pytest.raises(ValueError, match="window"):
         attention(q, k, v, window=0)
-    with pytest.raises(ValueError, match="CUDA"):
+    with pytest.raises(ValueError, match="impl='cuda' needs CUDA tensors"):
         attention(q, k, v, impl="cuda")
 
 
-@pytest.mark.parametrize("impl", ["cpu", "torch"])
+@pytest.mark.parametrize("impl", ["cpu", "torch", "triton"])
 def test_opcheck(impl):
     torch.manual_seed(3)
     q = torch.randn(1, 4, 19, 16, requires_grad=True)

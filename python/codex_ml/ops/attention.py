@@ -1,9 +1,15 @@
 """attention(q, k, v): softmax attention with GQA, causal and sliding-window masks, as one custom op.
 
 The op returns the output and keeps the log-sum-exp of each query row for the backward pass, which
-recomputes the probabilities from it (never storing the T x T matrix). Implementations:
-- "cpu": PyTorch's fused flash-attention kernel for CPU (the fastest correct CPU path measured, see
-  docs/kernels.md); grouped K/V heads are broadcast to the query heads and their gradients summed back.
+recomputes the probabilities from it (never storing the T x T matrix). Implementations, chosen by
+codex_ml.ops.dispatch.choose_impl (see docs/kernels.md, "Attention"):
+- "triton" (default on CUDA tensors; on CPU tensors in the Triton interpreter): the FlashAttention-2
+  kernels of codex_ml.kernels.triton.attention.
+- "cuda": the tensor-core kernels of kernels/cuda/attention.cu (libcodex_attention.so, through ctypes);
+  bf16/fp16 only.
+- "cpu" (default on CPU tensors): PyTorch's fused flash-attention kernel for CPU (the fastest correct
+  CPU path measured, see docs/kernels.md); grouped K/V heads are broadcast to the query heads and their
+  gradients summed back.
 - "torch": a blocked PyTorch implementation for any device: query blocks of 128 rows, so memory is
   O(128 x T) per head, never T x T.
 """
@@ -126,6 +132,12 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, _expand(k, groups), _expand(v, groups), 0.0, is_causal, attn_mask=mask, scale=scale)
         return out, lse.float().contiguous()
+    if impl == "triton":
+        from codex_ml.kernels.triton.attention import attention_forward
+        return attention_forward(q, k, v, causal, scale, window)
+    if impl == "cuda":
+        from codex_ml.ops import _attention_cuda
+        return _attention_cuda.forward(q, k, v, causal, scale, window)
     return _forward_blocked(q, k, v, causal, scale, window)
 
 
@@ -146,6 +158,12 @@ def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
             grad_out.contiguous(), q, _expand(k, groups), _expand(v, groups), out, lse, 0.0, is_causal,
             attn_mask=mask, scale=scale)
         return dq, _fold(dk, groups), _fold(dv, groups)
+    if impl == "triton":
+        from codex_ml.kernels.triton.attention import attention_backward
+        return attention_backward(grad_out.contiguous(), q, k, v, out, lse, causal, scale, window)
+    if impl == "cuda":
+        from codex_ml.ops import _attention_cuda
+        return _attention_cuda.backward(grad_out.contiguous(), q, k, v, out, lse, causal, scale, window)
     return _backward_blocked(grad_out, q, k, v, out, lse, causal, scale, window)
 
 
@@ -186,9 +204,10 @@ def attention(
     Returns [B, Hq, T, D] in q's dtype (fp32 softmax inside).
     """
     _check(q, k, v, window)
-    chosen = choose_impl("attention", q.device, impl, default_cuda="torch")
-    if chosen not in ("cpu", "torch"):
-        raise ValueError(f"attention has no {chosen!r} implementation yet: use impl='cpu' (CPU) or 'torch'")
+    chosen = choose_impl("attention", q.device, impl, default_cuda="triton")
+    if chosen == "cuda" and q.dtype == torch.float32:
+        raise ValueError("attention impl='cuda' runs bf16/fp16 tensor cores only: pass bf16/fp16 tensors or use "
+                         "impl='triton' for fp32")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, _ = _attention_op(q.contiguous(), k.contiguous(), v.contiguous(), causal, scale,
                            -1 if window is None else int(window), chosen)
