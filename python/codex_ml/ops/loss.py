@@ -139,6 +139,15 @@ def _run(impl, hidden, weight, bias, target, row_scale, ignore_index, label_smoo
     return _chunked_impl(impl, hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap)
 
 
+def _backward_row_scale(grad_loss: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                        reduction: str) -> torch.Tensor:
+    """Each row's weight in the backward pass: grad_output per row ("none") or shared, / n_valid for "mean"."""
+    row_scale = grad_loss.float().expand(target.shape[0]) if grad_loss.dim() == 0 else grad_loss.float()
+    if reduction == "mean":
+        row_scale = row_scale / (target != ignore_index).sum().clamp(min=1)
+    return row_scale
+
+
 def _choose(device: torch.device, impl: str | None) -> str:
     chosen = choose_impl("linear_cross_entropy", device, impl, default_cuda="triton")
     if chosen == "cuda":
@@ -217,9 +226,7 @@ def _backward(ctx, grad_loss, grad_z, _gh, _gw, _gb):
     else:
         hidden, weight, bias, target = ctx.saved_tensors
         ignore_index, label_smoothing, z_loss, softcap, impl = ctx.args
-        row_scale = grad_loss.float().expand(target.shape[0]) if grad_loss.dim() == 0 else grad_loss.float()
-        if ctx.reduction == "mean":
-            row_scale = row_scale / (target != ignore_index).sum().clamp(min=1)
+        row_scale = _backward_row_scale(grad_loss, target, ignore_index, ctx.reduction)
         gh, gw, gb = _lce_backward_op(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss,
                                       softcap, impl)
         gb = gb if ctx.has_bias else None
@@ -303,9 +310,7 @@ def _ce_backward(ctx, grad_loss, grad_z, _grad):
     if ctx.fused:
         return saved * grad_loss, None, None, None, None, None, None, None, None
     ignore_index, label_smoothing, z_loss, softcap, impl = ctx.args
-    row_scale = grad_loss.float().expand(target.shape[0]) if grad_loss.dim() == 0 else grad_loss.float()
-    if ctx.reduction == "mean":
-        row_scale = row_scale / (target != ignore_index).sum().clamp(min=1)
+    row_scale = _backward_row_scale(grad_loss, target, ignore_index, ctx.reduction)
     _, _, g = _rows(impl, saved.to(torch.float32, copy=True), target, row_scale, ignore_index, label_smoothing,
                     z_loss, softcap)
     return g.to(saved.dtype), None, None, None, None, None, None, None, None
