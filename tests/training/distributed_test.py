@@ -8,6 +8,7 @@ streams legitimately differ from the single process's.
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -40,7 +41,7 @@ def test_two_processes_match_one(tmp_path):
                str(HERE / "train_standin_main.py"), str(ddp_dir), json.dumps(OPTIONS)]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("STATUS finished 6") == 2
+    assert sorted(re.findall(r"STATUS finished 6 rank=(\d)\n", proc.stdout)) == ["0", "1"], proc.stdout
 
     lines = [json.loads(line) for line in (ddp_dir / "metrics.ndjson").read_text().splitlines()]
     ddp_losses = {r["step"]: r["loss"] for r in lines if r["split"] == "train"}

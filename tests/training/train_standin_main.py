@@ -6,6 +6,7 @@ when the training iterator reaches that position, and "dropout".
 """
 
 import json
+import os
 import sys
 
 from standins import SIGNALS, StandinData, make_trainer
@@ -21,7 +22,9 @@ def main() -> int:
         result = trainer.fit(resume="auto")
     finally:
         shutdown_distributed()
-    print("STATUS", result.status, result.step, flush=True)
+    # One write(2) of a short line: under torchrun both ranks share the pipe, and print() may split a
+    # line into several writes that interleave with the other rank's.
+    os.write(1, f"STATUS {result.status} {result.step} rank={os.environ.get('RANK', '0')}\n".encode())
     return 0
 
 
