@@ -129,8 +129,7 @@ def test_metadata_tags_and_console_scripts():
     scripts = wheel[f"{DIST_INFO}/entry_points.txt"].decode().splitlines()
     assert scripts[0] == "[console_scripts]"
     assert dict(line.split(" = ") for line in scripts[1:]) == CONSOLE_SCRIPTS
-    # codex-generate is still missing (no generation CLI yet, issue 6).
-    assert {"codex-train", "codex-tokenize", "codex-bench"} <= set(CONSOLE_SCRIPTS)
+    assert set(CONSOLE_SCRIPTS) == {"codex-train", "codex-generate", "codex-tokenize", "codex-bench"}
 
 
 def test_record_lists_every_file_with_its_digest():
@@ -264,3 +263,8 @@ def test_console_script_trains_with_the_smoke_config(venv, work):
     assert "Done: finished at step 4" in result.stdout, result.stdout[-2000:]
     assert (work / "run" / "metrics.ndjson").is_file()
     assert list((work / "run" / "checkpoints").glob("step_*"))
+    # The trained run generates through the installed codex-generate (streamed, greedy).
+    generated = run(venv, "codex-generate", f"--checkpoint={work / 'run'}", "--prompt=def ", "--max_new_tokens=8",
+                    cwd=work)
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    assert generated.stdout.startswith("def ") and len(generated.stdout) > len("def \n"), generated.stdout

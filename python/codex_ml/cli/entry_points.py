@@ -5,9 +5,9 @@ a plain literal dict: script name -> "module:function". Each function takes no a
 returns an exit status (or None), as pip's generated console-script wrappers expect.
 """
 
-# codex-generate ("codex_ml.cli.generate:main") joins when the generation CLI exists (issue 6).
 CONSOLE_SCRIPTS = {
     "codex-bench": "codex_ml.cli.bench:main",
+    "codex-generate": "codex_ml.cli.generate:main",
     "codex-tokenize": "codex_ml.cli.tokenizer:main",
     "codex-train": "codex_ml.cli.train:console_main",
 }

@@ -15,7 +15,7 @@ import sentencepiece
 from codex_ml.data.batches import BatchIterator
 from codex_ml.data.corpus import SPLITS, DataError, read_corpus
 from codex_ml.data.shards import MANIFEST, load_manifest, load_split, token_dtype, write_shards
-from codex_ml.tokenization import Tokenizer
+from codex_ml.tokenization import Tokenizer, load_tokenizer
 
 
 def _key(payload: dict) -> str:
@@ -91,7 +91,7 @@ def prepare_data(
         f"in {time.time() - start:.1f}s")
 
     if tokenizer_path is not None:
-        tokenizer = Tokenizer.load(tokenizer_path)
+        tokenizer = load_tokenizer(tokenizer_path)  # a SentencePiece file, or a Hugging Face folder
         log(f"Tokenizer: loaded {tokenizer_path} (vocabulary {tokenizer.vocab_size}, sha256 {tokenizer.sha256[:12]})")
     else:
         train_digest = hashlib.sha256("".join(d.sha256 for d in by_split["train"]).encode()).hexdigest()

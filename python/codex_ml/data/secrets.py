@@ -26,3 +26,12 @@ def find_secret(text: str) -> str | None:
         if pattern.search(text):
             return name
     return None
+
+
+def redact_secrets(text: str) -> tuple[str, list[str]]:
+    """`text` with every match of a secret rule replaced by "[withheld: <rule>]", and the rules that matched."""
+    found: list[str] = []
+    for name, pattern in SECRET_RULES.items():
+        text, count = pattern.subn(f"[withheld: {name}]", text)
+        found += [name] * count
+    return text, found

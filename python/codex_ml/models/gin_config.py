@@ -3,6 +3,9 @@
 import gin
 
 from codex_ml.models.gpt import GPT, GPTConfig
+from codex_ml.models.hf import HFCausalLM, HFModelConfig
 
 gin.external_configurable(GPTConfig, module="codex_ml.models")
 gin.external_configurable(GPT, module="codex_ml.models")
+gin.external_configurable(HFModelConfig, module="codex_ml.models")
+gin.external_configurable(HFCausalLM, module="codex_ml.models")

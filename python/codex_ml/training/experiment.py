@@ -77,15 +77,26 @@ def train(
     say = print if rank == 0 else (lambda *args, **kwargs: None)
     data = data_fn(cache_dir=str(Path(cache_dir).expanduser()), log=say)
     tokenizer = data.tokenizer
-    if dataclasses.is_dataclass(model_config) and getattr(model_config, "vocab_size", None) != tokenizer.vocab_size:
+    fields = {f.name for f in dataclasses.fields(model_config)} if dataclasses.is_dataclass(model_config) else ()
+    if "vocab_size" in fields and model_config.vocab_size != tokenizer.vocab_size:
         model_config = dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size)
     seed_everything(seed)
     model = model_fn(model_config)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is None and hasattr(model, "hf_model"):
+        embeddings = model.hf_model.get_input_embeddings()
+    if embeddings is not None and embeddings.weight.shape[0] < tokenizer.vocab_size:
+        raise ConfigError(f"The tokenizer has {tokenizer.vocab_size} tokens but the model embeds only "
+                          f"{embeddings.weight.shape[0]}: use the model's own tokenizer "
+                          "(prepare_data.tokenizer_path = the model folder).")
     num_params = model.num_params() if hasattr(model, "num_params") else sum(p.numel() for p in model.parameters())
     say(f"Model: {type(model).__name__} with {num_params / 1e6:.2f}M parameters; tokenizer vocabulary "
         f"{tokenizer.vocab_size}.")
     trainer = Trainer(run_dir, model, data, seed=seed, operative_config=operative_config)
     result = trainer.fit(resume=resume)
+    if rank == 0 and result.status == "finished" and callable(getattr(model, "save_adapter", None)):
+        say(f"LoRA adapter saved to {model.save_adapter(Path(run_dir) / 'adapter')} (load it with "
+            "HFModelConfig.peft_path or codex-generate --adapter).")
     if rank == 0 and sample_prompt is not None and result.status == "finished":
         max_len = getattr(getattr(model, "config", None), "max_seq_len", None)
         text = sample_text(model, tokenizer, sample_prompt, max_new_tokens=sample_tokens, seed=seed,

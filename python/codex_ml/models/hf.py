@@ -1,0 +1,342 @@
+"""Hugging Face causal LMs on codex_ml: local loading, LoRA through peft, and the fused kernels.
+
+- `load_hf_model` loads a model from a local folder (never from a hub) with a dtype and a device.
+- `use_codex_attention` routes the model's attention through codex_ml.ops.attention where the call is
+  plain causal self-attention (training, prefill); masked or cached calls keep HF's SDPA path.
+- `patch_fused_loss` replaces the loss of supported architectures with codex_ml.ops.linear_cross_entropy,
+  as Liger-Kernel patches models: with labels, the [tokens, vocabulary] logits are never materialized.
+- `apply_lora` / `save_adapter` / `merge_lora`: peft adapters that train, save and load on their own.
+- `HFCausalLM` adapts all of it to codex_ml's Trainer: forward(input_ids, targets) -> (logits, loss), where
+  targets are already shifted (the data pipeline's convention), and checkpoints hold only the trainable
+  (adapter) weights when LoRA is on: the base weights are those of the folder it was loaded from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from codex_ml import ops
+from codex_ml.ops.attention import HEAD_DIMS
+
+# Architectures whose causal-LM head is `lm_head(model(...).last_hidden_state)` with nothing in between
+# (no logit scaling or softcapping), so the fused loss computes exactly what their forward does.
+FUSED_LOSS_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2")
+# LoRA target modules per architecture when none are given: the attention and MLP projections.
+DEFAULT_LORA_TARGETS = {
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "qwen3": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+    "gpt_neox": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ADAPTER_INFO = "codex_ml_adapter.json"
+ATTENTION_NAME = "codex_ml"
+
+
+class HFModelError(ValueError):
+    """A Hugging Face model folder, adapter or setting that cannot be used; the message says why and what to do."""
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise HFModelError(f"device={device!r} but no CUDA device is available: use device='cpu' or 'auto'.")
+    return dev
+
+
+def _check_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise HFModelError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}.")
+    if dtype == "float16" and device.type == "cpu":
+        raise HFModelError("dtype='float16' is not supported for training on the CPU (no fp16 matmul kernels "
+                           "worth using there): use 'bfloat16' or 'float32', or a CUDA device.")
+    if dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise HFModelError("dtype='bfloat16' needs a GPU of compute capability 8.0 or newer: use 'float16'.")
+    return DTYPES[dtype]
+
+
+def _check_folder(path: Path) -> None:
+    if not path.is_dir():
+        raise HFModelError(f"Hugging Face model folder {path} does not exist: give a local folder made by "
+                           "`save_pretrained` (or `python -m codex_ml.models.export`); nothing is downloaded.")
+    if not (path / "config.json").is_file():
+        raise HFModelError(f"{path} has no config.json, so it is not a Hugging Face model folder.")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise HFModelError(f"{path} has a config.json but no weights (*.safetensors): the folder is partial; "
+                           "copy the weight files too.")
+
+
+def load_hf_model(path: str | os.PathLike, *, dtype: str = "float32", device: str = "cpu", seed: int = 0,
+                  attention: str = ATTENTION_NAME) -> nn.Module:
+    """A causal LM from a local folder, offline. `attention`: "codex_ml" (our kernels where they apply), or
+    any implementation transformers knows ("sdpa", "eager")."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    _check_folder(path)
+    dev = _resolve_device(device)
+    torch_dtype = _check_dtype(dtype, dev)
+    torch.manual_seed(seed)  # weights missing from the folder (a fresh head) are initialized reproducibly
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise HFModelError(f"{path}/config.json cannot be read by transformers ({e}).") from e
+    if attention == ATTENTION_NAME:
+        register_codex_attention()
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype, local_files_only=True,
+                                                 attn_implementation=attention)
+    return model.to(dev)
+
+
+# ------------------------------------------------------------------------------------------- attention
+def _codex_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                     is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface: q [B, Hq, T, D], k/v [B, Hkv, S, D] -> ([B, T, Hq, D], None)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    window = kwargs.get("sliding_window")
+    plain = (attention_mask is None and causal and dropout == 0.0 and query.shape[2] == key.shape[2]
+             and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
+             and query.shape[-1] in HEAD_DIMS)
+    if not plain:  # padding masks, KV-cache decoding, dropout, other head dims: HF's own path
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    out = ops.attention(query, key, value, causal=True, scale=scaling, window=window)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_codex_attention() -> None:
+    """Registers attn_implementation="codex_ml" with transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, _codex_attention)
+    # SDPA's mask builder returns None for plain causal batches, which is what selects our kernel above.
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
+
+
+# ------------------------------------------------------------------------------------------ fused loss
+def _base_model(model: nn.Module) -> nn.Module:
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def supports_fused_loss(model: nn.Module) -> bool:
+    """True when the fused loss computes exactly this model's loss (architecture known, plain linear head)."""
+    base = _base_model(model)
+    head = getattr(base, "lm_head", None)
+    return (getattr(base.config, "model_type", None) in FUSED_LOSS_ARCHITECTURES and type(head) is nn.Linear
+            and head.bias is None and hasattr(base, "model"))
+
+
+def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                   ignore_index: int = -100, num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+    """HF's causal-LM loss (labels shifted left by one, mean over labels != ignore_index, or a sum over
+    num_items_in_batch under gradient accumulation) through the fused linear cross-entropy."""
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    y = labels[:, 1:].reshape(-1).to(hidden.device)
+    if num_items_in_batch is None:
+        return ops.linear_cross_entropy(h, weight, y, ignore_index=ignore_index)
+    total = ops.linear_cross_entropy(h, weight, y, ignore_index=ignore_index, reduction="sum")
+    return total / num_items_in_batch
+
+
+def patch_fused_loss(model: nn.Module) -> nn.Module:
+    """Makes forward(..., labels=...) compute the loss with the fused kernel (logits come back as None then).
+
+    Only this instance is patched. Raises HFModelError for architectures where that would change the result.
+    """
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    if not supports_fused_loss(model):
+        base = _base_model(model)
+        raise HFModelError(f"the fused loss does not support model_type={getattr(base.config, 'model_type', None)!r}"
+                           f" with a {type(getattr(base, 'lm_head', None)).__name__} head (supported: "
+                           f"{', '.join(FUSED_LOSS_ARCHITECTURES)}); set fused_loss=False.")
+    base = _base_model(model)
+    original = base.forward
+
+    def forward(input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
+        if labels is None:
+            return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        kwargs.pop("logits_to_keep", None)
+        kwargs.pop("return_dict", None)
+        out = base.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        loss = causal_lm_loss(out.last_hidden_state, base.lm_head.weight, labels,
+                              num_items_in_batch=num_items_in_batch)
+        return CausalLMOutputWithPast(loss=loss, logits=None, cache=out.cache)
+
+    base.forward = forward
+    base._codex_fused_loss = True
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ LoRA
+def _fingerprint(model: nn.Module) -> dict[str, Any]:
+    """What an adapter must match in its base model: architecture and every weight's name and shape."""
+    base = _base_model(model)
+    shapes = sorted((name.replace(".base_layer", ""), list(p.shape))  # as named before peft wrapped it
+                    for name, p in base.named_parameters() if "lora_" not in name)
+    digest = hashlib.sha256(json.dumps(shapes).encode()).hexdigest()
+    return {"model_type": getattr(base.config, "model_type", None), "shapes_sha256": digest}
+
+
+def apply_lora(model: nn.Module, *, r: int = 8, alpha: float = 16.0, dropout: float = 0.05,
+               target_modules: Sequence[str] | None = None, peft_path: str | os.PathLike | None = None) -> nn.Module:
+    """Wraps `model` in a peft LoRA model: only the adapter weights train. With peft_path, that adapter is
+    loaded (trainable) instead of a fresh one."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if peft_path is not None:
+        peft_path = Path(peft_path)
+        if not (peft_path / "adapter_config.json").is_file():
+            raise HFModelError(f"{peft_path} is not a LoRA adapter folder (no adapter_config.json): give a folder "
+                               "written by save_adapter (a run's adapter/ folder).")
+        info_file = peft_path / ADAPTER_INFO
+        if info_file.is_file():
+            saved, current = json.loads(info_file.read_text()), _fingerprint(model)
+            if saved != current:
+                raise HFModelError(f"The adapter {peft_path} was trained on another base model ({saved['model_type']}"
+                                   f", weights {saved['shapes_sha256'][:12]}) than this one ({current['model_type']}"
+                                   f", {current['shapes_sha256'][:12]}): load the base model it was made for.")
+        try:
+            return PeftModel.from_pretrained(model, peft_path, is_trainable=True)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise HFModelError(f"The adapter {peft_path} does not fit this base model ({str(e)[:300]}): load the "
+                               "base model it was made for.") from e
+    model_type = getattr(model.config, "model_type", None)
+    targets = list(target_modules) if target_modules else DEFAULT_LORA_TARGETS.get(model_type)
+    if not targets:
+        raise HFModelError(f"No default LoRA target modules for model_type={model_type!r}: set "
+                           "HFModelConfig.lora_target_modules (names of its nn.Linear layers, e.g. 'q_proj').")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
+                        task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise HFModelError(f"LoRA target modules {targets} do not fit {model_type!r} ({e}).") from e
+
+
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:
+    """Saves only the adapter (adapter_config.json, adapter_model.safetensors) plus the base fingerprint."""
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    (out / ADAPTER_INFO).write_text(json.dumps(_fingerprint(model), indent=1) + "\n")
+    return out
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """The base model with the adapter folded into its weights (for export with save_pretrained)."""
+    merge = getattr(model, "merge_and_unload", None)
+    if not callable(merge):
+        raise HFModelError("merge_lora needs a peft model with a LoRA adapter.")
+    return merge()
+
+
+# -------------------------------------------------------------------------------------------- Trainer
+@dataclasses.dataclass
+class HFModelConfig:
+    """A Hugging Face model for codex_ml's Trainer (gin: `train.model_config = @HFModelConfig()`)."""
+
+    path: str = ""
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    attention: str = ATTENTION_NAME
+    fused_loss: bool = True
+    lora: bool = True
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_target_modules: tuple[str, ...] | None = None
+    peft_path: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["lora_target_modules"] = list(self.lora_target_modules) if self.lora_target_modules else None
+        return d
+
+
+class HFCausalLM(nn.Module):
+    """A Hugging Face causal LM (optionally with LoRA) behind the native model's interface."""
+
+    def __init__(self, config: HFModelConfig):
+        super().__init__()
+        if not config.path:
+            raise HFModelError("HFModelConfig.path is not set: bind it to a local Hugging Face model folder, "
+                               "e.g. `HFModelConfig.path = 'models/my-llama'`.")
+        self.config = config
+        model = load_hf_model(config.path, dtype=config.dtype, device=config.device, seed=config.seed,
+                              attention=config.attention)
+        if config.lora or config.peft_path:
+            model = apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                               target_modules=config.lora_target_modules, peft_path=config.peft_path)
+        self.model = model
+        self.fused = config.fused_loss and supports_fused_loss(model)
+        if config.fused_loss and not self.fused:
+            print(f"Note: the fused loss does not support {type(_base_model(model)).__name__}; using its logits.")
+        self.max_seq_len = getattr(_base_model(model).config, "max_position_embeddings", None)
+        self._trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        self._partial = len(self._trainable) < len(list(self.parameters()))
+
+    @property
+    def hf_model(self) -> nn.Module:
+        return self.model
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: Any = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(logits, None) without targets; (None, mean loss over targets != -100) with (already shifted) targets."""
+        base = _base_model(self.model)
+        if targets is None:
+            return self.model(input_ids=idx).logits, None
+        if self.fused:
+            h = base.model(input_ids=idx).last_hidden_state
+            loss = ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), base.lm_head.weight, targets.reshape(-1))
+            return None, loss
+        logits = self.model(input_ids=idx).logits
+        return None, ops.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= _base_model(self.model).get_input_embeddings().weight.numel()
+        return n
+
+    def num_trainable_params(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # With LoRA, checkpoints hold the adapter alone: the frozen base is the folder's, verified by config.
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        full = super().state_dict(*args, **kwargs)
+        if not self._partial:
+            return full
+        return {k: v for k, v in full.items() if k in self._trainable}
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        if not self._partial:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        missing, unexpected = self._trainable - set(state_dict), set(state_dict) - self._trainable
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"adapter weights do not match: missing {sorted(missing)[:5]}, "
+                               f"unexpected {sorted(unexpected)[:5]}")
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+    def save_adapter(self, out_dir: str | os.PathLike) -> Path:
+        """The LoRA adapter alone, loadable with HFModelConfig.peft_path or peft's PeftModel.from_pretrained."""
+        return save_adapter(self.model, out_dir)

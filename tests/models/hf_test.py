@@ -1,0 +1,161 @@
+"""Hugging Face models: local loading, codex attention, the fused-loss patch, LoRA through peft, bad input.
+
+Tiny Llama models are built from configs and saved under the test's temporary directory; nothing is
+downloaded. Tolerances (float32): logits and losses within 1e-5 relative, gradients within 1e-4 relative to
+their largest element; the two paths differ only in the order of floating-point reductions.
+"""
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from codex_ml.models import hf
+from codex_ml.models.hf import (
+    HFCausalLM,
+    HFModelConfig,
+    HFModelError,
+    apply_lora,
+    load_hf_model,
+    merge_lora,
+    patch_fused_loss,
+    save_adapter,
+)
+
+VOCAB = 97
+
+
+def tiny_llama(folder, hidden=64, seed=0, tie=False):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llama")
+    tiny_llama(folder)
+    return folder
+
+
+def test_codex_attention_matches_eager(llama_dir, monkeypatch):
+    ours = load_hf_model(llama_dir)  # attention="codex_ml"
+    eager = load_hf_model(llama_dir, attention="eager")
+    assert ours.config._attn_implementation == "codex_ml"
+    calls = []
+    original = hf.ops.attention
+    monkeypatch.setattr(hf.ops, "attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    ids = torch.randint(0, VOCAB, (2, 13))
+    torch.testing.assert_close(ours(input_ids=ids).logits, eager(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2  # both layers ran on codex_ml.ops.attention
+    # A padding mask takes HF's own path and still agrees.
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask).logits[1],
+                               eager(input_ids=ids, attention_mask=mask).logits[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_fused_loss_patch_matches_unpatched(tmp_path, tie):
+    tiny_llama(tmp_path, tie=tie)
+    plain = load_hf_model(tmp_path, attention="eager")
+    fused = patch_fused_loss(load_hf_model(tmp_path, attention="eager"))
+    ids = torch.randint(0, VOCAB, (3, 11))
+    labels = ids.clone()
+    labels[0, 4:7] = -100
+    for kwargs in ({}, {"num_items_in_batch": 25}):
+        plain.zero_grad()
+        fused.zero_grad()
+        expected = plain(input_ids=ids, labels=labels, **kwargs).loss
+        out = fused(input_ids=ids, labels=labels, **kwargs)
+        assert out.logits is None  # the [tokens, vocabulary] logits were never built
+        torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=0)
+        expected.backward()
+        out.loss.backward()
+        for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
+            scale = p.grad.abs().max()
+            torch.testing.assert_close(q.grad / scale, p.grad / scale, rtol=0, atol=1e-4, msg=name)
+    # Without labels the patched model is the original one.
+    torch.testing.assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+def test_lora_trains_only_adapters_and_round_trips(llama_dir, tmp_path):
+    model = HFCausalLM(HFModelConfig(path=str(llama_dir), lora_r=4, lora_dropout=0.0))
+    assert model.fused
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, VOCAB, (2, 17))
+    losses = []
+    for _ in range(5):
+        _, loss = model(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen_before[n]), n
+    # Checkpoints hold the adapter alone, and load back exactly.
+    state = model.state_dict()
+    assert set(state) == trainable
+    logits = model(ids)[0]
+    fresh = HFCausalLM(HFModelConfig(path=str(llama_dir), lora_r=4, lora_dropout=0.0))
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh(ids)[0], logits, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="adapter weights do not match"):
+        fresh.load_state_dict({k: v for k, v in list(state.items())[1:]})
+
+    # The adapter saves and loads on its own (peft_path), and merges into the base for export.
+    adapter = save_adapter(model.model, tmp_path / "adapter")
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
+    loaded = HFCausalLM(HFModelConfig(path=str(llama_dir), peft_path=str(adapter)))
+    torch.testing.assert_close(loaded(ids)[0], logits, rtol=0, atol=0)
+    merged = merge_lora(loaded.model)
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(merged(input_ids=ids).logits, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_for_another_base_model_is_refused(llama_dir, tmp_path):
+    model = apply_lora(load_hf_model(llama_dir), r=2)
+    adapter = save_adapter(model, tmp_path / "adapter")
+    other = tmp_path / "other"
+    tiny_llama(other, hidden=96)
+    with pytest.raises(HFModelError, match="trained on another base model"):
+        apply_lora(load_hf_model(other), peft_path=adapter)
+    (adapter / "codex_ml_adapter.json").unlink()  # an adapter made elsewhere: peft's own size check, reworded
+    with pytest.raises(HFModelError, match="does not fit this base model"):
+        apply_lora(load_hf_model(other), peft_path=adapter)
+    with pytest.raises(HFModelError, match="not a LoRA adapter folder"):
+        apply_lora(load_hf_model(llama_dir), peft_path=tmp_path)
+
+
+def test_bad_folders_and_settings(llama_dir, tmp_path):
+    with pytest.raises(HFModelError, match="does not exist"):
+        load_hf_model(tmp_path / "missing")
+    with pytest.raises(HFModelError, match="no config.json"):
+        load_hf_model(tmp_path)
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "config.json").write_text((llama_dir / "config.json").read_text())
+    with pytest.raises(HFModelError, match="partial"):
+        load_hf_model(partial)
+    with pytest.raises(HFModelError, match="float16"):
+        load_hf_model(llama_dir, dtype="float16", device="cpu")
+    with pytest.raises(HFModelError, match="not one of"):
+        load_hf_model(llama_dir, dtype="fp8")
+    if not torch.cuda.is_available():
+        with pytest.raises(HFModelError, match="no CUDA device"):
+            load_hf_model(llama_dir, device="cuda")
+    with pytest.raises(HFModelError, match="HFModelConfig.path is not set"):
+        HFCausalLM(HFModelConfig())
+    bf16 = load_hf_model(llama_dir, dtype="bfloat16")
+    assert next(bf16.parameters()).dtype == torch.bfloat16
