@@ -202,8 +202,11 @@ def test_load_native_run_and_errors(tmp_path, tokenizer):
         load_model(tmp_path)
     with pytest.raises(GenerationError, match="--adapter"):
         load_model(path, adapter=tmp_path)
-    (path / "model.safetensors").write_bytes(b"truncated")  # a partial checkpoint
-    with pytest.raises(CheckpointError):
+    (path / "model.safetensors").write_bytes(b"truncated")  # a corrupted checkpoint
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_model(path)
+    (path / "manifest.json").unlink()  # one interrupted while written
+    with pytest.raises(CheckpointError, match="partial"):
         load_model(path)
 
 

@@ -276,6 +276,8 @@ def load_model(path: str | os.PathLike, *, adapter: str | os.PathLike | None = N
         if checkpoint is None:
             raise CheckpointError(f"Run directory {path} holds no valid checkpoint under checkpoints/.")
     if not (checkpoint / "manifest.json").exists():
+        if (checkpoint / "model.safetensors").exists() or (checkpoint / "model_config.json").exists():
+            verify_checkpoint(checkpoint)  # a checkpoint interrupted while written: says it is partial
         raise GenerationError(f"{path} is neither a checkpoint (no manifest.json), a run directory (no "
                               "checkpoints/) nor a Hugging Face folder (no config.json).")
     config_file = checkpoint / "model_config.json"

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,9 @@ def load_hf_model(path: str | os.PathLike, *, dtype: str = "float32", device: st
     """A causal LM from a local folder, offline. `attention`: "codex_ml" (our kernels where they apply), or
     any implementation transformers knows ("sdpa", "eager")."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per load is noise in training logs
 
     path = Path(path)
     _check_folder(path)
@@ -216,7 +220,9 @@ def apply_lora(model: nn.Module, *, r: int = 8, alpha: float = 16.0, dropout: fl
                                    f", weights {saved['shapes_sha256'][:12]}) than this one ({current['model_type']}"
                                    f", {current['shapes_sha256'][:12]}): load the base model it was made for.")
         try:
-            return PeftModel.from_pretrained(model, peft_path, is_trainable=True)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                return PeftModel.from_pretrained(model, peft_path, is_trainable=True)
         except (RuntimeError, ValueError, KeyError) as e:
             raise HFModelError(f"The adapter {peft_path} does not fit this base model ({str(e)[:300]}): load the "
                                "base model it was made for.") from e
@@ -228,7 +234,9 @@ def apply_lora(model: nn.Module, *, r: int = 8, alpha: float = 16.0, dropout: fl
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
                         task_type="CAUSAL_LM")
     try:
-        return get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft 0.21 calls a transformers method deprecated in 5.x
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return get_peft_model(model, config)
     except ValueError as e:
         raise HFModelError(f"LoRA target modules {targets} do not fit {model_type!r} ({e}).") from e
 

@@ -90,7 +90,9 @@ def train(
                           f"{embeddings.weight.shape[0]}: use the model's own tokenizer "
                           "(prepare_data.tokenizer_path = the model folder).")
     num_params = model.num_params() if hasattr(model, "num_params") else sum(p.numel() for p in model.parameters())
-    say(f"Model: {type(model).__name__} with {num_params / 1e6:.2f}M parameters; tokenizer vocabulary "
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = f" ({trainable / 1e6:.3f}M trainable)" if trainable < num_params else ""
+    say(f"Model: {type(model).__name__} with {num_params / 1e6:.2f}M parameters{frozen}; tokenizer vocabulary "
         f"{tokenizer.vocab_size}.")
     trainer = Trainer(run_dir, model, data, seed=seed, operative_config=operative_config)
     result = trainer.fit(resume=resume)
