@@ -5,7 +5,10 @@ torch.compile traces them). For "mean" and "sum" the forward pass also computes 
 pass over the vocabulary instead of two) and the backward pass only scales them by grad_output; for
 "none" the backward recomputes each chunk with every row's own grad_output, so its gradients are exact
 too. Implementations, chosen by codex_ml.ops.dispatch: the C++ kernel on CPU tensors
-(kernels/cpu/linear_cross_entropy.cc) and, on other devices, the same chunked algorithm in PyTorch.
+(kernels/cpu/linear_cross_entropy.cc); on CUDA tensors the chunked algorithm (logits by cuBLAS per chunk)
+with the Triton row kernel (the default, kernels/triton/cross_entropy.py) or the CUDA row kernel
+(impl="cuda" or CODEX_ML_LINEAR_CROSS_ENTROPY_IMPL=cuda: kernels/cuda/cross_entropy.cu through
+ops/_loss_cuda.py); impl="torch" is the chunked algorithm in plain PyTorch on any device.
 """
 
 from __future__ import annotations
@@ -92,9 +95,12 @@ def _chunk_rows(logits, t, row_scale, ignore_index, label_smoothing, z_loss, sof
 
 
 def _rows(impl, logits, t, row_scale, ignore_index, label_smoothing, z_loss, softcap):
-    """_chunk_rows on fp32 scratch logits, by the Triton kernel (gradient written in place) or PyTorch."""
-    if impl == "triton":
-        from codex_ml.kernels.triton.cross_entropy import cross_entropy_rows
+    """_chunk_rows on fp32 scratch logits, by the Triton or CUDA kernel (gradient written in place) or PyTorch."""
+    if impl in ("triton", "cuda"):
+        if impl == "triton":
+            from codex_ml.kernels.triton.cross_entropy import cross_entropy_rows
+        else:
+            from codex_ml.ops._loss_cuda import cross_entropy_rows
 
         rows, row_lse = cross_entropy_rows(logits, t, row_scale, ignore_index=ignore_index,
                                            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
@@ -103,7 +109,7 @@ def _rows(impl, logits, t, row_scale, ignore_index, label_smoothing, z_loss, sof
 
 
 def _chunked_impl(impl, hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap):
-    """The chunked algorithm on any device: logits by F.linear per chunk, rows by Triton or PyTorch."""
+    """The chunked algorithm on any device: logits by F.linear per chunk, rows by Triton, CUDA or PyTorch."""
     n, v = hidden.shape[0], weight.shape[0]
     w = weight.float()
     b = bias.float() if bias is not None else None
@@ -149,11 +155,11 @@ def _backward_row_scale(grad_loss: torch.Tensor, target: torch.Tensor, ignore_in
 
 
 def _choose(device: torch.device, impl: str | None) -> str:
-    chosen = choose_impl("linear_cross_entropy", device, impl, default_cuda="triton")
-    if chosen == "cuda":
-        raise ValueError("the loss has no plain-CUDA implementation: use impl='triton' (the default on CUDA), "
-                         "'cpu' or 'torch'")
-    return chosen
+    """impl= or CODEX_ML_LINEAR_CROSS_ENTROPY_IMPL / CODEX_ML_IMPL (both losses); Triton by default on CUDA.
+
+    The CUDA row kernel (impl="cuda") stays opt-in until it is measured against the Triton one on a GPU.
+    """
+    return choose_impl("linear_cross_entropy", device, impl, default_cuda="triton")
 
 
 def _reduce(rows: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -284,7 +290,7 @@ def _ce_op(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, reduct
     chunk = max(1, _CHUNK_ELEMENTS // max(logits.shape[1], 1))
     for s in range(0, n, chunk):
         scale = row_scale[s:s + chunk] if fused_grad else None
-        scratch = logits[s:s + chunk].to(torch.float32, copy=True)
+        scratch = logits[s:s + chunk].to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         rows[s:s + chunk], lse[s:s + chunk], g = _rows(impl, scratch, target[s:s + chunk], scale, ignore_index,
                                                        label_smoothing, z_loss, softcap)
         if fused_grad:
@@ -311,8 +317,8 @@ def _ce_backward(ctx, grad_loss, grad_z, _grad):
         return saved * grad_loss, None, None, None, None, None, None, None, None
     ignore_index, label_smoothing, z_loss, softcap, impl = ctx.args
     row_scale = _backward_row_scale(grad_loss, target, ignore_index, ctx.reduction)
-    _, _, g = _rows(impl, saved.to(torch.float32, copy=True), target, row_scale, ignore_index, label_smoothing,
-                    z_loss, softcap)
+    scratch = saved.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # rows the kernels can read
+    _, _, g = _rows(impl, scratch, target, row_scale, ignore_index, label_smoothing, z_loss, softcap)
     return g.to(saved.dtype), None, None, None, None, None, None, None, None
 
 

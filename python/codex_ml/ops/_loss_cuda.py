@@ -1,0 +1,66 @@
+"""ctypes binding of libcodex_cross_entropy.so (kernels/cuda/cross_entropy.cu): the CUDA cross-entropy row kernel.
+
+Used by codex_ml.ops.loss for impl="cuda" only, on each chunk of fp32 logits: the same contract as the Triton
+row kernel (kernels/triton/cross_entropy.py): per-row (loss, lse), and with row_scale the logits are
+overwritten by the gradient. The kernel runs on the current stream of the tensors' device.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL:
+    import codex_ml.kernels
+
+    path = Path(codex_ml.kernels.__file__).with_name("libcodex_cross_entropy.so")
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as err:
+        raise RuntimeError(f"the CUDA cross-entropy library {path} is missing or failed to load ({err}); build it "
+                           "with `tools/bazel build //kernels:libcodex_cross_entropy.so` (needs nvcc) or use "
+                           "impl='triton' (the default on CUDA tensors)") from err
+    ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    lib.codex_cross_entropy_rows.argtypes = [ptr] * 5 + [i64] * 3 + [f32] * 3 + [ptr]
+    lib.codex_cross_entropy_rows.restype = ctypes.c_int
+    return lib
+
+
+def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, row_scale: torch.Tensor | None, *,
+                       ignore_index: int, label_smoothing: float, z_loss: float,
+                       softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (loss, lse) of fp32 CUDA logits [N, V]; with row_scale [N], logits become d(sum scale * loss)/dlogits.
+
+    Rows with target == ignore_index get loss 0, lse 0 and gradient 0; softcap <= 0 means no cap.
+    """
+    if logits.device.type != "cuda":
+        raise ValueError(f"the CUDA cross-entropy kernel needs CUDA tensors, got logits on {logits.device}")
+    if logits.dim() != 2 or logits.dtype != torch.float32:
+        raise ValueError(f"the CUDA cross-entropy kernel takes fp32 logits [N, V], got {logits.dtype} "
+                         f"{tuple(logits.shape)}")
+    n, v = logits.shape
+    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(loss)
+    if n == 0:
+        return loss, lse
+    # The kernel reads rows of exactly V floats; the gradient still lands in `logits` (copied back if needed).
+    work = logits if logits.is_contiguous() else logits.contiguous()
+    target = target.to(device=logits.device, dtype=torch.int64).contiguous()
+    scale = None
+    if row_scale is not None:
+        scale = row_scale.to(device=logits.device, dtype=torch.float32).expand(n).contiguous()
+    with torch.cuda.device(logits.device):
+        stream = ctypes.c_void_p(torch.cuda.current_stream(logits.device).cuda_stream)
+        status = _library().codex_cross_entropy_rows(
+            work.data_ptr(), target.data_ptr(), scale.data_ptr() if scale is not None else None, loss.data_ptr(),
+            lse.data_ptr(), n, v, int(ignore_index), float(label_smoothing), float(z_loss), float(softcap), stream)
+    if status != 0:
+        raise RuntimeError(f"CUDA cross-entropy rows failed with cudaError_t {status} (N={n}, V={v})")
+    if row_scale is not None and work.data_ptr() != logits.data_ptr():
+        logits.copy_(work)
+    return loss, lse
