@@ -13,17 +13,13 @@ Rows per shape, implementation and pass ("fwd", "bwd", "fwd+bwd"): time_ms (medi
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared helpers beside this file
-
-import common  # noqa: E402
-
-from codex_ml.ops import attention  # noqa: E402
+from codex_ml.kernels.bench import common
+from codex_ml.ops import attention
 
 PRESETS = {
     # (B, H, T, D, dtype, device, causal values, impls, repeats)

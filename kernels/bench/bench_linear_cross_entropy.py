@@ -11,17 +11,13 @@ for how it is measured), the same for the PyTorch reference (ref_*) and its torc
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared helpers beside this file
-
-import common  # noqa: E402
-
-from codex_ml.ops.loss import linear_cross_entropy  # noqa: E402
+from codex_ml.kernels.bench import common
+from codex_ml.ops.loss import linear_cross_entropy
 
 PRESETS = {
     # (N, H, V, dtype, device, impls, repeats)

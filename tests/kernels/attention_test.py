@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from attention_reference import reference, rel_err
 
 from codex_ml.ops import attention
 
@@ -29,25 +30,6 @@ def poison_uninitialized_memory():
 
 def test_poisoning_is_active():
     assert torch.isnan(torch.empty(4)).all() and torch.isnan(torch.empty_like(torch.ones(2, 3))).all()
-
-
-def reference(q, k, v, *, causal, window, scale):
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    t = q.shape[2]
-    i = torch.arange(t)
-    dist = i[:, None] - i[None, :]
-    allowed = dist >= 0 if causal else torch.ones(t, t, dtype=torch.bool)
-    if window:
-        allowed = allowed & ((dist < window) if causal else (dist.abs() < window))
-    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
-    return torch.softmax(scores, -1) @ v
-
-
-def rel_err(actual, expected):
-    """Relative L2 error; absolute where the reference is exactly zero (e.g. dk when T = 1)."""
-    diff, norm = (actual.double() - expected).norm().item(), expected.norm().item()
-    return diff / norm if norm > 0 else diff
 
 
 def check(impl, b, hq, hkv, t, d, causal, window, dtype=torch.float32):
