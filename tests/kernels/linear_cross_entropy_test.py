@@ -117,6 +117,34 @@ def test_huge_logits_stay_finite_and_right(impl):
         assert torch.isfinite(g).all() and rel_err(g, r) < 1e-4
 
 
+@pytest.mark.parametrize("impl", ["cpu", "torch"])
+def test_plain_backward_uses_the_held_gradients_and_can_run_twice(impl):
+    """loss.backward() (grad_output 1) hands the gradients computed in the forward pass to autograd without a
+    copy; they must still be right, and a retained graph must give the same gradients a second time."""
+    torch.manual_seed(5)
+    hidden = torch.randn(33, 16, requires_grad=True)
+    weight = torch.randn(101, 16, requires_grad=True)
+    target = torch.randint(0, 101, (33,))
+    target[::4] = -100
+    logits = torch.randn(33, 101, requires_grad=True)
+    for loss, params, ref_fn in (
+        (linear_cross_entropy(hidden, weight, target, impl=impl), [hidden, weight],
+         lambda h, w: reference(h, w, None, target, reduction="mean")),
+        (cross_entropy(logits, target, impl=impl), [logits],
+         lambda z: F.cross_entropy(z, target, ignore_index=-100)),
+    ):
+        loss.backward(retain_graph=True)
+        first = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        loss.backward()
+        ref_params = [p.detach().double().requires_grad_() for p in params]
+        ref_fn(*ref_params).backward()
+        for p, g, r in zip(params, first, ref_params):
+            assert torch.equal(p.grad, g)
+            assert rel_err(g, r.grad) < BOUNDS[torch.float32]
+
+
 def test_z_loss_is_reported_separately():
     torch.manual_seed(4)
     h, w, t = torch.randn(20, 8), torch.randn(50, 8), torch.randint(0, 50, (20,))

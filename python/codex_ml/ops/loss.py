@@ -224,11 +224,21 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(hidden, weight, bias, target)
 
 
+def _scaled(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """grad * grad_loss, except in the usual case grad_loss == 1 (loss.backward()): then the gradient held since
+    the forward pass goes to autograd as it is, and the backward pass holds no second copy of it."""
+    # Eager only: traced (fake, functional) tensors have no value to compare, so they take the general path.
+    if type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling() and grad_loss.numel() == 1 \
+            and bool(grad_loss == 1):
+        return grad
+    return grad * grad_loss
+
+
 def _backward(ctx, grad_loss, grad_z, _gh, _gw, _gb):
     if ctx.fused:
         gh, gw, gb = ctx.saved_tensors
-        gh, gw = gh * grad_loss, gw * grad_loss
-        gb = gb * grad_loss if ctx.has_bias else None
+        gh, gw = _scaled(gh, grad_loss), _scaled(gw, grad_loss)
+        gb = _scaled(gb, grad_loss) if ctx.has_bias else None
     else:
         hidden, weight, bias, target = ctx.saved_tensors
         ignore_index, label_smoothing, z_loss, softcap, impl = ctx.args
@@ -314,7 +324,7 @@ def _ce_setup_context(ctx, inputs, output):
 def _ce_backward(ctx, grad_loss, grad_z, _grad):
     saved, target = ctx.saved_tensors
     if ctx.fused:
-        return saved * grad_loss, None, None, None, None, None, None, None, None
+        return _scaled(saved, grad_loss), None, None, None, None, None, None, None, None
     ignore_index, label_smoothing, z_loss, softcap, impl = ctx.args
     row_scale = _backward_row_scale(grad_loss, target, ignore_index, ctx.reduction)
     scratch = saved.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # rows the kernels can read
