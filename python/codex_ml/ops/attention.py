@@ -61,6 +61,10 @@ def _mask(t_q: torch.Tensor, t_k: torch.Tensor, causal: bool, window: int) -> to
     return allowed
 
 
+def _last_dim_dense(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _expand(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
@@ -126,11 +130,10 @@ def _backward_blocked(grad_out, q, k, v, out, lse, causal, scale, window):
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, window: int,
                   impl: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(output [B, Hq, T, D], log-sum-exp [B, Hq, T] in fp32); window < 0 means no window."""
-    if impl == "cpu":
-        groups = q.shape[1] // k.shape[1]
+    if impl == "cpu":  # PyTorch's flash kernel: K/V heads shared natively (GQA), strided inputs read in place
         mask, is_causal = _cpu_mask(q.shape[2], causal, window, q.dtype, q.device)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, _expand(k, groups), _expand(v, groups), 0.0, is_causal, attn_mask=mask, scale=scale)
+            q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
         return out, lse.float().contiguous()
     if impl == "triton":
         from codex_ml.kernels.triton.attention import attention_forward
@@ -152,12 +155,9 @@ def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
                            impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), the probabilities recomputed from lse."""
     if impl == "cpu":
-        groups = q.shape[1] // k.shape[1]
         mask, is_causal = _cpu_mask(q.shape[2], causal, window, q.dtype, q.device)
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out.contiguous(), q, _expand(k, groups), _expand(v, groups), out, lse, 0.0, is_causal,
-            attn_mask=mask, scale=scale)
-        return dq, _fold(dk, groups), _fold(dv, groups)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            _last_dim_dense(grad_out), q, k, v, out, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
     if impl == "triton":
         from codex_ml.kernels.triton.attention import attention_backward
         return attention_backward(grad_out.contiguous(), q, k, v, out, lse, causal, scale, window)
@@ -209,6 +209,9 @@ def attention(
         raise ValueError("attention impl='cuda' runs bf16/fp16 tensor cores only: pass bf16/fp16 tensors or use "
                          "impl='triton' for fp32")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, _ = _attention_op(q.contiguous(), k.contiguous(), v.contiguous(), causal, scale,
-                           -1 if window is None else int(window), chosen)
+    # The CPU kernel reads any layout whose last dimension is dense (e.g. the [B, T, H, D] -> [B, H, T, D]
+    # transpose models make); the GPU kernels index contiguous [B, H, T, D].
+    dense = _last_dim_dense if chosen == "cpu" else torch.Tensor.contiguous
+    out, _ = _attention_op(dense(q), dense(k), dense(v), causal, scale, -1 if window is None else int(window),
+                           chosen)
     return out
