@@ -117,6 +117,27 @@ def test_disk_full_mid_write_leaves_previous_intact(run_dir, monkeypatch):
     assert latest_valid_checkpoint(run_dir) == first
 
 
+def test_disk_full_while_streaming_the_weights_leaves_previous_intact(run_dir, monkeypatch):
+    """The weights are streamed to disk by safetensors (no copy in memory): its I/O errors count as a full disk."""
+    from safetensors import SafetensorError
+    from safetensors import torch as safetensors_torch
+
+    manager = CheckpointManager(run_dir)
+    first = _save(manager, 1)
+
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors_torch, "save_file", full_disk)
+    with pytest.raises(CheckpointError, match="No space left on device.*intact"):
+        _save(manager, 2)
+    assert [step for step, _ in list_checkpoints(run_dir)] == [1]
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    assert latest_valid_checkpoint(run_dir) == first
+
+
 def test_resaving_a_step_replaces_it_atomically(run_dir):
     manager = CheckpointManager(run_dir)
     _save(manager, 4, seed=0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import json
 import logging
 import math
@@ -62,15 +61,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _torch_bytes(obj: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
+def _write_torch(path: Path, obj: Any) -> None:
+    """torch.save straight into the file (no in-memory copy of the state), then fsync."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
-def _safetensors_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
-    """Serializes a state_dict; tensors sharing storage (tied embeddings) are stored as separate copies."""
-    from safetensors.torch import save
+def _write_safetensors(path: Path, state: Mapping[str, torch.Tensor]) -> None:
+    """Writes a state_dict as safetensors, streamed from the tensors' memory (no serialized copy in RAM), then
+    fsyncs it. Tensors sharing storage (tied embeddings) are stored as separate copies."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
 
     seen: set[tuple[int, int]] = set()
     tensors = {}
@@ -81,7 +84,15 @@ def _safetensors_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
             tensor = tensor.clone()
         seen.add(key)
         tensors[name] = tensor
-    return save(tensors)
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as e:  # its I/O errors (a full disk) are reported like any other write's
+        raise OSError(f"writing {path.name} failed: {e}") from e
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @functools.lru_cache(maxsize=1)
@@ -152,13 +163,13 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        _write_bytes(tmp / MODEL_FILE, _safetensors_bytes(model_state))
+        _write_safetensors(tmp / MODEL_FILE, model_state)
         if model_config is not None:
             _write_bytes(tmp / "model_config.json", json.dumps(dict(model_config), indent=2).encode())
         if tokenizer_path is not None:
             _write_bytes(tmp / "tokenizer.model", Path(tokenizer_path).read_bytes())
         for name, obj in (torch_states or {}).items():
-            _write_bytes(tmp / f"{name}.pt", _torch_bytes(obj))
+            _write_torch(tmp / f"{name}.pt", obj)
         for name, obj in (json_states or {}).items():
             _write_bytes(tmp / f"{name}.json", json.dumps(obj, indent=2).encode())
         if operative_config is not None:
