@@ -95,7 +95,7 @@ PRESETS: dict[str, BenchSpec] = {
     # The CPU target: 18.6M parameters (12.3M of them the tied 32k x 384 embedding), 4 x 512 tokens;
     # about 8 minutes on the 2-core development machine (3-6 s a step per implementation).
     "cpu": BenchSpec(vocab_size=32000, d_model=384, n_layer=4, n_head=6, n_kv_head=2, ffn_hidden=1024, seq_len=512,
-                     batch=4, steps=40, timing_warmup=5, learning_rate=1e-3, lr_warmup=10),
+                     batch=4, steps=40, timing_warmup=5, learning_rate=6e-4, lr_warmup=10),
     # GPU scale (not yet run on a GPU): 100M parameters, 16 x 1024 tokens, bf16 autocast. The three processes
     # are alive at once (see run_lockstep), so the GPU must hold all three.
     "gpu": BenchSpec(vocab_size=32000, d_model=768, n_layer=12, n_head=12, n_kv_head=4, ffn_hidden=2048, seq_len=1024,
