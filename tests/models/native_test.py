@@ -28,3 +28,22 @@ def test_round_trip_and_errors():
         load_native(save(os.path.join(tmp, "other"), model, architecture="gpt2"))
     with pytest.raises(CheckpointError, match="does not exist"):
         load_native(os.path.join(tmp, "missing"))
+
+
+def test_checkpoint_made_with_another_tokenizer_is_refused(tmp_path):
+    from codex_ml.tokenization import Tokenizer
+
+    texts = ["def f(x):\n    return x\n" * 20, "import os\nprint(os.sep)\n" * 20]
+    tok_a = Tokenizer.train(texts, tmp_path / "a.model", vocab_size=300)
+    tok_b = Tokenizer.train(texts[::-1] + ["class C:\n    pass\n" * 20], tmp_path / "b.model", vocab_size=310)
+    assert tok_a.sha256 != tok_b.sha256
+    model = GPT(GPTConfig(vocab_size=310, n_layer=1, n_head=2, n_kv_head=1, d_model=32, max_seq_len=16))
+    config = {**model.config.to_dict(), "architecture": "codex_ml.GPT"}
+    good = save_checkpoint(tmp_path / "good", model_state=model.state_dict(), model_config=config,
+                           tokenizer_path=tok_b.model_path, manifest_extra={"tokenizer_sha256": tok_b.sha256})
+    assert load_native(good)[1].sha256 == tok_b.sha256
+    # Trained with tokenizer b, but tokenizer a was stored beside it: its ids would decode to other text.
+    bad = save_checkpoint(tmp_path / "bad", model_state=model.state_dict(), model_config=config,
+                          tokenizer_path=tok_a.model_path, manifest_extra={"tokenizer_sha256": tok_b.sha256})
+    with pytest.raises(CheckpointError, match="differs from the tokenizer it was trained with"):
+        load_native(bad)
