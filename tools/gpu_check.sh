@@ -58,10 +58,16 @@ for bench in kernels/bench/bench_*.py; do
     || { echo "FAILED ${name}"; tail -20 "${out}/${name}.log"; }
 done
 
+# End to end (issue 8): codex_ml's Trainer vs the HF Trainer vs a plain loop, shortened to 40 steps.
+if [[ "${preset}" == gpu ]] && python3 -c "import transformers, matplotlib" 2>/dev/null; then
+  python3 -m codex_ml.cli.bench_train --preset=gpu --steps=40 --json="${out}/bench_train.json" \
+    > "${out}/bench_train.log" 2>&1 || { echo "FAILED bench_train"; tail -20 "${out}/bench_train.log"; }
+fi
 echo "== summary"
 for bench in kernels/bench/bench_*.py; do
   name="$(basename "${bench}" .py)"
   echo "-- ${name}"; tail -n 25 "${out}/${name}.log"
 done
+[[ -f "${out}/bench_train.log" ]] && { echo "-- bench_train"; tail -n 8 "${out}/bench_train.log"; }
 echo "cuda build: $([[ ${build_status} == 0 ]] && echo ok || echo FAILED)   gpu tests: $(tail -n 1 "${out}/gpu_tests.log" 2>/dev/null)"
 exit $(( build_status || test_status ))
