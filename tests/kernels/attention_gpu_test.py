@@ -12,7 +12,8 @@ import math
 
 import pytest
 import torch
-from attention_reference import reference, rel_err
+from references import attention_reference as reference
+from references import poison_uninitialized_memory, rel_err  # noqa: F401 (an autouse fixture)
 
 from codex_ml.ops import attention
 
@@ -20,13 +21,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 BOUNDS = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
-
-@pytest.fixture(autouse=True)
-def poison_uninitialized_memory():
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(False)
 
 
 def check(impl, b, hq, hkv, t, d, causal, window, dtype):

@@ -12,20 +12,13 @@ import math
 
 import pytest
 import torch
-from attention_reference import reference, rel_err
+from references import attention_reference as reference
+from references import poison_uninitialized_memory, rel_err  # noqa: F401 (an autouse fixture)
 
 from codex_ml.ops import attention
 
 BOUNDS = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
-
-@pytest.fixture(autouse=True)
-def poison_uninitialized_memory():
-    """torch.empty / empty_like return NaN-filled tensors for the duration of each test."""
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(False)
 
 
 def test_poisoning_is_active():

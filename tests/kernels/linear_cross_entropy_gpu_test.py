@@ -12,6 +12,8 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from references import cross_entropy_reference as reference
+from references import poison_uninitialized_memory  # noqa: F401 (an autouse fixture)
 
 from codex_ml.ops import _loss_cuda
 from codex_ml.ops import loss as loss_module
@@ -24,12 +26,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOLERANCE = {torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
-@pytest.fixture(autouse=True)
-def poison_uninitialized_memory():
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(False)
+
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -39,18 +36,6 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (actual.detach().double().cpu() - expected.cpu()).abs().max().item()
-
-
-def reference(z, t, *, reduction, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None):
-    """float64 loss of logits z (before the softcap), as documented in codex_ml.ops.loss."""
-    if softcap:
-        z = softcap * torch.tanh(z / softcap)
-    valid = t != ignore_index
-    rows = F.cross_entropy(z, t.clamp(min=0), reduction="none", label_smoothing=label_smoothing)
-    rows = torch.where(valid, rows + z_loss * torch.logsumexp(z, -1) ** 2, 0.0)
-    if reduction == "none":
-        return rows
-    return rows.sum() / valid.sum().clamp(min=1) if reduction == "mean" else rows.sum()
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,0 +1,48 @@
+"""What the kernel tests share: float64 references, the relative error they are judged by, and the fixture
+that poisons every new allocation (so an element a kernel leaves unwritten fails the checks)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+@pytest.fixture(autouse=True)
+def poison_uninitialized_memory():
+    """torch.empty / empty_like return NaN-filled tensors for the duration of each test (import it into a test
+    module to apply it there)."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def attention_reference(q, k, v, *, causal, window, scale):
+    """softmax(q k^T * scale + mask) v with K/V heads repeated for grouped-query attention."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    t = q.shape[2]
+    i = torch.arange(t)
+    dist = i[:, None] - i[None, :]
+    allowed = dist >= 0 if causal else torch.ones(t, t, dtype=torch.bool)
+    if window:
+        allowed = allowed & ((dist < window) if causal else (dist.abs() < window))
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, -1) @ v
+
+
+def cross_entropy_reference(z, t, *, reduction, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None):
+    """The loss of logits z (before the softcap), as documented in codex_ml.ops.loss."""
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    valid = t != ignore_index
+    rows = F.cross_entropy(z, t.clamp(min=0), reduction="none", label_smoothing=label_smoothing)
+    rows = torch.where(valid, rows + z_loss * torch.logsumexp(z, -1) ** 2, 0.0)
+    if reduction == "none":
+        return rows
+    return rows.sum() / valid.sum().clamp(min=1) if reduction == "mean" else rows.sum()
+
+
+def rel_err(actual, expected):
+    """Relative L2 error (on the CPU, in float64); absolute where the reference is exactly zero (dk when T = 1)."""
+    diff, norm = (actual.detach().double().cpu() - expected.double().cpu()).norm().item(), expected.norm().item()
+    return diff / norm if norm > 0 else diff
