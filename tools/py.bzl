@@ -1,4 +1,4 @@
-"""py_pytest: a py_test that runs pytest on its sources, with codex_ml importable."""
+"""py_pytest: a py_test that runs pytest on its sources, with codex_ml importable; codex_binary: a command."""
 
 def py_pytest(name, srcs, deps = [], data = [], args = [], size = "medium", env = {}, **kwargs):
     """A pytest test target. `srcs` are test files; `args` are extra pytest flags."""
@@ -13,4 +13,15 @@ def py_pytest(name, srcs, deps = [], data = [], args = [], size = "medium", env 
         python_version = "PY3",
         env = env,
         **kwargs
+    )
+
+def codex_binary(name, main, data = []):
+    """A `bazel run` command whose entry point is one module of the codex_ml package (`main`, a path in python/)."""
+    native.py_binary(
+        name = name,
+        srcs = [main],
+        main = main,
+        data = data,
+        python_version = "PY3",
+        deps = ["//python:codex_ml"],
     )

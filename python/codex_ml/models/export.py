@@ -23,7 +23,6 @@ they agreed in codex_ml_export.json ("tokenizer_ids_match"), with a warning when
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ import torch
 from codex_ml.checkpoint.core import MANIFEST, CheckpointError, latest_valid_checkpoint
 from codex_ml.models.gpt import GPT
 from codex_ml.models.native import load_native
-from codex_ml.tokenization.tokenizer import SPECIAL_IDS, Tokenizer, TokenizerError
+from codex_ml.tokenization.tokenizer import SPECIAL_IDS, Tokenizer, TokenizerError, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -133,14 +132,6 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_tokenizer(tokenizer: Tokenizer, folder: Path, max_len: int) -> bool | None:
     """Writes the tokenizer files; returns whether transformers' ids matched ours on the probes (None: unchecked)."""
     import sentencepiece as spm
@@ -232,7 +223,7 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, dtyp
             "tokenizer_sha256": tokenizer.sha256 if tokenizer is not None else None,
             "tokenizer_ids_match": ids_match,
             "dtype": dtype,
-            "model_sha256": _sha256(tmp / "model.safetensors"),
+            "model_sha256": file_sha256(tmp / "model.safetensors"),
         })
         try:
             os.rename(tmp, out_dir)  # replaces an empty directory; fails if something appeared there since

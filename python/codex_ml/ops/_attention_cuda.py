@@ -8,24 +8,17 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from pathlib import Path
 
 import torch
+
+from codex_ml.ops.dispatch import load_cuda_library
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
 
 
 @functools.lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL:
-    import codex_ml.kernels
-
-    path = Path(codex_ml.kernels.__file__).with_name("libcodex_attention.so")
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as err:
-        raise RuntimeError(f"the CUDA attention library {path} is missing or failed to load ({err}); build it "
-                           "with `tools/bazel build //kernels:libcodex_attention.so` (needs nvcc) or use "
-                           "impl='triton'") from err
+    lib = load_cuda_library("libcodex_attention.so", "attention", "impl='triton'")
     ptr, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.codex_attention_forward.argtypes = [i32] + [ptr] * 5 + [i32] * 5 + [f32, i32, i32, ptr]
     lib.codex_attention_forward.restype = i32

@@ -9,22 +9,15 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from pathlib import Path
 
 import torch
+
+from codex_ml.ops.dispatch import load_cuda_library
 
 
 @functools.lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL:
-    import codex_ml.kernels
-
-    path = Path(codex_ml.kernels.__file__).with_name("libcodex_cross_entropy.so")
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as err:
-        raise RuntimeError(f"the CUDA cross-entropy library {path} is missing or failed to load ({err}); build it "
-                           "with `tools/bazel build //kernels:libcodex_cross_entropy.so` (needs nvcc) or use "
-                           "impl='triton' (the default on CUDA tensors)") from err
+    lib = load_cuda_library("libcodex_cross_entropy.so", "cross-entropy", "impl='triton' (the default on CUDA tensors)")
     ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     lib.codex_cross_entropy_rows.argtypes = [ptr] * 5 + [i64] * 3 + [f32] * 3 + [ptr]
     lib.codex_cross_entropy_rows.restype = ctypes.c_int

@@ -7,9 +7,11 @@ e.g. CODEX_ML_ATTENTION_IMPL=cuda).
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import importlib
 import os
+from pathlib import Path
 
 import torch
 
@@ -36,6 +38,19 @@ def load_extension(name: str):
             f"the compiled kernel codex_ml.kernels.{name} is missing or failed to load ({err}); "
             "build it with `tools/bazel build //python:codex_ml` or reinstall the wheel"
         ) from err
+
+
+def load_cuda_library(filename: str, what: str, fallback: str) -> ctypes.CDLL:
+    """Loads codex_ml/kernels/<filename> (a plain CUDA library made by tools/cuda.bzl) with ctypes; a missing or
+    broken library is an error that names the build command and the `fallback` implementation."""
+    import codex_ml.kernels
+
+    path = Path(codex_ml.kernels.__file__).with_name(filename)
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError as err:
+        raise RuntimeError(f"the CUDA {what} library {path} is missing or failed to load ({err}); build it with "
+                           f"`tools/bazel build //kernels:{filename}` (needs nvcc) or use {fallback}") from err
 
 
 def triton_available(device: torch.device) -> bool:
