@@ -307,8 +307,8 @@ class HFCausalLM(nn.Module):
     def hf_model(self) -> nn.Module:
         return self.model
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: Any = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor,
+                targets: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(logits, None) without targets; (None, mean loss over targets != -100) with (already shifted) targets."""
         base = _base_model(self.model)
         if targets is None:
@@ -325,9 +325,6 @@ class HFCausalLM(nn.Module):
         if exclude_embeddings:
             n -= _base_model(self.model).get_input_embeddings().weight.numel()
         return n
-
-    def num_trainable_params(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     # With LoRA, checkpoints hold the adapter alone: the frozen base is the folder's, verified by config.
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
