@@ -76,13 +76,59 @@ def _fold(grad: torch.Tensor, groups: int) -> torch.Tensor:
     return grad.view(b, h // groups, groups, t, d).sum(2)
 
 
-def _cpu_mask(t: int, causal: bool, window: int, dtype: torch.dtype, device) -> tuple[torch.Tensor | None, bool]:
-    """Additive mask for the CPU flash kernel; plain causal needs none (the kernel skips blocks itself)."""
+# Sliding-window attention on the CPU runs the flash kernel on blocks of queries, each against only the keys
+# its window can reach, so the additive mask is [block, block + window] instead of [T, T].
+_CPU_WINDOW_BLOCK = 256
+
+
+def _window_blocks(t: int, causal: bool, window: int):
+    """(query slice, key slice) pairs covering [0, t) for a sliding window: every key a query may see is in
+    its block's key slice, so each block's softmax is exact on its own."""
+    for s in range(0, t, _CPU_WINDOW_BLOCK):
+        e = min(t, s + _CPU_WINDOW_BLOCK)
+        lo = max(0, s - window + 1)
+        hi = e if causal else min(t, e + window - 1)
+        yield slice(s, e), slice(lo, hi)
+
+
+def _window_mask(qs: slice, ks: slice, causal: bool, window: int, dtype: torch.dtype, device) -> torch.Tensor:
+    allowed = _mask(torch.arange(qs.start, qs.stop, device=device), torch.arange(ks.start, ks.stop, device=device),
+                    causal, window)
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
+
+
+def _forward_cpu(q, k, v, causal, scale, window):
+    """PyTorch's flash kernel: K/V heads shared natively (GQA), strided inputs read in place."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     if window < 0:
-        return None, causal
-    pos = torch.arange(t, device=device)
-    allowed = _mask(pos, pos, causal, window)
-    return torch.zeros(t, t, dtype=dtype, device=device).masked_fill(~allowed, float("-inf")), False
+        out, lse = flash(q, k, v, 0.0, causal, scale=scale)
+        return out, lse.float().contiguous()
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    for qs, ks in _window_blocks(q.shape[2], causal, window):
+        mask = _window_mask(qs, ks, causal, window, q.dtype, q.device)
+        block_out, block_lse = flash(q[:, :, qs], k[:, :, ks], v[:, :, ks], 0.0, False, attn_mask=mask, scale=scale)
+        out[:, :, qs], lse[:, :, qs] = block_out, block_lse.float()
+    return out, lse
+
+
+def _backward_cpu(grad_out, q, k, v, out, lse, causal, scale, window):
+    flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    grad_out = _last_dim_dense(grad_out)
+    if window < 0:
+        return flash_backward(grad_out, q, k, v, out, lse, 0.0, causal, scale=scale)
+    dq = torch.empty_like(q)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)  # blocks overlap in keys: accumulate
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    for qs, ks in _window_blocks(q.shape[2], causal, window):
+        mask = _window_mask(qs, ks, causal, window, q.dtype, q.device)
+        g_q, g_k, g_v = flash_backward(_last_dim_dense(grad_out[:, :, qs]), q[:, :, qs], k[:, :, ks], v[:, :, ks],
+                                       out[:, :, qs], lse[:, :, qs].contiguous(), 0.0, False, attn_mask=mask,
+                                       scale=scale)
+        dq[:, :, qs] = g_q
+        dk[:, :, ks] += g_k
+        dv[:, :, ks] += g_v
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 def _forward_blocked(q, k, v, causal, scale, window):
@@ -130,11 +176,8 @@ def _backward_blocked(grad_out, q, k, v, out, lse, causal, scale, window):
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, window: int,
                   impl: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(output [B, Hq, T, D], log-sum-exp [B, Hq, T] in fp32); window < 0 means no window."""
-    if impl == "cpu":  # PyTorch's flash kernel: K/V heads shared natively (GQA), strided inputs read in place
-        mask, is_causal = _cpu_mask(q.shape[2], causal, window, q.dtype, q.device)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
-        return out, lse.float().contiguous()
+    if impl == "cpu":
+        return _forward_cpu(q, k, v, causal, scale, window)
     if impl == "triton":
         from codex_ml.kernels.triton.attention import attention_forward
         return attention_forward(q, k, v, causal, scale, window)
@@ -155,9 +198,7 @@ def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
                            impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), the probabilities recomputed from lse."""
     if impl == "cpu":
-        mask, is_causal = _cpu_mask(q.shape[2], causal, window, q.dtype, q.device)
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            _last_dim_dense(grad_out), q, k, v, out, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
+        return _backward_cpu(grad_out, q, k, v, out, lse, causal, scale, window)
     if impl == "triton":
         from codex_ml.kernels.triton.attention import attention_backward
         return attention_backward(grad_out.contiguous(), q, k, v, out, lse, causal, scale, window)
