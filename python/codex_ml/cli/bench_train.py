@@ -14,7 +14,7 @@ Fairness, by construction:
 - Same data: a deterministic synthetic corpus (Zipf-distributed "phrases" repeated with 5% noise, so the loss
   falls) cut into identical (input_ids, targets) batches, in the same order, for all three. The HF Trainer
   gets `shift_labels` = targets, so it solves the same next-token problem over all seq_len positions.
-- Same optimizer and schedule: AdamW (weight decay on matrices only, foreach on CPU, fused on CUDA), the same
+- Same optimizer and schedule: AdamW (weight decay on matrices only, PyTorch's fused kernel), the same
   lr/betas/weight decay, linear warmup then constant lr, gradient clipping at the same norm, the same number
   of steps, no gradient accumulation, no evaluation, no MLflow, no checkpoints except the final one the codex_ml
   Trainer always writes (after the last step: outside the timing, inside its process's peak RSS).
@@ -265,12 +265,12 @@ class PlainGPT(nn.Module):
 
 # -------------------------------------------------------------------------------- shared training parts
 def make_optimizer(model: nn.Module, spec: BenchSpec) -> torch.optim.AdamW:
-    """AdamW as codex_ml's build_optimizer makes it: decay on matrices only, foreach on CPU, fused on CUDA."""
+    """AdamW as codex_ml's build_optimizer makes it (and as the HF Trainer's default "adamw_torch_fused"): decay on
+    matrices only, PyTorch's fused kernel."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    speed = {"fused": True} if spec.device.startswith("cuda") else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=spec.learning_rate, betas=tuple(spec.betas), **speed)
+    return torch.optim.AdamW(groups, lr=spec.learning_rate, betas=tuple(spec.betas), fused=True)
 
 
 def lr_factor(spec: BenchSpec, step: int) -> float:
