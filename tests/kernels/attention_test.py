@@ -49,6 +49,7 @@ GRID = [
     (128, 64, 8, 4, True, None), (129, 128, 4, 4, False, None), (129, 64, 8, 1, True, 16),
     (129, 64, 4, 4, False, 9), (1000, 64, 4, 1, True, None), (1000, 128, 8, 4, True, 100),
     (600, 64, 4, 2, False, 50),  # a two-sided window over several of the CPU path's query blocks
+    (300, 64, 6, 2, True, None),  # causal, 256 < T <= 768: the CPU path runs it as query blocks (window = T)
 ]
 
 

@@ -97,9 +97,24 @@ def _window_mask(qs: slice, ks: slice, causal: bool, window: int, dtype: torch.d
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
 
 
+# PyTorch's CPU flash kernel splits the keys in blocks of 512 and skips those above the diagonal, so up to
+# about 768 positions a causal call computes (nearly) the whole square. In that range the query blocks of the
+# window path, each against the keys it reaches, are faster: 0.7-0.8x the time of fwd+bwd at T = 512 and
+# 0.9x at T = 384-768 on the development machine; at T >= 1024 the kernel's own skipping wins.
+_CPU_CAUSAL_SPLIT = (_CPU_WINDOW_BLOCK, 768)
+
+
+def _cpu_window(t: int, causal: bool, window: int) -> int:
+    """The window the CPU path runs: a causal attention without one in the range above gets window = t."""
+    if causal and window < 0 and _CPU_CAUSAL_SPLIT[0] < t <= _CPU_CAUSAL_SPLIT[1]:
+        return t
+    return window
+
+
 def _forward_cpu(q, k, v, causal, scale, window):
     """PyTorch's flash kernel: K/V heads shared natively (GQA), strided inputs read in place."""
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    window = _cpu_window(q.shape[2], causal, window)
     if window < 0:
         out, lse = flash(q, k, v, 0.0, causal, scale=scale)
         return out, lse.float().contiguous()
@@ -115,6 +130,7 @@ def _forward_cpu(q, k, v, causal, scale, window):
 def _backward_cpu(grad_out, q, k, v, out, lse, causal, scale, window):
     flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
     grad_out = _last_dim_dense(grad_out)
+    window = _cpu_window(q.shape[2], causal, window)
     if window < 0:
         return flash_backward(grad_out, q, k, v, out, lse, 0.0, causal, scale=scale)
     dq = torch.empty_like(q)
