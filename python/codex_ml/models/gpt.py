@@ -178,15 +178,19 @@ class GPT(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Final-norm hidden states [B, T, d_model] of tokens idx [B, T] (after `cache.length` cached ones)."""
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, *,
+                      sparse_embedding_grad: bool = False) -> torch.Tensor:
+        """Final-norm hidden states [B, T, d_model] of tokens idx [B, T] (after `cache.length` cached ones).
+
+        sparse_embedding_grad: the embedding's gradient is a sparse tensor (only for a weight that also gets a
+        dense gradient, which autograd then adds it into in place; see forward)."""
         start = cache.length if cache is not None else 0
         t = idx.shape[1]
         if start + t > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + t} tokens is longer than the model's context "
                              f"max_seq_len={self.config.max_seq_len}: shorten the prompt")
         cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]
-        x = self.embed(idx)
+        x = F.embedding(idx, self.embed.weight, sparse=sparse_embedding_grad)
         for layer, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache, layer, start)
         return self.norm(x)
@@ -194,7 +198,12 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(logits [B, T, V], None) without targets; (None, mean loss over targets != -100) with them."""
-        h = self.hidden_states(idx, cache)
+        # Tied weights: the output layer's gradient is dense, and a sparse embedding gradient is added into it in
+        # place, instead of a zero-filled [V, d_model] copy plus a full add (eager only: inductor has no sparse
+        # tensors).
+        tied = self.lm_head.weight is self.embed.weight
+        sparse = targets is not None and tied and self.embed.weight.requires_grad and not torch.compiler.is_compiling()
+        h = self.hidden_states(idx, cache, sparse_embedding_grad=sparse)
         if targets is None:
             return self.lm_head(h), None
         loss = ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1))
