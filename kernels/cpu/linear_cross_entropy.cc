@@ -14,9 +14,7 @@
 #include <cstdint>
 #include <tuple>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include "kernels/include/cpu_exp.h"
 
 namespace {
 
@@ -31,8 +29,7 @@ struct RowOptions {
 
 // The three row passes (max; sum of exp(z - max) and of z; the gradient a * exp(z - lse) - b), with AVX2+FMA
 // where the CPU has it (checked at run time, so the extension still runs on any x86-64 CPU) and plain loops
-// otherwise. exp is Cephes' expf: range reduction to [-ln2/2, ln2/2], a degree-6 polynomial, relative error
-// about 1e-7; arguments are <= 0 here and are clamped at -87 (exp(-87) ~ 1.6e-38 stands in for 0).
+// otherwise. exp is kernels/include/cpu_exp.h's (Cephes' expf); its arguments are <= 0 here.
 struct RowPasses {
   float max, sum, zsum;
 };
@@ -52,36 +49,10 @@ void row_grad_scalar(float* z, int64_t V, float a, float b, float lse) {
   for (int64_t j = 0; j < V; ++j) z[j] = a * std::exp(z[j] - lse) - b;
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define CODEX_AVX2 __attribute__((target("avx2,fma")))
-
-CODEX_AVX2 inline __m256 exp256(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
-CODEX_AVX2 inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-CODEX_AVX2 inline float hmax(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
-}
+#if CODEX_HAS_AVX2_PATH
+using codex_ml::cpu::exp256;
+using codex_ml::cpu::hmax;
+using codex_ml::cpu::hsum;
 
 CODEX_AVX2 RowPasses row_stats_avx2(const float* z, int64_t V) {
   const int64_t V8 = V - V % 8;
@@ -114,12 +85,12 @@ CODEX_AVX2 void row_grad_avx2(float* z, int64_t V, float a, float b, float lse) 
   for (int64_t j = V8; j < V; ++j) z[j] = a * std::exp(z[j] - lse) - b;
 }
 
-const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
-const bool kHasAvx2 = false;
 RowPasses row_stats_avx2(const float* z, int64_t V) { return row_stats_scalar(z, V); }
 void row_grad_avx2(float* z, int64_t V, float a, float b, float lse) { row_grad_scalar(z, V, a, b, lse); }
 #endif
+
+const bool kHasAvx2 = codex_ml::cpu::has_avx2();
 
 // One row of logits z [V] (fp32, overwritten when grad): its loss and lse, and with grad, in place,
 // d(scale * loss)/dz. Three passes over a row that stays in the L2 cache (32k floats = 128 KB) rather than

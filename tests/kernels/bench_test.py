@@ -12,6 +12,7 @@ COMMON = {"kernel", "impl", "dtype", "pass", "time_ms", "peak_mem_mb", "ref_time
 FIELDS = {
     "bench_linear_cross_entropy": COMMON | {"N", "H", "V", "floor_time_ms"},
     "bench_attention": COMMON | {"B", "H", "T", "D", "causal", "tflops"},
+    "bench_layers": COMMON | {"shape", "ratio"},
 }
 
 

@@ -76,3 +76,18 @@ def choose_impl(op: str, device: torch.device, impl: str | None, default_cuda: s
     if choice == "triton" and not triton_available(device):
         raise ValueError(f"{op}: impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), got {device}")
     return choice
+
+
+def choose_layer_impl(op: str, device: torch.device, impl: str | None) -> str:
+    """The implementation ("cpu" or "torch") of an elementwise layer op: rms_norm, swiglu, rotary.
+
+    They have no Triton or CUDA kernel yet: "cpu" on CPU tensors by default, "torch" on every other device.
+    impl="triton"/"cuda" passed to the op is an error; asked for by CODEX_ML_IMPL or CODEX_ML_<OP>_IMPL (for
+    every op), the default stands in.
+    """
+    if impl in ("triton", "cuda"):
+        raise ValueError(f"{op} has no {impl} kernel yet: use impl='torch' (the default on CUDA) or 'cpu'")
+    if requested_impl(op, impl) in ("triton", "cuda"):
+        impl = "auto"
+    chosen = choose_impl(op, device, impl, default_cuda="torch")
+    return "cpu" if chosen == "cpu" and device.type == "cpu" else "torch"

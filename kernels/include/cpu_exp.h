@@ -1,0 +1,77 @@
+// Vectorized fp32 exp for the CPU kernels, and the run-time AVX2 dispatch around it. The extensions compile
+// with -O3 and no -march (so they run on any x86-64 CPU); functions marked CODEX_AVX2 are compiled for
+// AVX2+FMA and may only be called when cpu::has_avx2() says the CPU has both. Elsewhere (not x86-64, or
+// not GCC/Clang) CODEX_HAS_AVX2_PATH is 0 and the callers keep to their plain loops.
+//
+// exp256 is Cephes' expf: range reduction to [-ln2/2, ln2/2], a degree-6 polynomial, relative error about
+// 1e-7. Arguments are clamped at -87 below (exp(-87) ~ 1.6e-38 stands in for 0) and are NOT clamped above:
+// callers pass x <= 0 (the kernels arrange their formulas so; see sigmoid256).
+#ifndef CODEX_ML_KERNELS_CPU_EXP_H_
+#define CODEX_ML_KERNELS_CPU_EXP_H_
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define CODEX_HAS_AVX2_PATH 1
+#define CODEX_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define CODEX_HAS_AVX2_PATH 0
+#define CODEX_AVX2
+#endif
+
+namespace codex_ml::cpu {
+
+// Whether the CPU running this process has AVX2 and FMA (checked once).
+inline bool has_avx2() {
+#if CODEX_HAS_AVX2_PATH
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return supported;
+#else
+  return false;
+#endif
+}
+
+#if CODEX_HAS_AVX2_PATH
+CODEX_AVX2 inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// 1 / (1 + exp(-x)) from e = exp(-|x|) in (0, 1], so exp256 only ever sees arguments <= 0:
+// 1 / (1 + e) for x >= 0 and e / (1 + e) for x < 0. The reciprocal of 1 + e (in [1, 2]) is the 12-bit
+// estimate refined by one Newton step (relative error ~1e-7), cheaper than a division.
+CODEX_AVX2 inline __m256 sigmoid256(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 e = exp256(_mm256_or_ps(x, _mm256_set1_ps(-0.0f)));
+  const __m256 d = _mm256_add_ps(one, e);
+  __m256 r = _mm256_rcp_ps(d);
+  r = _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.0f)));
+  return _mm256_blendv_ps(r, _mm256_mul_ps(e, r), _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ));
+}
+
+CODEX_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+CODEX_AVX2 inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
+}  // namespace codex_ml::cpu
+
+#endif  // CODEX_ML_KERNELS_CPU_EXP_H_
