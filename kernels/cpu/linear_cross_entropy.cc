@@ -27,9 +27,9 @@ struct RowOptions {
   float smoothing, z_loss, cap;
 };
 
-// The three row passes (max; sum of exp(z - max) and of z; the gradient a * exp(z - lse) - b), with AVX2+FMA
-// where the CPU has it (checked at run time, so the extension still runs on any x86-64 CPU) and plain loops
-// otherwise. exp is kernels/include/cpu_exp.h's (Cephes' expf); its arguments are <= 0 here.
+// The three row passes (max; sum of exp(z - max) and of z; the gradient a * exp(z - lse) - b), with AVX-512
+// or AVX2+FMA where the CPU has them (checked at run time, so the extension still runs on any x86-64 CPU) and
+// plain loops otherwise. exp is kernels/include/cpu_exp.h's (Cephes' expf); its arguments are <= 0 here.
 struct RowPasses {
   float max, sum, zsum;
 };
@@ -85,12 +85,64 @@ CODEX_AVX2 void row_grad_avx2(float* z, int64_t V, float a, float b, float lse) 
   for (int64_t j = V8; j < V; ++j) z[j] = a * std::exp(z[j] - lse) - b;
 }
 
+// The same on 16 lanes; the tail of a row (V % 16 values) through masked loads and stores.
+using codex_ml::cpu::exp512;
+
+CODEX_AVX512 RowPasses row_stats_avx512(const float* z, int64_t V) {
+  const int64_t V16 = V - V % 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (V % 16)) - 1);
+  __m512 vmax = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < V16; j += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(z + j));
+  vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_loadu_ps(tail, z + V16));
+  const float mx = hmax(vmax);
+  const __m512 vm = _mm512_set1_ps(mx);
+  __m512 vsum = _mm512_setzero_ps(), vz = _mm512_setzero_ps();
+  for (int64_t j = 0; j < V16; j += 16) {
+    const __m512 x = _mm512_loadu_ps(z + j);
+    vsum = _mm512_add_ps(vsum, exp512(_mm512_sub_ps(x, vm)));
+    vz = _mm512_add_ps(vz, x);
+  }
+  const __m512 x = _mm512_maskz_loadu_ps(tail, z + V16);
+  vsum = _mm512_mask_add_ps(vsum, tail, vsum, exp512(_mm512_sub_ps(x, vm)));
+  vz = _mm512_add_ps(vz, x);
+  return {mx, hsum(vsum), hsum(vz)};
+}
+
+CODEX_AVX512 void row_grad_avx512(float* z, int64_t V, float a, float b, float lse) {
+  const int64_t V16 = V - V % 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (V % 16)) - 1);
+  const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b), vl = _mm512_set1_ps(lse);
+  for (int64_t j = 0; j < V16; j += 16) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(z + j), vl));
+    _mm512_storeu_ps(z + j, _mm512_fmsub_ps(va, e, vb));
+  }
+  const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, z + V16), vl));
+  _mm512_mask_storeu_ps(z + V16, tail, _mm512_fmsub_ps(va, e, vb));
+}
+
 #else
 RowPasses row_stats_avx2(const float* z, int64_t V) { return row_stats_scalar(z, V); }
 void row_grad_avx2(float* z, int64_t V, float a, float b, float lse) { row_grad_scalar(z, V, a, b, lse); }
+RowPasses row_stats_avx512(const float* z, int64_t V) { return row_stats_scalar(z, V); }
+void row_grad_avx512(float* z, int64_t V, float a, float b, float lse) { row_grad_scalar(z, V, a, b, lse); }
 #endif
 
 const bool kHasAvx2 = codex_ml::cpu::has_avx2();
+const bool kHasAvx512 = codex_ml::cpu::has_avx512();
+
+RowPasses row_stats(const float* z, int64_t V) {
+  return kHasAvx512 ? row_stats_avx512(z, V) : kHasAvx2 ? row_stats_avx2(z, V) : row_stats_scalar(z, V);
+}
+
+void row_grad(float* z, int64_t V, float a, float b, float lse) {
+  if (kHasAvx512) {
+    row_grad_avx512(z, V, a, b, lse);
+  } else if (kHasAvx2) {
+    row_grad_avx2(z, V, a, b, lse);
+  } else {
+    row_grad_scalar(z, V, a, b, lse);
+  }
+}
 
 // One row of logits z [V] (fp32, overwritten when grad): its loss and lse, and with grad, in place,
 // d(scale * loss)/dz. Three passes over a row that stays in the L2 cache (32k floats = 128 KB) rather than
@@ -100,7 +152,7 @@ void row_loss(float* z, int64_t V, int64_t t, bool grad, float scale, RowOptions
   if (o.cap > 0) {
     for (int64_t j = 0; j < V; ++j) z[j] = o.cap * std::tanh(z[j] / o.cap);
   }
-  const RowPasses st = kHasAvx2 ? row_stats_avx2(z, V) : row_stats_scalar(z, V);
+  const RowPasses st = row_stats(z, V);
   const float row_lse = st.max + std::log(st.sum);
   const float zt = z[t];
   *loss = row_lse - (1 - o.smoothing) * zt - (o.smoothing > 0 ? o.smoothing * st.zsum / V : 0.0f) +
@@ -118,11 +170,7 @@ void row_loss(float* z, int64_t V, int64_t t, bool grad, float scale, RowOptions
     const float ut = zt / o.cap;
     z[t] -= (1 - o.smoothing) * scale * (1 - ut * ut);
   } else {
-    if (kHasAvx2) {
-      row_grad_avx2(z, V, a, b, row_lse);
-    } else {
-      row_grad_scalar(z, V, a, b, row_lse);
-    }
+    row_grad(z, V, a, b, row_lse);
     z[t] -= (1 - o.smoothing) * scale;
   }
 }
@@ -161,7 +209,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   at::Tensor tgt = target.to(at::kLong).contiguous();
   at::Tensor loss = at::zeros({N}, f32), lse = at::zeros({N}, f32);
   at::Tensor gh = grad ? at::empty({N, H}, f32) : at::empty({0}, f32);
-  at::Tensor gw = grad ? at::zeros({V, H}, f32) : at::empty({0}, f32);
+  // The first chunk's product writes grad_weight (no zero fill and read of [V, H] first); the others add to it.
+  at::Tensor gw = grad ? (N > 0 ? at::empty({V, H}, f32) : at::zeros({V, H}, f32)) : at::empty({0}, f32);
   at::Tensor gb = grad && bias.has_value() ? at::zeros({V}, f32) : at::empty({0}, f32);
   at::Tensor scale = grad ? row_scale->to(at::kFloat).contiguous() : at::Tensor();
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(N, kChunkBytes / (4 * std::max<int64_t>(V, 1))));
@@ -183,7 +232,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
     if (grad) {
       at::Tensor gh_rows = gh.narrow(0, start, n);
       at::mm_out(gh_rows, logits, w);
-      gw.addmm_(logits.t(), h);
+      if (start == 0) {
+        at::mm_out(gw, logits.t(), h);
+      } else {
+        gw.addmm_(logits.t(), h);
+      }
       if (gb.numel()) gb.add_(logits.sum(0));
     }
   }

@@ -9,7 +9,7 @@ significant bits; arithmetic is fp32 inside).
 import pytest
 import torch
 import torch.nn.functional as F
-from references import poison_uninitialized_memory, rel_err  # noqa: F401 (autouse fixture)
+from references import poison_uninitialized_memory, rel_err, run_with_cpu_capability  # noqa: F401 (autouse fixture)
 
 from codex_ml.ops import rms_norm, rotary, swiglu
 
@@ -299,3 +299,9 @@ def test_default_impl_is_the_cpu_kernel_on_cpu_and_torch_elsewhere(monkeypatch):
     monkeypatch.setenv("CODEX_ML_IMPL", "triton")  # asked for every op: no Triton kernel here, the default stands in
     assert choose_layer_impl("rotary", torch.device("cuda"), None) == "torch"
     assert choose_layer_impl("rotary", torch.device("cpu"), None) == "cpu"
+
+
+def test_plain_cpu_loops_match_the_reference():
+    """This machine takes the AVX2 loops; the plain ones run in a subprocess with ATEN_CPU_CAPABILITY=default."""
+    run_with_cpu_capability("default", __file__, "cpu and not plain_cpu_loops and (matches_float64 or extreme_gates "
+                                                 "or model_shapes)")

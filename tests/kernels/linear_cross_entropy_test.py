@@ -7,7 +7,12 @@ fp32 inputs 1e-5; bf16 inputs 2e-2 (bf16 rounding of inputs/outputs; arithmetic 
 import pytest
 import torch
 import torch.nn.functional as F
-from references import cross_entropy_reference, poison_uninitialized_memory, rel_err  # noqa: F401 (autouse fixture)
+from references import (  # noqa: F401 (autouse fixture)
+    cross_entropy_reference,
+    poison_uninitialized_memory,
+    rel_err,
+    run_with_cpu_capability,
+)
 
 from codex_ml.ops import cross_entropy, linear_cross_entropy
 
@@ -229,3 +234,11 @@ def test_compiles_with_fullgraph():
     compiled.backward()
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(model.proj.weight.grad, eager_grad)
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_narrower_cpu_paths_match_the_reference(capability):
+    """This machine takes the AVX-512 row loops; the AVX2 and plain ones run in a subprocess with ATEN_CPU_CAPABILITY
+    capping the choice (row lengths with every tail: V % 16 in {1, 2, 8, 3})."""
+    run_with_cpu_capability(capability, __file__, "cpu and not narrower and (test_matches_float64_reference or "
+                                                  "test_options or test_huge_logits or test_cross_entropy_on_logits)")

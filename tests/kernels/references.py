@@ -46,3 +46,18 @@ def rel_err(actual, expected):
     """Relative L2 error (on the CPU, in float64); absolute where the reference is exactly zero (dk when T = 1)."""
     diff, norm = (actual.detach().double().cpu() - expected.double().cpu()).norm().item(), expected.norm().item()
     return diff / norm if norm > 0 else diff
+
+
+def run_with_cpu_capability(capability: str, test_file: str, keyword: str) -> None:
+    """Runs the tests of `test_file` selected by pytest's -k `keyword` in a fresh process with
+    ATEN_CPU_CAPABILITY=capability, so the C++ kernels take their AVX2 ("avx2") or plain ("default") loops
+    instead of the widest the CPU has. At least one test must run."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "PYTHONPATH": os.pathsep.join(sys.path)}
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", keyword]
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    output = result.stdout[-4000:] + result.stderr[-2000:]
+    assert result.returncode == 0 and " passed" in result.stdout, f"ATEN_CPU_CAPABILITY={capability}:\n{output}"
