@@ -159,3 +159,29 @@ def test_bad_folders_and_settings(llama_dir, tmp_path):
         HFCausalLM(HFModelConfig())
     bf16 = load_hf_model(llama_dir, dtype="bfloat16")
     assert next(bf16.parameters()).dtype == torch.bfloat16
+
+
+def test_fused_layers_patch_matches_unpatched(llama_dir, monkeypatch):
+    plain = load_hf_model(llama_dir, attention="eager")
+    fused = load_hf_model(llama_dir, attention="eager")
+    # 2 layers x (2 norms + 1 MLP) + the final norm
+    assert hf.patch_fused_layers(fused) == 7
+    calls = []
+    for op in ("rms_norm", "swiglu"):
+        original = getattr(hf.ops, op)
+        monkeypatch.setattr(hf.ops, op, lambda *a, _op=original, _name=op, **k: calls.append(_name) or _op(*a, **k))
+    ids = torch.randint(0, VOCAB, (2, 13))
+    expected, out = plain(input_ids=ids, labels=ids), fused(input_ids=ids, labels=ids)
+    assert calls.count("rms_norm") == 5 and calls.count("swiglu") == 2
+    torch.testing.assert_close(out.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    expected.loss.backward()
+    out.loss.backward()
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
+        scale = p.grad.abs().max()
+        torch.testing.assert_close(q.grad / scale, p.grad / scale, rtol=0, atol=1e-5, msg=name)
+
+
+def test_fused_layers_leave_other_architectures_alone(llama_dir):
+    model = load_hf_model(llama_dir, attention="eager")
+    model.config.model_type = "olmo2"  # its RMSNorm rounds in another order
+    assert hf.patch_fused_layers(model) == 0

@@ -5,6 +5,8 @@
   plain causal self-attention (training, prefill); masked or cached calls keep HF's SDPA path.
 - `patch_fused_loss` replaces the loss of supported architectures with codex_ml.ops.linear_cross_entropy,
   as Liger-Kernel patches models: with labels, the [tokens, vocabulary] logits are never materialized.
+- `patch_fused_layers` runs the RMSNorms and SiLU-gated MLPs of Llama-like models on codex_ml.ops.rms_norm
+  and swiglu (HFModelConfig.fused_layers, on by default).
 - `apply_lora` / `save_adapter` / `merge_lora`: peft adapters that train, save and load on their own.
 - `HFCausalLM` adapts all of it to codex_ml's Trainer: forward(input_ids, targets) -> (logits, loss), where
   targets are already shifted (the data pipeline's convention), and checkpoints hold only the trainable
@@ -191,6 +193,47 @@ def patch_fused_loss(model: nn.Module) -> nn.Module:
     return model
 
 
+# ------------------------------------------------------------------------------------ fused layer ops
+# Families whose RMSNorm is Llama's (weight * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype), which is exactly
+# codex_ml.ops.rms_norm) and whose MLP is down(act(gate(x)) * up(x)). OLMo-2 multiplies by the weight before
+# rounding, Gemma by 1 + weight: not these.
+FUSED_LAYER_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _fused_rms_norm_forward(norm: nn.Module):
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(hidden_states, norm.weight, norm.variance_epsilon)
+    return forward
+
+
+def _fused_mlp_forward(mlp: nn.Module):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return mlp.down_proj(ops.swiglu(mlp.gate_proj(x), mlp.up_proj(x)))
+    return forward
+
+
+def patch_fused_layers(model: nn.Module) -> int:
+    """Runs this instance's RMSNorms and SiLU-gated MLPs on codex_ml.ops.rms_norm and swiglu (one fused kernel
+    each way instead of five to ten ops), for the architectures in FUSED_LAYER_ARCHITECTURES; other models are
+    left as they are. Returns the number of modules patched. Works before or after LoRA (the projections are
+    called as modules)."""
+    base = _base_model(model)
+    config = base.config
+    if getattr(config, "model_type", None) not in FUSED_LAYER_ARCHITECTURES:
+        return 0
+    silu = getattr(config, "hidden_act", None) == "silu" and not getattr(config, "mlp_bias", False)
+    patched = 0
+    for module in base.modules():
+        name = type(module).__name__
+        if name.endswith("RMSNorm") and hasattr(module, "variance_epsilon") and module.weight.dim() == 1:
+            module.forward = _fused_rms_norm_forward(module)
+            patched += 1
+        elif silu and name.endswith("MLP") and all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")):
+            module.forward = _fused_mlp_forward(module)
+            patched += 1
+    return patched
+
+
 # ------------------------------------------------------------------------------------------------ LoRA
 def _fingerprint(model: nn.Module) -> dict[str, Any]:
     """What an adapter must match in its base model: architecture and every weight's name and shape."""
@@ -268,6 +311,7 @@ class HFModelConfig:
     seed: int = 0
     attention: str = ATTENTION_NAME
     fused_loss: bool = True
+    fused_layers: bool = True
     lora: bool = True
     lora_r: int = 8
     lora_alpha: float = 16.0
@@ -292,6 +336,8 @@ class HFCausalLM(nn.Module):
         self.config = config
         model = load_hf_model(config.path, dtype=config.dtype, device=config.device, seed=config.seed,
                               attention=config.attention)
+        if config.fused_layers:
+            patch_fused_layers(model)
         if config.lora or config.peft_path:
             model = apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                                target_modules=config.lora_target_modules, peft_path=config.peft_path)
