@@ -2,7 +2,7 @@
 
 Presets: quick (seconds, CPU, small shapes), cpu (the shapes of our benchmark model, fp32 and bf16: RMSNorm on
 [4, 512, 384], SwiGLU on [4, 512, 1024], rotary on q [4, 6, 512, 64] + k [4, 2, 512, 64] as transposed views
-of [B, T, H, D] projections, as in the model), gpu (bf16 on CUDA: the "torch" path, the only one there yet).
+of [B, T, H, D] projections, as in the model), gpu (bf16 on CUDA: the Triton kernels and the "torch" path).
 
 Rows per kernel, implementation, dtype and pass ("fwd", "fwd+bwd", the backward giving the gradients of every
 differentiable input): time_ms (median), peak_mem_mb (extra memory, see common.py), ref_time_ms and
@@ -29,8 +29,8 @@ PRESETS = {
     "quick": [((2, 64, 96), (2, 64, 256), (2, 4, 2, 64, 32), (torch.float32,), "cpu", ("cpu", "torch"), 3)],
     "cpu": [((4, 512, 384), (4, 512, 1024), (4, 6, 2, 512, 64), (torch.float32, torch.bfloat16), "cpu",
              ("cpu", "torch"), 20)],
-    "gpu": [((16, 2048, 2048), (16, 2048, 5632), (16, 16, 4, 2048, 128), (torch.bfloat16,), "cuda", ("torch",),
-             20)],
+    "gpu": [((16, 2048, 2048), (16, 2048, 5632), (16, 16, 4, 2048, 128), (torch.bfloat16,), "cuda",
+             ("triton", "torch"), 20)],
 }
 
 

@@ -5,8 +5,9 @@ d_gate = g * up * s * (1 + gate * (1 - s)), d_up = g * gate * s, with s = sigmoi
 chosen by codex_ml.ops.dispatch.choose_layer_impl:
 - "cpu" (default on CPU tensors): the C++ kernel kernels/cpu/swiglu.cc (fp32 arithmetic, AVX2 exp where the
   CPU has it), one pass each way.
-- "torch": the eager formula F.silu(gate) * up, on any device; it runs on CUDA (and any other device) until a
-  Triton kernel exists.
+- "triton" (default on CUDA tensors; on CPU tensors in the Triton interpreter): the elementwise kernels of
+  codex_ml.kernels.triton.swiglu.
+- "torch": the eager formula F.silu(gate) * up, on any device: the fallback where Triton is missing.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def _swiglu_op(gate: torch.Tensor, up: torch.Tensor, impl: str) -> torch.Tensor:
     if impl == "cpu":
         load_extension("_layers_cpu")
         return torch.ops.codex_ml_cpu.swiglu(gate, up)
+    if impl == "triton":
+        from codex_ml.kernels.triton.swiglu import swiglu_forward
+        return swiglu_forward(gate, up)
     return (F.silu(gate) * up).contiguous()
 
 
@@ -57,6 +61,9 @@ def _swiglu_backward_op(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
     if impl == "cpu":
         load_extension("_layers_cpu")
         return torch.ops.codex_ml_cpu.swiglu_backward(grad, gate, up)
+    if impl == "triton":
+        from codex_ml.kernels.triton.swiglu import swiglu_backward
+        return swiglu_backward(grad, gate, up)
     return _backward_torch(grad, gate, up)
 
 
@@ -83,7 +90,7 @@ _swiglu_op.register_autograd(_backward, setup_context=_setup_context)
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, impl: str | None = None) -> torch.Tensor:
     """silu(gate) * up for gate and up of one shape and dtype (fp32, bf16, fp16); returns that shape and dtype.
 
-    Differentiable in both; fp32 arithmetic inside the CPU kernel.
+    Differentiable in both; fp32 arithmetic inside the CPU and Triton kernels.
     """
     _check(gate, up)
     return _swiglu_op(gate, up, choose_layer_impl("swiglu", gate.device, impl))

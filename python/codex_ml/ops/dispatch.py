@@ -79,15 +79,19 @@ def choose_impl(op: str, device: torch.device, impl: str | None, default_cuda: s
 
 
 def choose_layer_impl(op: str, device: torch.device, impl: str | None) -> str:
-    """The implementation ("cpu" or "torch") of an elementwise layer op: rms_norm, swiglu, rotary.
+    """The implementation ("triton", "cpu" or "torch") of an elementwise layer op: rms_norm, swiglu, rotary.
 
-    They have no Triton or CUDA kernel yet: "cpu" on CPU tensors by default, "torch" on every other device.
-    impl="triton"/"cuda" passed to the op is an error; asked for by CODEX_ML_IMPL or CODEX_ML_<OP>_IMPL (for
-    every op), the default stands in.
+    By default "cpu" on CPU tensors, "triton" on CUDA tensors where triton is importable, and "torch" (the
+    eager formulas) everywhere else. "triton" on CPU tensors only when asked for, under TRITON_INTERPRET=1.
+    They have no CUDA kernel: impl="cuda" passed to the op is an error; asked for by CODEX_ML_IMPL or
+    CODEX_ML_<OP>_IMPL (for every op), the default stands in.
     """
-    if impl in ("triton", "cuda"):
-        raise ValueError(f"{op} has no {impl} kernel yet: use impl='torch' (the default on CUDA) or 'cpu'")
-    if requested_impl(op, impl) in ("triton", "cuda"):
-        impl = "auto"
-    chosen = choose_impl(op, device, impl, default_cuda="torch")
-    return "cpu" if chosen == "cpu" and device.type == "cpu" else "torch"
+    if impl == "cuda":
+        raise ValueError(f"{op} has no cuda kernel: use impl='triton' (the default on CUDA tensors), 'torch' or "
+                         "'cpu' (the default on CPU tensors)")
+    choice = requested_impl(op, impl)
+    if choice in (None, "cuda"):
+        if device.type == "cpu":
+            return "cpu"
+        return "triton" if device.type == "cuda" and triton_available(device) else "torch"
+    return choose_impl(op, device, choice)

@@ -5,8 +5,9 @@ the formula of Llama's RMSNorm (codex_ml.models.gpt.RMSNorm calls this op). The 
 rstd = rsqrt(mean(x^2) + eps) (fp32, one per row) for the backward. Implementations, chosen by
 codex_ml.ops.dispatch.choose_layer_impl:
 - "cpu" (default on CPU tensors): the C++ kernel kernels/cpu/rms_norm.cc, one pass over x each way.
-- "torch": the eager PyTorch formula, on any device; it runs on CUDA (and any other device) until a Triton
-  kernel exists.
+- "triton" (default on CUDA tensors; on CPU tensors in the Triton interpreter): the kernels of
+  codex_ml.kernels.triton.rms_norm, one row per tile (H <= 65536).
+- "torch": the eager PyTorch formula, on any device: the fallback where Triton is missing.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, impl: str) -
     if impl == "cpu":
         load_extension("_layers_cpu")
         return torch.ops.codex_ml_cpu.rms_norm(x, weight, eps)
+    if impl == "triton":
+        from codex_ml.kernels.triton.rms_norm import rms_norm_forward
+        return rms_norm_forward(x, weight, eps)
     return _forward_torch(x, weight, eps)
 
 
@@ -76,6 +80,9 @@ def _rms_norm_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Ten
     if impl == "cpu":
         load_extension("_layers_cpu")
         return torch.ops.codex_ml_cpu.rms_norm_backward(grad, x, weight, rstd)
+    if impl == "triton":
+        from codex_ml.kernels.triton.rms_norm import rms_norm_backward
+        return rms_norm_backward(grad, x, weight, rstd)
     return _backward_torch(grad, x, weight, rstd)
 
 

@@ -8,8 +8,9 @@ place, and the output and the gradient of x are allocated with x's strides, so n
 Only x gets a gradient (cos and sin are tables). Implementations, chosen by
 codex_ml.ops.dispatch.choose_layer_impl:
 - "cpu" (default on CPU tensors): the C++ kernel kernels/cpu/rotary.cc.
-- "torch": the eager formula, on any device; it runs on CUDA (and any other device) until a Triton kernel
-  exists.
+- "triton" (default on CUDA tensors; on CPU tensors in the Triton interpreter): the kernel of
+  codex_ml.kernels.triton.rotary, strided like the C++ one.
+- "torch": the eager formula, on any device: the fallback where Triton is missing.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ def _rotary_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str)
     if impl == "cpu":
         load_extension("_layers_cpu")
         return torch.ops.codex_ml_cpu.rotary(x, cos, sin)
+    if impl == "triton":
+        from codex_ml.kernels.triton.rotary import rotary_forward
+        return rotary_forward(x, cos, sin)
     return _rotate_torch(x, cos, sin)
 
 
@@ -85,6 +89,9 @@ def _rotary_backward_op(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     if impl == "cpu":
         load_extension("_layers_cpu")
         return torch.ops.codex_ml_cpu.rotary_backward(grad, cos, sin, strides)
+    if impl == "triton":
+        from codex_ml.kernels.triton.rotary import rotary_backward
+        return rotary_backward(grad, cos, sin, strides)
     return _rotate_backward_torch(grad, cos, sin, strides)
 
 
