@@ -195,10 +195,11 @@ def test_version_command(venv, work):
 
 
 def test_ops_match_float64_pytorch_in_the_new_environment(venv, work):
-    """Each op, forward and backward, on odd shapes, against float64 PyTorch; the loss through the wheel's extension."""
+    """Each op, forward and backward, on odd shapes, against float64 PyTorch; the loss and the layer ops through the
+    wheel's extensions."""
     script = f"""
 import sys, torch, torch.nn.functional as F
-from codex_ml.ops import attention, cross_entropy, linear_cross_entropy
+from codex_ml.ops import attention, cross_entropy, linear_cross_entropy, rms_norm, rotary, swiglu
 torch.manual_seed(0)
 def close(a, b):
     torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
@@ -223,11 +224,37 @@ out, ref = attention(q, k, v), F.scaled_dot_product_attention(q64, k64, v64, is_
 grad = torch.randn_like(ref)
 out.backward(grad.float()); ref.backward(grad)
 close(out, ref); close(q.grad, q64.grad); close(k.grad, k64.grad); close(v.grad, v64.grad)
+
+x, weight = torch.randn(5, 7, 37, requires_grad=True), torch.randn(37, requires_grad=True)
+x64, weight64 = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+out, ref = rms_norm(x, weight), x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * weight64
+grad = torch.randn_like(ref)
+out.backward(grad.float()); ref.backward(grad)
+close(out, ref); close(x.grad, x64.grad); close(weight.grad, weight64.grad)
+
+gate, up = torch.randn(5, 93, requires_grad=True), torch.randn(5, 93, requires_grad=True)
+gate64, up64 = gate.detach().double().requires_grad_(), up.detach().double().requires_grad_()
+out, ref = swiglu(gate, up), F.silu(gate64) * up64
+grad = torch.randn_like(ref)
+out.backward(grad.float()); ref.backward(grad)
+close(out, ref); close(gate.grad, gate64.grad); close(up.grad, up64.grad)
+
+x = torch.randn(2, 17, 3, 32).transpose(1, 2).requires_grad_()  # [B, H, T, D], strided as in a model
+angles = torch.randn(17, 16).repeat(1, 2)
+x64 = x.detach().double().requires_grad_()
+out = rotary(x, angles.cos(), angles.sin())
+ref = x64 * angles.cos().double() + torch.cat([-x64[..., 16:], x64[..., :16]], -1) * angles.sin().double()
+grad = torch.randn_like(ref)
+out.backward(grad.float()); ref.backward(grad)
+close(out, ref); close(x.grad, x64.grad)
+layers = sys.modules["codex_ml.kernels._layers_cpu"]  # rms_norm, swiglu and rotary ran the compiled kernels
 print(ext.__file__)
+print(layers.__file__)
 """
     result = run(venv, "python", "-c", script, cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().startswith(str(venv)), result.stdout
+    extensions = result.stdout.split()
+    assert len(extensions) == 2 and all(path.startswith(str(venv)) for path in extensions), result.stdout
 
 
 @pytest.mark.parametrize("script", sorted(CONSOLE_SCRIPTS))
@@ -242,7 +269,7 @@ def test_console_script_is_installed_and_runs(venv, work, script):
 def test_python_m_delegates_to_the_console_scripts(venv, work):
     result = run(venv, "python", "-m", "codex_ml", "bench", "--list", cwd=work)
     assert result.returncode == 0, result.stderr
-    assert {"attention", "linear_cross_entropy"} <= set(result.stdout.split())
+    assert {"attention", "layers", "linear_cross_entropy"} <= set(result.stdout.split())
 
 
 def test_codex_bench_runs_a_benchmark_from_the_wheel(venv, work):
