@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import datetime
 import json
 import logging
 import math
@@ -104,8 +105,17 @@ def init_distributed() -> None:
 
 
 def shutdown_distributed() -> None:
-    """Leaves the process group (exiting without it makes gloo abort the process)."""
+    """Leaves the process group (exiting without it makes gloo abort the process). All ranks meet at a barrier
+    first, so no rank tears down its connections while another still uses them (under load that raced and
+    aborted a rank at exit: "terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        try:
+            if dist.get_backend() == "gloo":  # one that gives up (a rank killed, failed) instead of waiting forever
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+            else:
+                dist.barrier()
+        except RuntimeError:  # a rank already gone: leave anyway
+            pass
         dist.destroy_process_group()
 
 
