@@ -99,8 +99,9 @@ def _window_mask(qs: slice, ks: slice, causal: bool, window: int, dtype: torch.d
 
 # PyTorch's CPU flash kernel splits the keys in blocks of 512 and skips those above the diagonal, so up to
 # about 768 positions a causal call computes (nearly) the whole square. In that range the query blocks of the
-# window path, each against the keys it reaches, are faster: 0.7-0.8x the time of fwd+bwd at T = 512 and
-# 0.9x at T = 384-768 on the development machine; at T >= 1024 the kernel's own skipping wins.
+# window path, each against the keys it reaches, are no slower: 0.7-0.85x the time of fwd+bwd at T = 512,
+# about the same at T = 384 and 640-768 on the development machine; at T >= 1024 the kernel's own skipping
+# wins (1.1-1.3x).
 _CPU_CAUSAL_SPLIT = (_CPU_WINDOW_BLOCK, 768)
 
 
