@@ -5,6 +5,8 @@ time_ms (median of the repeats), peak_mem_mb (extra memory over the inputs, see 
 for how it is measured), the same for the PyTorch reference (ref_*) and its torch.compile'd version
 (compiled_ref_time_ms, None where it does not compile), and floor_time_ms: the matrix products alone
 (logits for "fwd"; logits, grad hidden and grad weight for "fwd+bwd"), which no implementation can beat.
+On CUDA, where the liger-kernel package is importable (tools/gpu_wheels.sh fetches it for the GPU machine;
+it is no dependency of codex_ml), Liger-Kernel's fused linear cross-entropy gets rows too (impl "liger").
 
     tools/bazel run //kernels:bench_linear_cross_entropy -- --preset=cpu --json=lce_cpu.json
 """
@@ -23,8 +25,19 @@ PRESETS = {
     # (N, H, V, dtype, device, impls, repeats)
     "quick": [(512, 256, 4096, torch.float32, "cpu", ("cpu",), 3)],
     "cpu": [(8192, 1024, 32768, torch.float32, "cpu", ("cpu",), 3)],
-    "gpu": [(8192, 4096, 128256, torch.bfloat16, "cuda", ("triton", "cuda"), 10)],
+    # Issue 3's GPU shape: 16k tokens of a Llama-3-sized head (vocabulary 128256), bf16.
+    "gpu": [(16384, 4096, 128256, torch.bfloat16, "cuda", ("triton", "cuda", "liger"), 10)],
 }
+
+
+def _liger_loss():
+    """Liger-Kernel's fused linear cross-entropy (mean over non-ignored tokens), or None if not installed."""
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except Exception as err:  # noqa: BLE001  (any failure to import it only drops its rows)
+        print(f"impl liger unavailable: liger-kernel is not importable ({err}); tools/gpu_wheels.sh fetches it")
+        return None
+    return liger_fused_linear_cross_entropy
 
 
 def _reference(hidden, weight, target):
@@ -68,6 +81,7 @@ def run_case(n: int, h: int, v: int, dtype: torch.dtype, device: str, impls: tup
     ref = dict(zip(("fwd", "fwd+bwd"), _passes(_reference, hidden, weight, target)))
     compiled = _compiled_reference()
     compiled_passes = dict(zip(("fwd", "fwd+bwd"), _passes(compiled, hidden, weight, target))) if compiled else {}
+    liger = _liger_loss() if "liger" in impls else None
     rows = []
     for pass_name in ("fwd", "fwd+bwd"):
         ref_time = common.time_ms(ref[pass_name], repeats)
@@ -85,10 +99,15 @@ def run_case(n: int, h: int, v: int, dtype: torch.dtype, device: str, impls: tup
             def ours(hd, wt, tg, impl=impl):
                 return linear_cross_entropy(hd, wt, tg, impl=impl)
 
+            loss_fn = liger if impl == "liger" else ours
+            if loss_fn is None:
+                continue
+            # Ours fail only with our clear errors; whatever the other library raises only drops its rows.
+            failures = Exception if impl == "liger" else (ValueError, RuntimeError)
             try:
-                fn = dict(zip(("fwd", "fwd+bwd"), _passes(ours, hidden, weight, target)))[pass_name]
+                fn = dict(zip(("fwd", "fwd+bwd"), _passes(loss_fn, hidden, weight, target)))[pass_name]
                 time_ms, mem = common.time_ms(fn, repeats), common.peak_mem_mb(fn, device)
-            except (ValueError, RuntimeError) as err:
+            except failures as err:
                 print(f"impl {impl} unavailable: {err}")
                 continue
             rows.append({
