@@ -1,73 +1,148 @@
 #!/usr/bin/env bash
 # GPU check, for a lent GPU machine (no Bazel there; its own python3 with torch and triton).
 # Builds the CUDA libraries with nvcc (same flags as tools/cuda.bzl), assembles codex_ml the way
-# Bazel does (python/codex_ml + kernels/ under codex_ml.kernels), runs the GPU tests and the
-# kernel benchmarks, and prints a short table last. Full logs and JSON go to $OUT (or /tmp/gpu_out).
-#   usage: tools/gpu_check.sh [quick|gpu]     (default gpu: the benchmark presets' GPU sizes)
+# Bazel does (python/codex_ml + kernels/ under codex_ml.kernels, _version.py from tools/version.bzl),
+# runs the GPU tests and the kernel benchmarks, and prints a short table last. Full logs and JSON
+# go to $OUT (or /tmp/gpu_out). Wheels in .whl/ are installed first (tools/gpu_wheels.sh fetches
+# liger-kernel there, for the loss benchmark's comparison; carry .whl with the run).
+#   usage: tools/gpu_check.sh [quick|gpu [stage ...]]   (default gpu: the benchmark presets' GPU sizes;
+#          stages: tests bench_linear_cross_entropy bench_attention bench_layers bench_train, default all)
+#   env:   PYTHON (default python3), NVCC (default nvcc; "none" skips the CUDA build)
+# Without a CUDA device it makes a dry run: the same assembly, every module of the op API, the
+# kernels and the benchmarks imported, the GPU tests collected (they skip), no benchmark run.
+# tests/build/gpu_check_test.py runs that dry run in the CPU suite, so the plumbing stays working.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 preset="${1:-gpu}"
+py="${PYTHON:-python3}"
+nvcc="${NVCC:-nvcc}"
 out="${OUT:-/tmp/gpu_out}"
 mkdir -p "${out}"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 export TRITON_DEFAULT_FP_FUSION=1
 
 tree="$(mktemp -d)"
-mkdir -p "${tree}/codex_ml"
-cp -r python/codex_ml/. "${tree}/codex_ml/"
+trap 'rm -rf "${tree}"' EXIT
+# -L: plain copies, never links into the sources. A Bazel runfiles tree (tests/build/gpu_check_test.py)
+# also holds Bazel's outputs under python/codex_ml: drop them, so the tree is built from sources alone.
+cp -rL python/codex_ml/. "${tree}/codex_ml/"
+rm -rf "${tree}/codex_ml/kernels" "${tree}/codex_ml/_version.py"
 mkdir -p "${tree}/codex_ml/kernels"
-cp -r kernels/__init__.py kernels/triton "${tree}/codex_ml/kernels/"
-[[ -d kernels/bench ]] && cp -r kernels/bench "${tree}/codex_ml/kernels/"
+cp -rL kernels/__init__.py kernels/triton kernels/bench "${tree}/codex_ml/kernels/"
+find "${tree}" -name __pycache__ -prune -exec rm -rf {} +
+version="$(sed -n 's/^VERSION = "\(.*\)"$/\1/p' tools/version.bzl)"
+echo "__version__ = \"${version}\"  # generated from tools/version.bzl" > "${tree}/codex_ml/_version.py"
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  echo "== installing carried wheels: $(cd .whl && echo *.whl)"
+  "${py}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "${tree}/site" .whl/*.whl \
+    || echo "FAILED to install the wheels in .whl/"
+fi
+export PYTHONPATH="${tree}:${tree}/site${PYTHONPATH:+:${PYTHONPATH}}"
 
 echo "== building CUDA libraries"
-build_status=0
-for cu in kernels/cuda/*.cu; do
-  name="$(basename "${cu}" .cu)"
-  lib="${tree}/codex_ml/kernels/libcodex_${name}.so"
-  [[ "${name}" == device_info ]] && lib="${tree}/codex_ml/kernels/libcodex_cuda_device.so"
-  if nvcc -O3 -std=c++17 -Xcompiler -fPIC -I. --expt-relaxed-constexpr -shared \
-      -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90 \
-      -gencode=arch=compute_90,code=compute_90 -Xptxas -v "${cu}" -o "${lib}" \
-      > "${out}/nvcc_${name}.log" 2>&1; then
-    echo "built ${lib##*/}"
-  else
-    echo "FAILED to build ${cu} (see nvcc_${name}.log)"; tail -20 "${out}/nvcc_${name}.log"; build_status=1
-  fi
-done
-
-export PYTHONPATH="${tree}${PYTHONPATH:+:${PYTHONPATH}}"
-python3 - <<'PY' | tee "${out}/env.txt"
-import torch, triton
-print("torch", torch.__version__, "triton", triton.__version__, "device", torch.cuda.get_device_name(0))
-PY
-
-echo "== GPU tests"
-mapfile -t gpu_tests < <(ls tests/*/*gpu*_test.py 2>/dev/null)
-test_status=0
-if (( ${#gpu_tests[@]} )); then
-  python3 -m pytest -q -p no:cacheprovider -rs "${gpu_tests[@]}" 2>&1 | tee "${out}/gpu_tests.log" | tail -30
-  test_status=${PIPESTATUS[0]}
+build_status=0 build_label=ok
+if [[ "${nvcc}" == none ]]; then
+  echo "skipped (NVCC=none)"; build_label=skipped
 else
-  echo "no GPU test files found"; test_status=1
+  for cu in kernels/cuda/*.cu; do  # in parallel: the libraries are independent
+    name="$(basename "${cu}" .cu)"
+    lib="${tree}/codex_ml/kernels/libcodex_${name}.so"
+    [[ "${name}" == device_info ]] && lib="${tree}/codex_ml/kernels/libcodex_cuda_device.so"
+    "${nvcc}" -O3 -std=c++17 -Xcompiler -fPIC -I. --expt-relaxed-constexpr -shared \
+      -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90 \
+      -gencode=arch=compute_90,code=compute_90 -Xptxas -v "${cu}" -o "${lib}" > "${out}/nvcc_${name}.log" 2>&1 &
+  done
+  wait
+  for cu in kernels/cuda/*.cu; do
+    name="$(basename "${cu}" .cu)"
+    lib="libcodex_${name}.so"
+    [[ "${name}" == device_info ]] && lib="libcodex_cuda_device.so"
+    if [[ -f "${tree}/codex_ml/kernels/${lib}" ]]; then
+      echo "built ${lib}"
+    else
+      echo "FAILED to build ${cu} (see nvcc_${name}.log)"; tail -20 "${out}/nvcc_${name}.log"
+      build_status=1 build_label=FAILED
+    fi
+  done
 fi
 
-echo "== benchmarks (--preset=${preset})"
-for bench in kernels/bench/bench_*.py; do
-  name="$(basename "${bench}" .py)"
-  python3 "${bench}" --preset="${preset}" --json="${out}/${name}.json" > "${out}/${name}.log" 2>&1 \
-    || { echo "FAILED ${name}"; tail -20 "${out}/${name}.log"; }
+echo "== environment"
+"${py}" - <<'PY' 2>&1 | tee "${out}/env.txt"
+import importlib
+import torch
+import triton
+import codex_ml
+device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
+print(f"codex_ml {codex_ml.__version__} from {codex_ml.__path__[0]}")
+print(f"torch {torch.__version__}  triton {triton.__version__}  {device}")
+for name in ("liger_kernel", "transformers", "matplotlib"):
+    try:
+        module = importlib.import_module(name)
+        print(f"{name} {getattr(module, '__version__', '(no version)')}")
+    except Exception as err:  # noqa: BLE001
+        print(f"{name} not importable: {err}")
+PY
+env_status=${PIPESTATUS[0]}
+has_gpu="$("${py}" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)"
+
+# The tests run from plain copies too (in a runfiles tree they are links, whose folders pytest can't import from).
+cp -rL tests "${tree}/tests"
+find "${tree}/tests" -name __init__.py -empty -delete  # Bazel's runfiles add them; the test folders are no packages
+mapfile -t gpu_tests < <(cd "${tree}" && ls tests/*/*gpu_test.py 2>/dev/null)
+if [[ "${has_gpu}" != 1 ]]; then
+  echo "== no CUDA device: dry run"
+  "${py}" - <<'PY' 2>&1 | tee "${out}/dry_run.log"
+import importlib
+import importlib.util
+import pkgutil
+import codex_ml.kernels
+import codex_ml.ops
+names = ["codex_ml.ops." + m.name for m in pkgutil.iter_modules(codex_ml.ops.__path__)]
+names += [m.name for m in pkgutil.walk_packages(codex_ml.kernels.__path__, "codex_ml.kernels.")
+          if importlib.util.find_spec(m.name).origin.endswith(".py")]  # not the compiled libraries
+names.append("codex_ml.cli.bench_train")
+for name in names:
+    importlib.import_module(name)
+print(f"imported {len(names)} modules")
+PY
+  dry_status=${PIPESTATUS[0]}
+  (cd "${tree}" && "${py}" -m pytest -q -p no:cacheprovider --collect-only "${gpu_tests[@]}") 2>&1 | tee "${out}/gpu_tests.log" | tail -3
+  collect_status=${PIPESTATUS[0]}
+  echo "dry run: environment $([[ ${env_status} == 0 ]] && echo ok || echo FAILED)  " \
+       "imports $([[ ${dry_status} == 0 ]] && echo ok || echo FAILED)  " \
+       "gpu tests collected $([[ ${collect_status} == 0 ]] && echo ok || echo FAILED)  cuda build ${build_label}"
+  exit $(( env_status || dry_status || collect_status || build_status ))
+fi
+
+# Stages (all by default; name some to rerun only those): tests, each benchmark, bench_train. Each has a time
+# limit, so that one that hangs leaves the rest of the lease to the others.
+stages=("${@:2}")
+(( ${#stages[@]} )) || stages=(tests bench_linear_cross_entropy bench_attention bench_layers bench_train)
+test_status=0
+for stage in "${stages[@]}"; do
+  SECONDS=0
+  case "${stage}" in
+    tests)
+      echo "== GPU tests"
+      (cd "${tree}" && timeout 300 "${py}" -m pytest -q -p no:cacheprovider -rs "${gpu_tests[@]}") 2>&1 \
+        | tee "${out}/gpu_tests.log" | tail -30
+      test_status=${PIPESTATUS[0]} ;;
+    bench_train)  # issue 8 end to end: codex_ml's Trainer vs the HF Trainer vs a plain loop, 40 steps
+      [[ "${preset}" == gpu ]] || continue
+      echo "== bench_train (--preset=gpu --steps=40)"
+      timeout 240 "${py}" -m codex_ml.cli.bench_train --preset=gpu --steps=40 --json="${out}/bench_train.json" \
+        > "${out}/bench_train.log" 2>&1 || { echo "FAILED bench_train"; tail -20 "${out}/bench_train.log"; } ;;
+    bench_*)
+      echo "== ${stage} (--preset=${preset})"
+      timeout 240 "${py}" -m "codex_ml.kernels.bench.${stage}" --preset="${preset}" --json="${out}/${stage}.json" \
+        > "${out}/${stage}.log" 2>&1 || { echo "FAILED ${stage}"; tail -20 "${out}/${stage}.log"; } ;;
+    *) echo "unknown stage ${stage}"; test_status=1; continue ;;
+  esac
+  echo "   (${stage}: ${SECONDS} s)"
 done
 
-# End to end (issue 8): codex_ml's Trainer vs the HF Trainer vs a plain loop, shortened to 40 steps.
-if [[ "${preset}" == gpu ]] && python3 -c "import transformers, matplotlib" 2>/dev/null; then
-  python3 -m codex_ml.cli.bench_train --preset=gpu --steps=40 --json="${out}/bench_train.json" \
-    > "${out}/bench_train.log" 2>&1 || { echo "FAILED bench_train"; tail -20 "${out}/bench_train.log"; }
-fi
 echo "== summary"
-for bench in kernels/bench/bench_*.py; do
-  name="$(basename "${bench}" .py)"
-  echo "-- ${name}"; tail -n 25 "${out}/${name}.log"
-done
-[[ -f "${out}/bench_train.log" ]] && { echo "-- bench_train"; tail -n 8 "${out}/bench_train.log"; }
-echo "cuda build: $([[ ${build_status} == 0 ]] && echo ok || echo FAILED)   gpu tests: $(tail -n 1 "${out}/gpu_tests.log" 2>/dev/null)"
+"${py}" tools/gpu_summary.py "${out}"
+echo "cuda build: ${build_label}   gpu tests: $(tail -n 1 "${out}/gpu_tests.log" 2>/dev/null)"
 exit $(( build_status || test_status ))
