@@ -2,7 +2,9 @@
 
 Presets: quick (seconds, CPU, small shapes), cpu (the shapes of our benchmark model, fp32 and bf16: RMSNorm on
 [4, 512, 384], SwiGLU on [4, 512, 1024], rotary on q [4, 6, 512, 64] + k [4, 2, 512, 64] as transposed views
-of [B, T, H, D] projections, as in the model), gpu (bf16 on CUDA: the Triton kernels and the "torch" path).
+of [B, T, H, D] projections, as in the model), gpu (bf16 on CUDA: the Triton kernels and the "torch" path, and
+Liger-Kernel's kernels for the same three ops, impl "liger", where liger-kernel is importable: tools/gpu_wheels.sh
+fetches it for the GPU machine; it is no dependency of codex_ml).
 
 Rows per kernel, implementation, dtype and pass ("fwd", "fwd+bwd", the backward giving the gradients of every
 differentiable input): time_ms (median), peak_mem_mb (extra memory, see common.py), ref_time_ms and
@@ -30,7 +32,7 @@ PRESETS = {
     "cpu": [((4, 512, 384), (4, 512, 1024), (4, 6, 2, 512, 64), (torch.float32, torch.bfloat16), "cpu",
              ("cpu", "torch"), 20)],
     "gpu": [((16, 2048, 2048), (16, 2048, 5632), (16, 16, 4, 2048, 128), (torch.bfloat16,), "cuda",
-             ("triton", "torch"), 20)],
+             ("triton", "torch", "liger"), 20)],
 }
 
 
@@ -70,16 +72,47 @@ def _callables(fn, inputs, grad_inputs):
     return {"fwd": fwd, "fwd+bwd": fwd_bwd}
 
 
+def _liger():
+    """liger_kernel.transformers.functional, or None where liger-kernel is not importable."""
+    try:
+        from liger_kernel.transformers import functional
+    except Exception as err:  # noqa: BLE001  (any failure to import it only drops its rows)
+        print(f"impl liger unavailable: liger-kernel is not importable ({err}); tools/gpu_wheels.sh fetches it")
+        return None
+    return functional
+
+
+# Each op as impl's function of the differentiable inputs, returning a list of outputs. Liger's RMSNorm runs out
+# of place: in place, its backward would overwrite the output gradient the repeats share. Its rope rotates q and k
+# in place (its design, kept): the shared inputs stay random-like (a rotation keeps their norms), so the other
+# rows' timings are unaffected.
+def _rms_norm_fn(impl, liger):
+    if impl == "liger":
+        return lambda x, w: [liger.liger_rms_norm(x, w, EPS, in_place=False)]
+    return lambda x, w: [rms_norm(x, w, EPS, impl=impl)]
+
+
+def _swiglu_fn(impl, liger):
+    if impl == "liger":
+        return lambda g, u: [liger.liger_swiglu(g, u)]
+    return lambda g, u: [swiglu(g, u, impl=impl)]
+
+
+def _rotary_fn(impl, liger, cos, sin):
+    if impl == "liger":  # tables [1, T, D], broadcast over the heads (unsqueeze_dim=1)
+        return lambda q, k: list(liger.liger_rope(q, k, cos[None], sin[None]))
+    return lambda q, k: [rotary(q, cos, sin, impl=impl), rotary(k, cos, sin, impl=impl)]
+
+
 def _cases(rms_shape, swiglu_shape, rotary_shape, dtype, device):
-    """(kernel, shape text, ours(impl) -> fn, reference fn, inputs, differentiable inputs) per kernel."""
+    """(kernel, shape text, fn(impl, liger) -> op, reference fn, inputs, differentiable inputs) per kernel."""
     x = torch.randn(rms_shape, device=device, dtype=dtype, requires_grad=True)
     weight = (1 + 0.1 * torch.randn(rms_shape[-1], device=device)).to(dtype).requires_grad_()
-    yield ("rms_norm", str(list(rms_shape)), lambda impl: lambda x, w: [rms_norm(x, w, EPS, impl=impl)],
-           lambda x, w: [eager_rms_norm(x, w)], (x, weight), (x, weight))
+    yield ("rms_norm", str(list(rms_shape)), _rms_norm_fn, lambda x, w: [eager_rms_norm(x, w)], (x, weight),
+           (x, weight))
 
     gate, up = (torch.randn(swiglu_shape, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
-    yield ("swiglu", str(list(swiglu_shape)), lambda impl: lambda g, u: [swiglu(g, u, impl=impl)],
-           lambda g, u: [eager_swiglu(g, u)], (gate, up), (gate, up))
+    yield ("swiglu", str(list(swiglu_shape)), _swiglu_fn, lambda g, u: [eager_swiglu(g, u)], (gate, up), (gate, up))
 
     b, hq, hkv, t, d = rotary_shape
     # Transposed views of [B, T, H, D] projections, as the model passes them.
@@ -87,29 +120,38 @@ def _cases(rms_shape, swiglu_shape, rotary_shape, dtype, device):
     k = torch.randn(b, t, hkv, d, device=device, dtype=dtype).transpose(1, 2).requires_grad_()
     cos, sin = _rope_tables(t, d, device)
     yield ("rotary", f"q{list(q.shape)}+k{list(k.shape)}",
-           lambda impl: lambda q, k: [rotary(q, cos, sin, impl=impl), rotary(k, cos, sin, impl=impl)],
+           lambda impl, liger: _rotary_fn(impl, liger, cos, sin),
            lambda q, k: [eager_rotary(q, cos, sin), eager_rotary(k, cos, sin)], (q, k), (q, k))
 
 
 def run_case(rms_shape, swiglu_shape, rotary_shape, dtypes, device, impls, repeats) -> list[dict]:
     torch.manual_seed(0)
+    liger = _liger() if "liger" in impls else None
     rows = []
     for dtype in dtypes:
-        for kernel, shape, ours_for, reference, inputs, grad_inputs in _cases(rms_shape, swiglu_shape, rotary_shape,
-                                                                             dtype, device):
+        for kernel, shape, op_for, reference, inputs, grad_inputs in _cases(rms_shape, swiglu_shape, rotary_shape,
+                                                                           dtype, device):
             ref = _callables(reference, inputs, grad_inputs)
             for impl in impls:
-                ours = _callables(ours_for(impl), inputs, grad_inputs)
-                for pass_name in ("fwd", "fwd+bwd"):
-                    time_ms = common.time_ms(ours[pass_name], repeats)
-                    ref_time_ms = common.time_ms(ref[pass_name], repeats)
-                    rows.append({
-                        "kernel": kernel, "impl": impl, "shape": shape, "dtype": str(dtype).removeprefix("torch."),
-                        "pass": pass_name, "time_ms": time_ms,
-                        "peak_mem_mb": common.peak_mem_mb(ours[pass_name], device),
-                        "ref_time_ms": ref_time_ms, "ref_peak_mem_mb": common.peak_mem_mb(ref[pass_name], device),
-                        "ratio": ref_time_ms / time_ms,
-                    })
+                if impl == "liger" and liger is None:
+                    continue
+                # Ours fail only with our clear errors; whatever the other library raises only drops its rows.
+                failures = Exception if impl == "liger" else ()
+                try:
+                    ours = _callables(op_for(impl, liger), inputs, grad_inputs)
+                    for pass_name in ("fwd", "fwd+bwd"):
+                        time_ms = common.time_ms(ours[pass_name], repeats)
+                        ref_time_ms = common.time_ms(ref[pass_name], repeats)
+                        rows.append({
+                            "kernel": kernel, "impl": impl, "shape": shape,
+                            "dtype": str(dtype).removeprefix("torch."), "pass": pass_name, "time_ms": time_ms,
+                            "peak_mem_mb": common.peak_mem_mb(ours[pass_name], device),
+                            "ref_time_ms": ref_time_ms,
+                            "ref_peak_mem_mb": common.peak_mem_mb(ref[pass_name], device),
+                            "ratio": ref_time_ms / time_ms,
+                        })
+                except failures as err:
+                    print(f"impl {impl} failed on {kernel} {shape}: {err}")
     return rows
 
 
