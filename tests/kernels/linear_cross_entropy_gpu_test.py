@@ -77,6 +77,26 @@ def test_linear_cross_entropy_on_cuda_matches_float64(impl, dtype, reduction, n,
         assert rel_err(ours, theirs) < tol, (name, rel_err(ours, theirs))
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_many_chunks_on_cuda(monkeypatch, impl, dtype, reduction):
+    """300-row chunks (the last one partial): grad_weight accumulated in fp32 across chunks by cuBLAS products
+    with half operands and an fp32 result written over their own input (addmm out_dtype, out=)."""
+    monkeypatch.setattr(loss_module, "_chunk_size", lambda v, device: 300)
+    (hidden, weight, bias, target, grad_out), (ref, ref_grads) = linear_case(
+        1000, 768, 32003, dtype, reduction, (("label_smoothing", 0.1),))
+    args = [t.cuda().requires_grad_() for t in (hidden, weight, bias)]
+    loss = linear_cross_entropy(args[0], args[1], target.cuda(), bias=args[2], reduction=reduction,
+                                label_smoothing=0.1, impl=impl)
+    grads = torch.autograd.grad((loss * grad_out.to(loss.dtype).cuda()).sum(), args)
+    tol = TOLERANCE[dtype]
+    assert rel_err(loss, ref) < tol
+    for name, ours, theirs in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        assert ours.dtype == dtype and torch.isfinite(ours).all(), name
+        assert rel_err(ours, theirs) < tol, (name, rel_err(ours, theirs))
+
+
 OPTIONS = [
     (("z_loss", 1e-3),),
     (("softcap", 5.0),),

@@ -15,6 +15,7 @@ from references import (  # noqa: F401 (autouse fixture)
 )
 
 from codex_ml.ops import cross_entropy, linear_cross_entropy
+from codex_ml.ops import loss as loss_module
 
 BOUNDS = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 IMPLS = ["cpu", "torch", "triton"]
@@ -87,6 +88,21 @@ def test_bf16_inputs(impl):
     assert rel_err(loss.detach().float(), ref.detach()) < BOUNDS[torch.bfloat16]
     for g, r in zip(grads, ref_grads):
         assert rel_err(g.float(), r) < BOUNDS[torch.bfloat16]
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_many_chunks(monkeypatch, impl, dtype, reduction):
+    """7-row chunks (the last one partial), as large inputs get on any device: each chunk's gradient rows, and
+    grad_weight and grad_bias accumulated across the chunks, still match float64 (fp32 and the bf16 path)."""
+    monkeypatch.setattr(loss_module, "_chunk_size", lambda v, device: 7)
+    torch.manual_seed(5)
+    loss, ref, grads, ref_grads = run_case(40, 32, 300, dtype=dtype, impl=impl, reduction=reduction)
+    assert rel_err(loss.detach().float(), ref.detach()) < BOUNDS[dtype]
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == dtype
+        assert rel_err(g.float(), r) < BOUNDS[dtype]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -8,7 +8,8 @@ too. Implementations, chosen by codex_ml.ops.dispatch: the C++ kernel on CPU ten
 (kernels/cpu/linear_cross_entropy.cc); on CUDA tensors the chunked algorithm (logits by cuBLAS per chunk)
 with the Triton row kernel (the default, kernels/triton/cross_entropy.py) or the CUDA row kernel
 (impl="cuda" or CODEX_ML_LINEAR_CROSS_ENTROPY_IMPL=cuda: kernels/cuda/cross_entropy.cu through
-ops/_loss_cuda.py); impl="torch" is the chunked algorithm in plain PyTorch on any device.
+ops/_loss_cuda.py); impl="torch" is the chunked algorithm in plain PyTorch on any device. The chunked
+algorithm keeps bf16/fp16 inputs in their dtype for the products (see _chunked_half; docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ import torch.nn.functional as F
 from codex_ml.ops.dispatch import choose_impl, load_extension
 
 REDUCTIONS = ("mean", "sum", "none")
-_CHUNK_ELEMENTS = 1 << 22  # logits per chunk in the PyTorch path
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _chunk_size(v: int, device: torch.device) -> int:
+    """Rows per chunk of logits. On the CPU about 4M logits, which stay in cache. On CUDA about 256M (1 GiB in
+    fp32): a product of a few rows would leave the tensor cores idle, and grad_weight's fp32 accumulator is read
+    and written once per chunk (about 2,000 rows at V = 128k)."""
+    elements = (1 << 28) if device.type == "cuda" else (1 << 22)
+    return max(1, elements // max(v, 1))
 
 
 def _check_common(inputs: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int, reduction: str,
@@ -108,8 +117,59 @@ def _rows(impl, logits, t, row_scale, ignore_index, label_smoothing, z_loss, sof
     return _chunk_rows(logits, t, row_scale, ignore_index, label_smoothing, z_loss, softcap)
 
 
+def _addmm_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out (fp32) += a @ b for half-precision a, b: on CUDA one cuBLAS product with half operands and an fp32
+    result (tensor cores, fp32 accumulation); elsewhere the same arithmetic on the operands upcast (exactly)."""
+    if out.is_cuda:
+        torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+    else:
+        out.addmm_(a.float(), b.float())
+
+
+def _chunked_half(impl, hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap):
+    """The chunked algorithm for bf16/fp16 hidden and weight (one dtype): every product in that dtype on the tensor
+    cores, as F.linear's, with fp32 accumulation inside it; each chunk's logits in that dtype, as the reference's;
+    each row's softmax in fp32 (the Triton row kernel reads the logits and writes their gradient over them, in
+    place); grad_hidden rows written once from one product each; grad_weight and grad_bias accumulated over the
+    chunks in fp32. No fp32 copy of weight, hidden or a chunk's logits (except for the fp32-only CUDA row kernel).
+    """
+    n, v = hidden.shape[0], weight.shape[0]
+    loss = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+    lse = torch.zeros_like(loss)
+    grad = row_scale is not None
+
+    def empty():  # distinct tensors: a custom op's outputs may not alias each other
+        return hidden.new_empty(0, dtype=torch.float32)
+
+    gh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if grad else empty()
+    gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad else empty()
+    gb = torch.zeros(v, dtype=torch.float32, device=weight.device) if grad and bias is not None else empty()
+    chunk = _chunk_size(v, hidden.device)
+    for s in range(0, n, chunk):
+        h = hidden[s:s + chunk]
+        logits = F.linear(h, weight, bias)
+        scale = row_scale[s:s + chunk] if grad else None
+        if impl == "triton":
+            rows, row_lse, g = _rows(impl, logits, target[s:s + chunk], scale, ignore_index, label_smoothing,
+                                     z_loss, softcap)
+        else:  # the PyTorch rows and the CUDA row kernel take fp32 logits
+            rows, row_lse, g = _rows(impl, logits.float(), target[s:s + chunk], scale, ignore_index,
+                                     label_smoothing, z_loss, softcap)
+            g = g.to(hidden.dtype) if grad else None
+        loss[s:s + chunk], lse[s:s + chunk] = rows, row_lse
+        if grad:
+            torch.mm(g, weight, out=gh[s:s + chunk])
+            _addmm_fp32(gw, g.t(), h)
+            if bias is not None:
+                gb += g.sum(0, dtype=torch.float32)
+    return loss, lse, gh, gw, gb
+
+
 def _chunked_impl(impl, hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap):
     """The chunked algorithm on any device: logits by F.linear per chunk, rows by Triton, CUDA or PyTorch."""
+    if hidden.dtype in _HALF and weight.dtype == hidden.dtype and (bias is None or bias.dtype == hidden.dtype):
+        return _chunked_half(impl, hidden.contiguous(), weight, bias, target, row_scale, ignore_index,
+                             label_smoothing, z_loss, softcap)
     n, v = hidden.shape[0], weight.shape[0]
     w = weight.float()
     b = bias.float() if bias is not None else None
@@ -122,7 +182,7 @@ def _chunked_impl(impl, hidden, weight, bias, target, row_scale, ignore_index, l
     gh = torch.zeros(n, hidden.shape[1], dtype=torch.float32, device=hidden.device) if grad else empty()
     gw = torch.zeros_like(w) if grad else empty()
     gb = torch.zeros_like(b) if grad and b is not None else empty()
-    chunk = max(1, _CHUNK_ELEMENTS // max(v, 1))
+    chunk = _chunk_size(v, hidden.device)
     for s in range(0, n, chunk):
         h = hidden[s:s + chunk].float()
         scale = row_scale[s:s + chunk] if grad else None
@@ -297,7 +357,7 @@ def _ce_op(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, reduct
     rows = torch.zeros(n, dtype=torch.float32, device=logits.device)
     lse = torch.zeros_like(rows)
     grad = torch.empty_like(logits) if fused_grad else logits.new_empty(0)
-    chunk = max(1, _CHUNK_ELEMENTS // max(logits.shape[1], 1))
+    chunk = _chunk_size(logits.shape[1], logits.device)
     for s in range(0, n, chunk):
         scale = row_scale[s:s + chunk] if fused_grad else None
         scratch = logits[s:s + chunk].to(torch.float32, memory_format=torch.contiguous_format, copy=True)
