@@ -97,6 +97,26 @@ def test_many_chunks_on_cuda(monkeypatch, impl, dtype, reduction):
         assert rel_err(ours, theirs) < tol, (name, rel_err(ours, theirs))
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_autocast_on_cuda(impl, reduction):
+    """fp32 parameters under torch.autocast(bf16), as in mixed-precision training: bf16 products, fp32 loss and
+    fp32 gradients, within the bf16 bound of float64."""
+    (hidden, weight, bias, target, grad_out), (ref, ref_grads) = linear_case(
+        1000, 768, 32003, torch.float32, reduction, (("label_smoothing", 0.1),))
+    args = [t.cuda().requires_grad_() for t in (hidden, weight, bias)]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(args[0], args[1], target.cuda(), bias=args[2], reduction=reduction,
+                                    label_smoothing=0.1, impl=impl)
+    assert loss.dtype == torch.float32
+    grads = torch.autograd.grad((loss * grad_out.float().cuda()).sum(), args)
+    tol = TOLERANCE[torch.bfloat16]
+    assert rel_err(loss, ref) < tol
+    for name, ours, theirs in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        assert ours.dtype == torch.float32 and torch.isfinite(ours).all(), name
+        assert rel_err(ours, theirs) < tol, (name, rel_err(ours, theirs))
+
+
 OPTIONS = [
     (("z_loss", 1e-3),),
     (("softcap", 5.0),),

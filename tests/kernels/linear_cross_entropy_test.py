@@ -106,6 +106,35 @@ def test_many_chunks(monkeypatch, impl, dtype, reduction):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_autocast_follows_f_linear(monkeypatch, impl, reduction):
+    """Under torch.autocast (bf16) on fp32 parameters, as in mixed-precision training: the chunked algorithm runs
+    its products in bf16, as autocast's F.linear would (the C++ CPU kernel keeps fp32), the loss is fp32 as
+    autocast's F.cross_entropy gives, the gradients are fp32 like the parameters, and all match float64."""
+    dtypes = []
+    chunked_half = loss_module._chunked_half
+    monkeypatch.setattr(loss_module, "_chunked_half", lambda *args: dtypes.append(args[-1]) or chunked_half(*args))
+    torch.manual_seed(6)
+    hidden = torch.randn(40, 32, requires_grad=True)
+    weight = (torch.randn(300, 32) / 32 ** 0.5).requires_grad_()
+    target = torch.randint(0, 300, (40,))
+    target[::5] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, target, reduction=reduction, impl=impl)
+    assert loss.dtype == torch.float32
+    grad_out = torch.randn_like(loss)
+    grads = torch.autograd.grad((loss * grad_out).sum(), [hidden, weight])
+    assert [g.dtype for g in grads] == [torch.float32, torch.float32]
+    assert set(dtypes) == (set() if impl == "cpu" else {torch.bfloat16}) and (impl == "cpu" or dtypes)
+    ref_params = [hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()]
+    ref = reference(*ref_params, None, target, reduction=reduction)
+    ref_grads = torch.autograd.grad((ref * grad_out.double()).sum(), ref_params)
+    assert rel_err(loss.detach(), ref.detach()) < BOUNDS[torch.bfloat16]
+    for g, r in zip(grads, ref_grads):
+        assert rel_err(g, r) < BOUNDS[torch.bfloat16]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_targets_ignored_gives_zero_loss_and_gradients(impl, reduction):
     loss, _, grads, _ = run_case(9, 16, 40, impl=impl, reduction=reduction, ignore="all")
@@ -222,7 +251,10 @@ def test_opcheck(reduction):
     t = torch.randint(0, 30, (12,))
     fused = reduction != "none"
     torch.library.opcheck(torch.ops.codex_ml.linear_cross_entropy.default,
-                          (h, w, b, t, -100, reduction, 0.1, 1e-3, 0.0, fused, "cpu"))
+                          (h, w, b, t, -100, reduction, 0.1, 1e-3, 0.0, fused, "cpu", None))
+    # As under torch.autocast: bf16 products, an fp32 loss.
+    torch.library.opcheck(torch.ops.codex_ml.linear_cross_entropy.default,
+                          (h, w, b, t, -100, reduction, 0.1, 1e-3, 0.0, fused, "torch", torch.bfloat16))
     logits = torch.randn(12, 30, requires_grad=True)
     torch.library.opcheck(torch.ops.codex_ml.cross_entropy.default,
                           (logits, t, -100, reduction, 0.0, 0.0, 0.0, fused, "torch"))

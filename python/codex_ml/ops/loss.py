@@ -126,14 +126,18 @@ def _addmm_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         out.addmm_(a.float(), b.float())
 
 
-def _chunked_half(impl, hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap):
-    """The chunked algorithm for bf16/fp16 hidden and weight (one dtype): every product in that dtype on the tensor
-    cores, as F.linear's, with fp32 accumulation inside it; each chunk's logits in that dtype, as the reference's;
+def _chunked_half(impl, hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap,
+                  dtype):
+    """The chunked algorithm with the products in `dtype` (bf16/fp16: the inputs' own, or torch.autocast's, to
+    which the inputs are cast as F.linear's would be): every product on the tensor cores, as F.linear's, with fp32
+    accumulation inside it; each chunk's logits in that dtype, as the reference's;
     each row's softmax in fp32 (the Triton row kernel reads the logits and writes their gradient over them, in
     place); grad_hidden rows written once from one product each; grad_weight and grad_bias accumulated over the
     chunks in fp32. No fp32 copy of weight, hidden or a chunk's logits (except for the fp32-only CUDA row kernel).
     """
     n, v = hidden.shape[0], weight.shape[0]
+    weight = weight.to(dtype)
+    bias = bias.to(dtype) if bias is not None else None
     loss = torch.zeros(n, dtype=torch.float32, device=hidden.device)
     lse = torch.zeros_like(loss)
     grad = row_scale is not None
@@ -141,12 +145,12 @@ def _chunked_half(impl, hidden, weight, bias, target, row_scale, ignore_index, l
     def empty():  # distinct tensors: a custom op's outputs may not alias each other
         return hidden.new_empty(0, dtype=torch.float32)
 
-    gh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if grad else empty()
+    gh = hidden.new_empty(hidden.shape, dtype=dtype) if grad else empty()
     gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad else empty()
     gb = torch.zeros(v, dtype=torch.float32, device=weight.device) if grad and bias is not None else empty()
     chunk = _chunk_size(v, hidden.device)
     for s in range(0, n, chunk):
-        h = hidden[s:s + chunk]
+        h = hidden[s:s + chunk].to(dtype)
         logits = F.linear(h, weight, bias)
         scale = row_scale[s:s + chunk] if grad else None
         if impl == "triton":
@@ -155,7 +159,7 @@ def _chunked_half(impl, hidden, weight, bias, target, row_scale, ignore_index, l
         else:  # the PyTorch rows and the CUDA row kernel take fp32 logits
             rows, row_lse, g = _rows(impl, logits.float(), target[s:s + chunk], scale, ignore_index,
                                      label_smoothing, z_loss, softcap)
-            g = g.to(hidden.dtype) if grad else None
+            g = g.to(dtype) if grad else None
         loss[s:s + chunk], lse[s:s + chunk] = rows, row_lse
         if grad:
             torch.mm(g, weight, out=gh[s:s + chunk])
@@ -165,11 +169,15 @@ def _chunked_half(impl, hidden, weight, bias, target, row_scale, ignore_index, l
     return loss, lse, gh, gw, gb
 
 
-def _chunked_impl(impl, hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap):
+def _chunked_impl(impl, hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap,
+                  matmul_dtype):
     """The chunked algorithm on any device: logits by F.linear per chunk, rows by Triton, CUDA or PyTorch."""
-    if hidden.dtype in _HALF and weight.dtype == hidden.dtype and (bias is None or bias.dtype == hidden.dtype):
+    if matmul_dtype is None and hidden.dtype in _HALF and weight.dtype == hidden.dtype \
+            and (bias is None or bias.dtype == hidden.dtype):
+        matmul_dtype = hidden.dtype
+    if matmul_dtype in _HALF:
         return _chunked_half(impl, hidden.contiguous(), weight, bias, target, row_scale, ignore_index,
-                             label_smoothing, z_loss, softcap)
+                             label_smoothing, z_loss, softcap, matmul_dtype)
     n, v = hidden.shape[0], weight.shape[0]
     w = weight.float()
     b = bias.float() if bias is not None else None
@@ -197,12 +205,16 @@ def _chunked_impl(impl, hidden, weight, bias, target, row_scale, ignore_index, l
     return loss, lse, gh, gw, gb
 
 
-def _run(impl, hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap):
+def _run(impl, hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap,
+         matmul_dtype=None):
+    """(rows' loss, lse, grad_hidden, grad_weight, grad_bias); matmul_dtype: torch.autocast's, or None. The C++ CPU
+    kernel computes in fp32 whatever it is (more precise than autocast's bf16 products, and its speed on a CPU)."""
     if impl == "cpu":
         load_extension("_linear_cross_entropy_cpu")
         return torch.ops.codex_ml_cpu.linear_cross_entropy(hidden.contiguous(), weight, bias, target, row_scale,
                                                           ignore_index, label_smoothing, z_loss, softcap)
-    return _chunked_impl(impl, hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap)
+    return _chunked_impl(impl, hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap,
+                         matmul_dtype)
 
 
 def _backward_row_scale(grad_loss: torch.Tensor, target: torch.Tensor, ignore_index: int,
@@ -232,8 +244,13 @@ def _reduce(rows: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Te
 @torch.library.custom_op("codex_ml::linear_cross_entropy", mutates_args=())
 def _lce_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
             ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, softcap: float,
-            fused_grad: bool, impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, z-loss term, grad_hidden, grad_weight, grad_bias); the grads are empty unless fused_grad."""
+            fused_grad: bool, impl: str,
+            matmul_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                       torch.Tensor]:
+    """(loss, z-loss term, grad_hidden, grad_weight, grad_bias); the grads are empty unless fused_grad.
+
+    matmul_dtype: torch.autocast's dtype where the caller runs under it (then the loss is fp32, as autocast's
+    F.cross_entropy gives), else None."""
     _check_target_range(target, weight.shape[0], ignore_index)
     valid = target != ignore_index
     row_scale = None
@@ -241,43 +258,53 @@ def _lce_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         n_valid = valid.sum().clamp(min=1)
         row_scale = (valid.float() / n_valid) if reduction == "mean" else valid.float()
     rows, lse, gh, gw, gb = _run(impl, hidden, weight, bias, target, row_scale, ignore_index, label_smoothing,
-                                 z_loss, softcap)
+                                 z_loss, softcap, matmul_dtype)
     z_term = z_loss * _reduce(lse ** 2, valid, "mean" if reduction == "none" else reduction)
     if fused_grad:
         gh, gw = gh.to(hidden.dtype), gw.to(weight.dtype)
         gb = gb.to(bias.dtype) if bias is not None else gb
-    return _reduce(rows, valid, reduction).to(hidden.dtype), z_term.to(hidden.dtype), gh, gw, gb
+    loss_dtype = _loss_dtype(hidden, matmul_dtype)
+    return _reduce(rows, valid, reduction).to(loss_dtype), z_term.to(loss_dtype), gh, gw, gb
+
+
+def _loss_dtype(hidden: torch.Tensor, matmul_dtype: torch.dtype | None) -> torch.dtype:
+    return torch.float32 if matmul_dtype is not None else hidden.dtype
 
 
 @_lce_op.register_fake
-def _(hidden, weight, bias, target, ignore_index, reduction, label_smoothing, z_loss, softcap, fused_grad, impl):
-    loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else ())
+def _(hidden, weight, bias, target, ignore_index, reduction, label_smoothing, z_loss, softcap, fused_grad, impl,
+      matmul_dtype):
+    loss_dtype = _loss_dtype(hidden, matmul_dtype)
+    loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=loss_dtype)
+    z_term = hidden.new_empty((), dtype=loss_dtype)
     if fused_grad:
         gb = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0, dtype=torch.float32)
-        return loss, hidden.new_empty(()), hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), gb
-    return loss, hidden.new_empty(()), *(hidden.new_empty(0, dtype=torch.float32) for _ in range(3))
+        return loss, z_term, hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), gb
+    return loss, z_term, *(hidden.new_empty(0, dtype=torch.float32) for _ in range(3))
 
 
 @torch.library.custom_op("codex_ml::linear_cross_entropy_backward", mutates_args=())
 def _lce_backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
                      row_scale: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
-                     softcap: float, impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     softcap: float, impl: str,
+                     matmul_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of sum_i row_scale[i] * loss_i, recomputing the logits chunk by chunk."""
     _, _, gh, gw, gb = _run(impl, hidden, weight, bias, target, row_scale.contiguous(), ignore_index,
-                            label_smoothing, z_loss, softcap)
+                            label_smoothing, z_loss, softcap, matmul_dtype)
     return gh.to(hidden.dtype), gw.to(weight.dtype), (gb.to(bias.dtype) if bias is not None else gb)
 
 
 @_lce_backward_op.register_fake
-def _(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap, impl):
+def _(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap, impl, matmul_dtype):
     gb = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0, dtype=torch.float32)
     return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), gb
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, target, ignore_index, reduction, label_smoothing, z_loss, softcap, fused_grad, impl = inputs
+    (hidden, weight, bias, target, ignore_index, reduction, label_smoothing, z_loss, softcap, fused_grad, impl,
+     matmul_dtype) = inputs
     ctx.fused, ctx.reduction, ctx.has_bias = fused_grad, reduction, bias is not None
-    ctx.args = (ignore_index, label_smoothing, z_loss, softcap, impl)
+    ctx.args = (ignore_index, label_smoothing, z_loss, softcap, impl, matmul_dtype)
     if fused_grad:
         ctx.save_for_backward(*output[2:])
     else:
@@ -301,15 +328,25 @@ def _backward(ctx, grad_loss, grad_z, _gh, _gw, _gb):
         gb = _scaled(gb, grad_loss) if ctx.has_bias else None
     else:
         hidden, weight, bias, target = ctx.saved_tensors
-        ignore_index, label_smoothing, z_loss, softcap, impl = ctx.args
+        ignore_index, label_smoothing, z_loss, softcap, impl, matmul_dtype = ctx.args
         row_scale = _backward_row_scale(grad_loss, target, ignore_index, ctx.reduction)
         gh, gw, gb = _lce_backward_op(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss,
-                                      softcap, impl)
+                                      softcap, impl, matmul_dtype)
         gb = gb if ctx.has_bias else None
-    return gh, gw, gb, None, None, None, None, None, None, None, None
+    return gh, gw, gb, None, None, None, None, None, None, None, None, None
 
 
 _lce_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _autocast_dtype(hidden: torch.Tensor) -> torch.dtype | None:
+    """torch.autocast's bf16/fp16 where it is on for hidden's device, else None. A custom op sits outside autocast:
+    told the dtype, it runs the products in it, as autocast's F.linear would (the C++ CPU kernel keeps fp32)."""
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    dtype = torch.get_autocast_dtype(device_type)
+    return dtype if dtype in _HALF else None
 
 
 def linear_cross_entropy(
@@ -331,6 +368,8 @@ def linear_cross_entropy(
     Returns the loss (a scalar, or [N] for reduction="none"); with z_loss > 0 it includes
     z_loss * mean(logsumexp^2) over non-ignored rows, and `return_z_loss=True` returns (loss, that term).
     Ignored rows (target == ignore_index) contribute nothing; if all are ignored the loss is 0.
+    Under torch.autocast it follows autocast's F.linear + F.cross_entropy: the products in autocast's dtype
+    (except in the C++ CPU kernel, which computes in fp32), the loss in fp32.
     """
     _check(hidden, weight, target, bias)
     _check_common(hidden, target, weight.shape[0], ignore_index, reduction, label_smoothing, z_loss, logit_softcap)
@@ -339,7 +378,7 @@ def linear_cross_entropy(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     fused = needs_grad and reduction != "none"
     loss, z_term, *_ = _lce_op(hidden, weight, bias, target, ignore_index, reduction, float(label_smoothing),
-                               float(z_loss), float(logit_softcap or 0.0), fused, chosen)
+                               float(z_loss), float(logit_softcap or 0.0), fused, chosen, _autocast_dtype(hidden))
     return (loss, z_term) if return_z_loss else loss
 
 
