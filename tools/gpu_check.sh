@@ -6,7 +6,8 @@
 # go to $OUT (or /tmp/gpu_out). Wheels in .whl/ are installed first (tools/gpu_wheels.sh fetches
 # liger-kernel there, for the loss benchmark's comparison; carry .whl with the run).
 #   usage: tools/gpu_check.sh [quick|gpu [stage ...]]   (default gpu: the benchmark presets' GPU sizes;
-#          stages: tests bench_linear_cross_entropy bench_attention bench_layers bench_train, default all)
+#          stages: tests bench_linear_cross_entropy bench_attention tune_attention bench_layers bench_train,
+#          default all)
 #   env:   PYTHON (default python3), NVCC (default nvcc; "none" skips the CUDA build)
 # Without a CUDA device it makes a dry run: the same assembly, every module of the op API, the
 # kernels and the benchmarks imported, the GPU tests collected (they skip), no benchmark run.
@@ -118,7 +119,7 @@ fi
 # Stages (all by default; name some to rerun only those): tests, each benchmark, bench_train. Each has a time
 # limit, so that one that hangs leaves the rest of the lease to the others.
 stages=("${@:2}")
-(( ${#stages[@]} )) || stages=(tests bench_linear_cross_entropy bench_attention bench_layers bench_train)
+(( ${#stages[@]} )) || stages=(tests bench_linear_cross_entropy bench_attention tune_attention bench_layers bench_train)
 test_status=0
 for stage in "${stages[@]}"; do
   SECONDS=0
@@ -128,6 +129,10 @@ for stage in "${stages[@]}"; do
       (cd "${tree}" && timeout 300 "${py}" -m pytest -q -p no:cacheprovider -rs "${gpu_tests[@]}") 2>&1 \
         | tee "${out}/gpu_tests.log" | tail -30
       test_status=${PIPESTATUS[0]} ;;
+    tune_attention)  # the Triton attention kernels' tile sizes and launch options, checked and timed
+      echo "== tune_attention"
+      timeout 240 "${py}" tools/tune_attention.py --json="${out}/tune_attention.json" > "${out}/tune_attention.log" 2>&1 \
+        || { echo "FAILED tune_attention"; tail -20 "${out}/tune_attention.log"; } ;;
     bench_train)  # issue 8 end to end: codex_ml's Trainer vs the HF Trainer vs a plain loop, 40 steps
       [[ "${preset}" == gpu ]] || continue
       echo "== bench_train (--preset=gpu --steps=40)"

@@ -67,6 +67,24 @@ def attention_section(rows: list[dict]) -> None:
                           f"min {min(ratios):.2f}x over {len(ratios)} rows")
 
 
+def tune_section(rows: list[dict]) -> None:
+    print("tune_attention: the 3 fastest correct configs per pass, and the current default "
+          "(block_m, block_n, warps, stages)")
+    for pass_name in ("fwd", "bwd"):
+        ok = [r for r in rows if r["pass"] == pass_name and r["status"] == "ok"]
+        shown = sorted(ok, key=lambda r: r["time_ms"])[:3]
+        shown += [r for r in rows if r["pass"] == pass_name and r["default"] and r not in shown]
+        _table(["pass", "config", "default", "time_ms", "TFLOP/s", "SDPA/ours", "status"],
+               [[r["pass"], f"{r['block_m']},{r['block_n']},{r['num_warps']},{r['num_stages']}", str(r["default"]),
+                 "-" if r["time_ms"] is None else f"{r['time_ms']:.3f}",
+                 "-" if r["tflops"] is None else f"{r['tflops']:.0f}", _x(r["ratio"]), r["status"][:40]]
+                for r in shown])
+        failed = [r for r in rows if r["pass"] == pass_name and r["status"] != "ok"]
+        if failed:
+            print(f"  {len(failed)} {pass_name} configs not ok: " + "; ".join(
+                f"{r['block_m']},{r['block_n']},{r['num_warps']},{r['num_stages']} {r['status'][:30]}" for r in failed))
+
+
 def layers_section(rows: list[dict]) -> None:
     if not rows:
         return
@@ -99,7 +117,7 @@ def main(argv: list[str]) -> int:
         return 2
     out = Path(argv[1])
     sections = [(loss_section, "bench_linear_cross_entropy"), (attention_section, "bench_attention"),
-                (layers_section, "bench_layers"), (train_section, "bench_train")]
+                (tune_section, "tune_attention"), (layers_section, "bench_layers"), (train_section, "bench_train")]
     for section, name in sections:
         rows = _load(out, name)
         if not rows:

@@ -228,15 +228,16 @@ def _config(q: torch.Tensor) -> dict:
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
-                      window: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      window: int, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(o [B, Hq, T, D] in q's dtype, lse [B, Hq, T] fp32) for contiguous q [B, Hq, T, D], k, v [B, Hkv, T, D].
 
-    window <= 0 means no window.
+    window <= 0 means no window. config: tile sizes and launch options in _config's form (tools/tune_attention.py
+    tries several); by default _config's.
     """
     b, h, t, d = q.shape
     o = torch.empty_like(q)
     lse = torch.empty(b, h, t, dtype=torch.float32, device=q.device)
-    cfg = _config(q)
+    cfg = config or _config(q)
     block_m, block_n = cfg["fwd"]
     _attn_fwd_kernel[(triton.cdiv(t, block_m), b * h)](
         q, k, v, o, lse, scale, t, h, h // k.shape[1], max(window, 0),
@@ -247,12 +248,12 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
 
 
 def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                       lse: torch.Tensor, causal: bool, scale: float,
-                       window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) in the inputs' dtypes; all tensors contiguous, lse from attention_forward."""
+                       lse: torch.Tensor, causal: bool, scale: float, window: int,
+                       config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) in the inputs' dtypes; all tensors contiguous, lse from attention_forward; config as there."""
     b, h, t, d = q.shape
     hkv = k.shape[1]
-    cfg = _config(q)
+    cfg = config or _config(q)
     block_m, block_n = cfg["bwd"]
     delta = torch.empty_like(lse)
     _attn_bwd_delta_kernel[(triton.cdiv(t, block_m), b * h)](o, do, delta, t, D=d, BLOCK_M=block_m)

@@ -98,3 +98,15 @@ def test_summary_prints_the_targets_ratios(tmp_path):
     assert triton_attention.split()[-2:] == ["500", "1.50x"]
     assert next(line for line in lines if line.startswith("codex_ml")).split()[2] == "1.50x"
     assert "bench_layers: no rows" in result.stdout
+
+
+def test_tune_attention_runs_in_the_interpreter(tmp_path):
+    """tools/tune_attention.py (stage tune_attention) checks and times each config; here its --quick mode."""
+    out = tmp_path / "tune.json"
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "tune_attention.py"), "--quick", f"--json={out}"],
+                            capture_output=True, text=True, env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert {r["pass"] for r in rows} == {"fwd", "bwd"}
+    assert all(r["status"] == "ok" and r["rel_err"] < 1e-4 and r["time_ms"] > 0 for r in rows), rows
+    assert sum(r["default"] for r in rows) == 2  # the default config of each pass is among the candidates
