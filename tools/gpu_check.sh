@@ -43,8 +43,12 @@ export PYTHONPATH="${tree}:${tree}/site${PYTHONPATH:+:${PYTHONPATH}}"
 
 echo "== building CUDA libraries"
 build_status=0 build_label=ok
+# Built once per version of the sources (and of this script): a warm machine keeps the git-ignored .gpu_build/.
+cache=".gpu_build/$(cat kernels/cuda/*.cu kernels/include/*.h tools/gpu_check.sh | sha256sum | cut -c1-16)"
 if [[ "${nvcc}" == none ]]; then
   echo "skipped (NVCC=none)"; build_label=skipped
+elif [[ -d "${cache}" ]]; then
+  cp "${cache}"/*.so "${tree}/codex_ml/kernels/" && echo "reused $(cd "${cache}" && echo *.so) from ${cache}"
 else
   for cu in kernels/cuda/*.cu; do  # in parallel: the libraries are independent
     name="$(basename "${cu}" .cu)"
@@ -66,6 +70,7 @@ else
       build_status=1 build_label=FAILED
     fi
   done
+  if (( build_status == 0 )); then mkdir -p "${cache}" && cp "${tree}"/codex_ml/kernels/lib*.so "${cache}/"; fi
 fi
 
 echo "== environment"
