@@ -3,8 +3,9 @@
 # Builds the CUDA libraries with nvcc (same flags as tools/cuda.bzl), assembles codex_ml the way
 # Bazel does (python/codex_ml + kernels/ under codex_ml.kernels, _version.py from tools/version.bzl),
 # runs the GPU tests and the kernel benchmarks, and prints a short table last. Full logs and JSON
-# go to $OUT (or /tmp/gpu_out). Wheels in .whl/ are installed first (tools/gpu_wheels.sh fetches
-# liger-kernel there, for the loss benchmark's comparison; carry .whl with the run).
+# go to GPU_CHECK_OUT (default /tmp/gpu_check: a later call on the same warm machine adds to them, and
+# its summary covers both), packed into $OUT/gpu_check.tgz. Wheels in .whl/ are installed first
+# (tools/gpu_wheels.sh fetches liger-kernel there, for the comparisons; carry .whl with the run).
 #   usage: tools/gpu_check.sh [quick|gpu [stage ...]]   (default gpu: the benchmark presets' GPU sizes;
 #          stages: tests bench_linear_cross_entropy bench_attention tune_attention bench_layers bench_train,
 #          default all)
@@ -17,8 +18,15 @@ cd "$(dirname "$0")/.."
 preset="${1:-gpu}"
 py="${PYTHON:-python3}"
 nvcc="${NVCC:-nvcc}"
-out="${OUT:-/tmp/gpu_out}"
+# Logs and JSON rows go to GPU_CHECK_OUT. The device tool brings back at most 8 files from $OUT: there the
+# script keeps one archive of them, gpu_check.tgz, rewritten after every stage (a run stopped at its time
+# limit still returns what it did), and summary.txt at the end.
+out="${GPU_CHECK_OUT:-/tmp/gpu_check}"
 mkdir -p "${out}"
+pack() {
+  [[ -n "${OUT:-}" ]] || return 0
+  tar czf "${OUT}/gpu_check.tgz.part" -C "${out}" . && mv "${OUT}/gpu_check.tgz.part" "${OUT}/gpu_check.tgz"
+}
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 export TRITON_DEFAULT_FP_FUSION=1
 
@@ -118,6 +126,7 @@ PY
   echo "dry run: environment $([[ ${env_status} == 0 ]] && echo ok || echo FAILED)  " \
        "imports $([[ ${dry_status} == 0 ]] && echo ok || echo FAILED)  " \
        "gpu tests collected $([[ ${collect_status} == 0 ]] && echo ok || echo FAILED)  cuda build ${build_label}"
+  pack
   exit $(( env_status || dry_status || collect_status || build_status ))
 fi
 
@@ -129,11 +138,21 @@ test_status=0
 for stage in "${stages[@]}"; do
   SECONDS=0
   case "${stage}" in
-    tests)
+    tests)  # one pytest per file, all at once (Triton's compiles are CPU work), each with its own time limit
       echo "== GPU tests"
-      (cd "${tree}" && timeout 300 "${py}" -m pytest -q -p no:cacheprovider -rs "${gpu_tests[@]}") 2>&1 \
-        | tee "${out}/gpu_tests.log" | tail -30
-      test_status=${PIPESTATUS[0]} ;;
+      for t in "${gpu_tests[@]}"; do
+        (cd "${tree}" && timeout 420 "${py}" -m pytest -q -p no:cacheprovider -rfEs "${t}" \
+          > "${out}/$(basename "${t}" .py).log" 2>&1; echo $? > "${out}/$(basename "${t}" .py).rc") &
+      done
+      wait
+      : > "${out}/gpu_tests.log"
+      for t in "${gpu_tests[@]}"; do
+        name="$(basename "${t}" .py)" rc="$(cat "${out}/${name}.rc")"
+        (( rc == 0 )) || test_status=1
+        echo "${t}: $(tail -n 1 "${out}/${name}.log")$( (( rc == 124 )) && echo ' (TIMED OUT at 420 s)')" \
+          | tee -a "${out}/gpu_tests.log"
+        (( rc == 0 )) || grep -E "^(FAILED|ERROR) " "${out}/${name}.log" | head -5 | cut -c1-200
+      done ;;
     tune_attention)  # the Triton attention kernels' tile sizes and launch options, checked and timed
       echo "== tune_attention"
       timeout 240 "${py}" tools/tune_attention.py --json="${out}/tune_attention.json" > "${out}/tune_attention.log" 2>&1 \
@@ -150,9 +169,15 @@ for stage in "${stages[@]}"; do
     *) echo "unknown stage ${stage}"; test_status=1; continue ;;
   esac
   echo "   (${stage}: ${SECONDS} s)"
+  pack
 done
 
 echo "== summary"
-"${py}" tools/gpu_summary.py "${out}"
-echo "cuda build: ${build_label}   gpu tests: $(tail -n 1 "${out}/gpu_tests.log" 2>/dev/null)"
+{
+  "${py}" tools/gpu_summary.py "${out}"
+  echo "cuda build: ${build_label}"
+  [[ -f "${out}/gpu_tests.log" ]] && cat "${out}/gpu_tests.log"
+} | tee "${out}/summary.txt"
+pack
+[[ -n "${OUT:-}" ]] && cp "${out}/summary.txt" "${OUT}/summary.txt"
 exit $(( build_status || test_status ))

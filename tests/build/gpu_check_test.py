@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,10 @@ GPU_TEST_FILES = ["attention_gpu_test.py", "layer_ops_gpu_test.py", "linear_cros
 
 def run_check(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # only the tree the script builds
+    (tmp_path / "device_out").mkdir()
     return subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), "quick"], capture_output=True, text=True,
-                          env=dict(clean, PYTHON=sys.executable, OUT=str(tmp_path), **env), timeout=600)
+                          env=dict(clean, PYTHON=sys.executable, GPU_CHECK_OUT=str(tmp_path),
+                                   OUT=str(tmp_path / "device_out"), **env), timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +39,15 @@ def test_dry_run_passes(dry_run):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "== no CUDA device: dry run" in result.stdout
     assert "imports ok" in result.stdout and "gpu tests collected ok" in result.stdout
+
+
+def test_logs_are_packed_for_the_device_tool(dry_run):
+    """The device tool returns at most 8 files from $OUT: the logs travel as one archive."""
+    _, out = dry_run
+    with tarfile.open(out / "device_out" / "gpu_check.tgz") as archive:
+        names = {Path(name).name for name in archive.getnames()}
+    assert {"env.txt", "dry_run.log", "gpu_tests.log"} <= names
+    assert len(list((out / "device_out").iterdir())) <= 8
 
 
 def test_tree_is_assembled_from_sources(dry_run):

@@ -465,7 +465,10 @@ class Trainer:
             self.checkpoints.remove_stale_temporaries()
             (self.run_dir / "operative_config.gin").write_text(self._config_text())
             self._logger = MetricsLogger(self.run_dir, mlflow=self.mlflow, tracking_uri=self.tracking_uri)
-            self._monitor = SystemMonitor(self.device.index if self.device.type == "cuda" else None)
+            gpu = None
+            if self.device.type == "cuda":  # "cuda" without an index is the current device
+                gpu = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            self._monitor = SystemMonitor(gpu)
         seed_everything(self.seed + self.rank)
         train_iter = self._batches("train")
         status = "failed"
