@@ -14,6 +14,8 @@ algorithm keeps bf16/fp16 inputs in their dtype for the products (see _chunked_h
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -117,13 +119,22 @@ def _rows(impl, logits, t, row_scale, ignore_index, label_smoothing, z_loss, sof
     return _chunk_rows(logits, t, row_scale, ignore_index, label_smoothing, z_loss, softcap)
 
 
+_HALF_ADDMM_FAILED: list[str] = []  # why torch.addmm(out_dtype=) failed here, once: then the fallback runs
+
+
 def _addmm_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """out (fp32) += a @ b for half-precision a, b: on CUDA one cuBLAS product with half operands and an fp32
     result (tensor cores, fp32 accumulation); elsewhere the same arithmetic on the operands upcast (exactly)."""
-    if out.is_cuda:
-        torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
-    else:
-        out.addmm_(a.float(), b.float())
+    if out.is_cuda and not _HALF_ADDMM_FAILED:
+        try:
+            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+            return
+        except (RuntimeError, TypeError) as err:  # a PyTorch without addmm(out_dtype=) for these operands
+            _HALF_ADDMM_FAILED.append(str(err))
+            warnings.warn(f"linear_cross_entropy: torch.addmm(out_dtype=torch.float32) failed ({err}); grad_weight "
+                          "is accumulated from fp32 copies of its operands instead (slower, same result)",
+                          stacklevel=2)
+    out.addmm_(a.float(), b.float())
 
 
 def _chunked_half(impl, hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap,
