@@ -58,23 +58,31 @@ def linear_case(n, h, v, dtype, reduction, options):
 SHAPES = [(5, 8, 3), (7, 64, 1000), (33, 48, 2049), (1000, 768, 32003)]
 
 
+def check_linear_case(impl, n, h, v, dtype, reduction, autocast=None):
+    """linear_cross_entropy with label_smoothing 0.1 on CUDA copies of linear_case's inputs against its float64
+    reference: loss and the gradients of hidden, weight and bias, finite, in the expected dtypes, within the
+    bound of the dtype the products run in (torch.autocast's when given: then the loss and gradients are fp32)."""
+    (hidden, weight, bias, target, grad_out), (ref, ref_grads) = linear_case(
+        n, h, v, dtype, reduction, (("label_smoothing", 0.1),))
+    args = [t.cuda().requires_grad_() for t in (hidden, weight, bias)]
+    with torch.autocast("cuda", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        loss = linear_cross_entropy(args[0], args[1], target.cuda(), bias=args[2], reduction=reduction,
+                                    label_smoothing=0.1, impl=impl)
+    assert loss.dtype == dtype and torch.isfinite(loss).all()
+    grads = torch.autograd.grad((loss * grad_out.to(loss.dtype).cuda()).sum(), args)
+    tol = TOLERANCE[autocast or dtype]
+    assert rel_err(loss, ref) < tol
+    for name, ours, theirs in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        assert ours.dtype == dtype and torch.isfinite(ours).all(), name
+        assert rel_err(ours, theirs) < tol, (name, rel_err(ours, theirs))
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("n,h,v", SHAPES)
 def test_linear_cross_entropy_on_cuda_matches_float64(impl, dtype, reduction, n, h, v):
-    (hidden, weight, bias, target, grad_out), (ref, ref_grads) = linear_case(
-        n, h, v, dtype, reduction, (("label_smoothing", 0.1),))
-    args = [t.cuda().requires_grad_() for t in (hidden, weight, bias)]
-    loss = linear_cross_entropy(args[0], args[1], target.cuda(), bias=args[2], reduction=reduction,
-                                label_smoothing=0.1, impl=impl)
-    assert loss.dtype == dtype and torch.isfinite(loss).all()
-    grads = torch.autograd.grad((loss * grad_out.to(loss.dtype).cuda()).sum(), args)
-    tol = TOLERANCE[dtype]
-    assert rel_err(loss, ref) < tol
-    for name, ours, theirs in zip(("hidden", "weight", "bias"), grads, ref_grads):
-        assert ours.dtype == dtype and torch.isfinite(ours).all(), name
-        assert rel_err(ours, theirs) < tol, (name, rel_err(ours, theirs))
+    check_linear_case(impl, n, h, v, dtype, reduction)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -84,17 +92,7 @@ def test_many_chunks_on_cuda(monkeypatch, impl, dtype, reduction):
     """300-row chunks (the last one partial): grad_weight accumulated in fp32 across chunks by cuBLAS products
     with half operands and an fp32 result written over their own input (addmm out_dtype, out=)."""
     monkeypatch.setattr(loss_module, "_chunk_size", lambda v, device: 300)
-    (hidden, weight, bias, target, grad_out), (ref, ref_grads) = linear_case(
-        1000, 768, 32003, dtype, reduction, (("label_smoothing", 0.1),))
-    args = [t.cuda().requires_grad_() for t in (hidden, weight, bias)]
-    loss = linear_cross_entropy(args[0], args[1], target.cuda(), bias=args[2], reduction=reduction,
-                                label_smoothing=0.1, impl=impl)
-    grads = torch.autograd.grad((loss * grad_out.to(loss.dtype).cuda()).sum(), args)
-    tol = TOLERANCE[dtype]
-    assert rel_err(loss, ref) < tol
-    for name, ours, theirs in zip(("hidden", "weight", "bias"), grads, ref_grads):
-        assert ours.dtype == dtype and torch.isfinite(ours).all(), name
-        assert rel_err(ours, theirs) < tol, (name, rel_err(ours, theirs))
+    check_linear_case(impl, 1000, 768, 32003, dtype, reduction)
     assert not loss_module._HALF_ADDMM_FAILED  # the half-operand, fp32-result product ran, not its fallback
 
 
@@ -103,19 +101,7 @@ def test_many_chunks_on_cuda(monkeypatch, impl, dtype, reduction):
 def test_autocast_on_cuda(impl, reduction):
     """fp32 parameters under torch.autocast(bf16), as in mixed-precision training: bf16 products, fp32 loss and
     fp32 gradients, within the bf16 bound of float64."""
-    (hidden, weight, bias, target, grad_out), (ref, ref_grads) = linear_case(
-        1000, 768, 32003, torch.float32, reduction, (("label_smoothing", 0.1),))
-    args = [t.cuda().requires_grad_() for t in (hidden, weight, bias)]
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = linear_cross_entropy(args[0], args[1], target.cuda(), bias=args[2], reduction=reduction,
-                                    label_smoothing=0.1, impl=impl)
-    assert loss.dtype == torch.float32
-    grads = torch.autograd.grad((loss * grad_out.float().cuda()).sum(), args)
-    tol = TOLERANCE[torch.bfloat16]
-    assert rel_err(loss, ref) < tol
-    for name, ours, theirs in zip(("hidden", "weight", "bias"), grads, ref_grads):
-        assert ours.dtype == torch.float32 and torch.isfinite(ours).all(), name
-        assert rel_err(ours, theirs) < tol, (name, rel_err(ours, theirs))
+    check_linear_case(impl, 1000, 768, 32003, torch.float32, reduction, autocast=torch.bfloat16)
 
 
 OPTIONS = [
