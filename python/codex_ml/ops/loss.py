@@ -140,11 +140,11 @@ def _addmm_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 def _chunked_half(impl, hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap,
                   dtype):
     """The chunked algorithm with the products in `dtype` (bf16/fp16: the inputs' own, or torch.autocast's, to
-    which the inputs are cast as F.linear's would be): every product on the tensor cores, as F.linear's, with fp32
-    accumulation inside it; each chunk's logits in that dtype, as the reference's;
-    each row's softmax in fp32 (the Triton row kernel reads the logits and writes their gradient over them, in
-    place); grad_hidden rows written once from one product each; grad_weight and grad_bias accumulated over the
-    chunks in fp32. No fp32 copy of weight, hidden or a chunk's logits (except for the fp32-only CUDA row kernel).
+    which the inputs are cast as F.linear's would be): every product on the tensor cores, as F.linear's, with
+    fp32 accumulation inside it; each chunk's logits in that dtype, as the reference's; each row's softmax in
+    fp32 (the Triton row kernel reads the logits and writes their gradient over them, in place); grad_hidden
+    rows written once from one product each; grad_weight and grad_bias accumulated over the chunks in fp32.
+    No fp32 copy of weight, hidden or a chunk's logits (except for the fp32-only CUDA row kernel).
     """
     n, v = hidden.shape[0], weight.shape[0]
     weight = weight.to(dtype)
