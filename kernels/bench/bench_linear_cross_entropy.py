@@ -5,8 +5,10 @@ time_ms (median of the repeats), peak_mem_mb (extra memory over the inputs, see 
 for how it is measured), the same for the PyTorch reference (ref_*) and its torch.compile'd version
 (compiled_ref_time_ms, None where it does not compile), and floor_time_ms: the matrix products alone
 (logits for "fwd"; logits, grad hidden and grad weight for "fwd+bwd"), which no implementation can beat.
-On CUDA, where the liger-kernel package is importable (tools/gpu_wheels.sh fetches it for the GPU machine;
-it is no dependency of codex_ml), Liger-Kernel's fused linear cross-entropy gets rows too (impl "liger").
+impl "triton+input_accum" is the Triton path summing grad_weight in the inputs' dtype (accum_dtype), which
+saves its fp32 accumulator. On CUDA, where the liger-kernel package is importable (tools/gpu_wheels.sh fetches
+it for the GPU machine; it is no dependency of codex_ml), Liger-Kernel's fused linear cross-entropy gets rows
+too (impl "liger").
 
     tools/bazel run //kernels:bench_linear_cross_entropy -- --preset=cpu --json=lce_cpu.json
 """
@@ -26,7 +28,7 @@ PRESETS = {
     "quick": [(512, 256, 4096, torch.float32, "cpu", ("cpu",), 3)],
     "cpu": [(8192, 1024, 32768, torch.float32, "cpu", ("cpu",), 3)],
     # Issue 3's GPU shape: 16k tokens of a Llama-3-sized head (vocabulary 128256), bf16.
-    "gpu": [(16384, 4096, 128256, torch.bfloat16, "cuda", ("triton", "cuda", "liger"), 10)],
+    "gpu": [(16384, 4096, 128256, torch.bfloat16, "cuda", ("triton", "triton+input_accum", "cuda", "liger"), 10)],
 }
 
 
@@ -97,7 +99,9 @@ def run_case(n: int, h: int, v: int, dtype: torch.dtype, device: str, impls: tup
                 compiled_passes = {}
         for impl in impls:
             def ours(hd, wt, tg, impl=impl):
-                return linear_cross_entropy(hd, wt, tg, impl=impl)
+                base, _, accum = impl.partition("+")
+                return linear_cross_entropy(hd, wt, tg, impl=base,
+                                            accum_dtype=hd.dtype if accum == "input_accum" else torch.float32)
 
             loss_fn = liger if impl == "liger" else ours
             if loss_fn is None:

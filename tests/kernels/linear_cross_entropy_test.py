@@ -26,7 +26,7 @@ def reference(h, w, b, t, **options):
 
 
 def run_case(n, h, v, *, dtype=torch.float32, impl="cpu", reduction="mean", bias=True, ignore="some",
-             label_smoothing=0.0, z_loss=0.0, softcap=None, scale=1.0):
+             label_smoothing=0.0, z_loss=0.0, softcap=None, scale=1.0, accum_dtype=torch.float32):
     hidden = (torch.randn(n, h) * scale).to(dtype).requires_grad_()
     weight = torch.randn(v, h).div(h ** 0.5).to(dtype).requires_grad_()
     b = torch.randn(v).to(dtype).requires_grad_() if bias else None
@@ -36,7 +36,7 @@ def run_case(n, h, v, *, dtype=torch.float32, impl="cpu", reduction="mean", bias
     elif ignore == "all":
         target[:] = -100
     loss = linear_cross_entropy(hidden, weight, target, bias=b, reduction=reduction, label_smoothing=label_smoothing,
-                                z_loss=z_loss, logit_softcap=softcap, impl=impl)
+                                z_loss=z_loss, logit_softcap=softcap, accum_dtype=accum_dtype, impl=impl)
     grad_out = torch.randn_like(loss)
     params = [hidden, weight] + ([b] if bias else [])
     for p in params:  # poisoned: a gradient that is never written stays NaN and fails
@@ -91,14 +91,23 @@ def test_bf16_inputs(impl):
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,accum_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                               (torch.bfloat16, torch.bfloat16)])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_many_chunks(monkeypatch, impl, dtype, reduction):
+def test_many_chunks(monkeypatch, impl, dtype, accum_dtype, reduction):
     """7-row chunks (the last one partial), as large inputs get on any device: each chunk's gradient rows, and
-    grad_weight and grad_bias accumulated across the chunks, still match float64 (fp32 and the bf16 path)."""
+    grad_weight and grad_bias accumulated across the chunks (in fp32, or in bf16 where asked), still match
+    float64 (fp32 and the bf16 path)."""
     monkeypatch.setattr(loss_module, "_chunk_size", lambda v, device: 7)
+    fp32_sums = []
+    addmm_fp32 = loss_module._addmm_fp32
+    monkeypatch.setattr(loss_module, "_addmm_fp32", lambda *args: fp32_sums.append(1) or addmm_fp32(*args))
     torch.manual_seed(5)
-    loss, ref, grads, ref_grads = run_case(40, 32, 300, dtype=dtype, impl=impl, reduction=reduction)
+    loss, ref, grads, ref_grads = run_case(40, 32, 300, dtype=dtype, impl=impl, reduction=reduction,
+                                           accum_dtype=accum_dtype)
+    # The bf16 path sums in fp32 once per chunk (6 chunks: in the fused forward, or for "none" in the backward)
+    # unless asked not to.
+    assert len(fp32_sums) == (6 if dtype == torch.bfloat16 and accum_dtype == torch.float32 else 0)
     assert rel_err(loss.detach().float(), ref.detach()) < BOUNDS[dtype]
     for g, r in zip(grads, ref_grads):
         assert g.dtype == dtype
@@ -113,7 +122,8 @@ def test_autocast_follows_f_linear(monkeypatch, impl, reduction):
     autocast's F.cross_entropy gives, the gradients are fp32 like the parameters, and all match float64."""
     dtypes = []
     chunked_half = loss_module._chunked_half
-    monkeypatch.setattr(loss_module, "_chunked_half", lambda *args: dtypes.append(args[-1]) or chunked_half(*args))
+    # args[-2] is the products' dtype (then accum_dtype).
+    monkeypatch.setattr(loss_module, "_chunked_half", lambda *args: dtypes.append(args[-2]) or chunked_half(*args))
     torch.manual_seed(6)
     hidden = torch.randn(40, 32, requires_grad=True)
     weight = (torch.randn(300, 32) / 32 ** 0.5).requires_grad_()
@@ -234,6 +244,8 @@ def test_bad_input_gets_a_clear_error(bad, message):
 
 def test_bad_options_get_a_clear_error():
     h, w, t = torch.randn(6, 8), torch.randn(10, 8), torch.randint(0, 10, (6,))
+    with pytest.raises(ValueError, match="accum_dtype"):
+        linear_cross_entropy(h, w, t, accum_dtype=torch.float64)
     with pytest.raises(ValueError, match="reduction"):
         linear_cross_entropy(h, w, t, reduction="avg")
     with pytest.raises(ValueError, match="label_smoothing"):
@@ -251,10 +263,14 @@ def test_opcheck(reduction):
     t = torch.randint(0, 30, (12,))
     fused = reduction != "none"
     torch.library.opcheck(torch.ops.codex_ml.linear_cross_entropy.default,
-                          (h, w, b, t, -100, reduction, 0.1, 1e-3, 0.0, fused, "cpu", None))
+                          (h, w, b, t, -100, reduction, 0.1, 1e-3, 0.0, fused, "cpu", None, None))
     # As under torch.autocast: bf16 products, an fp32 loss.
     torch.library.opcheck(torch.ops.codex_ml.linear_cross_entropy.default,
-                          (h, w, b, t, -100, reduction, 0.1, 1e-3, 0.0, fused, "torch", torch.bfloat16))
+                          (h, w, b, t, -100, reduction, 0.1, 1e-3, 0.0, fused, "torch", torch.bfloat16, None))
+    # bf16 inputs summing grad_weight in bf16.
+    hb, wb, bb = (x.detach().bfloat16().requires_grad_() for x in (h, w, b))
+    torch.library.opcheck(torch.ops.codex_ml.linear_cross_entropy.default,
+                          (hb, wb, bb, t, -100, reduction, 0.1, 1e-3, 0.0, fused, "torch", None, torch.bfloat16))
     logits = torch.randn(12, 30, requires_grad=True)
     torch.library.opcheck(torch.ops.codex_ml.cross_entropy.default,
                           (logits, t, -100, reduction, 0.0, 0.0, 0.0, fused, "torch"))

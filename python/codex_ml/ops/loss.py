@@ -138,14 +138,16 @@ def _addmm_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def _chunked_half(impl, hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap,
-                  dtype):
+                  dtype, accum_dtype):
     """The chunked algorithm with the products in `dtype` (bf16/fp16: the inputs' own, or torch.autocast's, to
     which the inputs are cast as F.linear's would be): every product on the tensor cores, as F.linear's, with
     fp32 accumulation inside it; each chunk's logits in that dtype, as the reference's; each row's softmax in
     fp32 (the Triton row kernel reads the logits and writes their gradient over them, in place); grad_hidden
-    rows written once from one product each; grad_weight and grad_bias accumulated over the chunks in fp32.
-    No fp32 copy of weight, hidden or a chunk's logits (except for the fp32-only CUDA row kernel).
+    rows written once from one product each; grad_weight and grad_bias accumulated over the chunks in fp32, or
+    in `dtype` where accum_dtype says so (half the memory, a rounding per chunk). No fp32 copy of weight, hidden
+    or a chunk's logits (except for the fp32-only CUDA row kernel).
     """
+    accum = torch.float32 if accum_dtype in (None, torch.float32) else dtype
     n, v = hidden.shape[0], weight.shape[0]
     weight = weight.to(dtype)
     bias = bias.to(dtype) if bias is not None else None
@@ -157,8 +159,8 @@ def _chunked_half(impl, hidden, weight, bias, target, row_scale, ignore_index, l
         return hidden.new_empty(0, dtype=torch.float32)
 
     gh = hidden.new_empty(hidden.shape, dtype=dtype) if grad else empty()
-    gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad else empty()
-    gb = torch.zeros(v, dtype=torch.float32, device=weight.device) if grad and bias is not None else empty()
+    gw = torch.zeros(weight.shape, dtype=accum, device=weight.device) if grad else empty()
+    gb = torch.zeros(v, dtype=accum, device=weight.device) if grad and bias is not None else empty()
     chunk = _chunk_size(v, hidden.device)
     for s in range(0, n, chunk):
         h = hidden[s:s + chunk].to(dtype)
@@ -174,21 +176,24 @@ def _chunked_half(impl, hidden, weight, bias, target, row_scale, ignore_index, l
         loss[s:s + chunk], lse[s:s + chunk] = rows, row_lse
         if grad:
             torch.mm(g, weight, out=gh[s:s + chunk])
-            _addmm_fp32(gw, g.t(), h)
+            if accum == torch.float32:
+                _addmm_fp32(gw, g.t(), h)
+            else:
+                gw.addmm_(g.t(), h)
             if bias is not None:
-                gb += g.sum(0, dtype=torch.float32)
+                gb += g.sum(0, dtype=torch.float32).to(accum)
     return loss, lse, gh, gw, gb
 
 
 def _chunked_impl(impl, hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap,
-                  matmul_dtype):
+                  matmul_dtype, accum_dtype):
     """The chunked algorithm on any device: logits by F.linear per chunk, rows by Triton, CUDA or PyTorch."""
     if matmul_dtype is None and hidden.dtype in _HALF and weight.dtype == hidden.dtype \
             and (bias is None or bias.dtype == hidden.dtype):
         matmul_dtype = hidden.dtype
     if matmul_dtype in _HALF:
         return _chunked_half(impl, hidden.contiguous(), weight, bias, target, row_scale, ignore_index,
-                             label_smoothing, z_loss, softcap, matmul_dtype)
+                             label_smoothing, z_loss, softcap, matmul_dtype, accum_dtype)
     n, v = hidden.shape[0], weight.shape[0]
     w = weight.float()
     b = bias.float() if bias is not None else None
@@ -217,15 +222,16 @@ def _chunked_impl(impl, hidden, weight, bias, target, row_scale, ignore_index, l
 
 
 def _run(impl, hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap,
-         matmul_dtype=None):
-    """(rows' loss, lse, grad_hidden, grad_weight, grad_bias); matmul_dtype: torch.autocast's, or None. The C++ CPU
-    kernel computes in fp32 whatever it is (more precise than autocast's bf16 products, and its speed on a CPU)."""
+         matmul_dtype=None, accum_dtype=None):
+    """(rows' loss, lse, grad_hidden, grad_weight, grad_bias); matmul_dtype: torch.autocast's, or None;
+    accum_dtype: grad_weight's accumulator in the chunked bf16/fp16 path (None: fp32). The C++ CPU kernel
+    computes and accumulates in fp32 whatever they are (more precise, and its speed on a CPU)."""
     if impl == "cpu":
         load_extension("_linear_cross_entropy_cpu")
         return torch.ops.codex_ml_cpu.linear_cross_entropy(hidden.contiguous(), weight, bias, target, row_scale,
                                                           ignore_index, label_smoothing, z_loss, softcap)
     return _chunked_impl(impl, hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap,
-                         matmul_dtype)
+                         matmul_dtype, accum_dtype)
 
 
 def _backward_row_scale(grad_loss: torch.Tensor, target: torch.Tensor, ignore_index: int,
@@ -255,13 +261,13 @@ def _reduce(rows: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Te
 @torch.library.custom_op("codex_ml::linear_cross_entropy", mutates_args=())
 def _lce_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
             ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, softcap: float,
-            fused_grad: bool, impl: str,
-            matmul_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                       torch.Tensor]:
+            fused_grad: bool, impl: str, matmul_dtype: torch.dtype | None,
+            accum_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                      torch.Tensor]:
     """(loss, z-loss term, grad_hidden, grad_weight, grad_bias); the grads are empty unless fused_grad.
 
     matmul_dtype: torch.autocast's dtype where the caller runs under it (then the loss is fp32, as autocast's
-    F.cross_entropy gives), else None."""
+    F.cross_entropy gives), else None. accum_dtype: see linear_cross_entropy."""
     _check_target_range(target, weight.shape[0], ignore_index)
     valid = target != ignore_index
     row_scale = None
@@ -269,7 +275,7 @@ def _lce_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         n_valid = valid.sum().clamp(min=1)
         row_scale = (valid.float() / n_valid) if reduction == "mean" else valid.float()
     rows, lse, gh, gw, gb = _run(impl, hidden, weight, bias, target, row_scale, ignore_index, label_smoothing,
-                                 z_loss, softcap, matmul_dtype)
+                                 z_loss, softcap, matmul_dtype, accum_dtype)
     z_term = z_loss * _reduce(lse ** 2, valid, "mean" if reduction == "none" else reduction)
     if fused_grad:
         gh, gw = gh.to(hidden.dtype), gw.to(weight.dtype)
@@ -284,7 +290,7 @@ def _loss_dtype(hidden: torch.Tensor, matmul_dtype: torch.dtype | None) -> torch
 
 @_lce_op.register_fake
 def _(hidden, weight, bias, target, ignore_index, reduction, label_smoothing, z_loss, softcap, fused_grad, impl,
-      matmul_dtype):
+      matmul_dtype, accum_dtype):
     loss_dtype = _loss_dtype(hidden, matmul_dtype)
     loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=loss_dtype)
     z_term = hidden.new_empty((), dtype=loss_dtype)
@@ -297,25 +303,26 @@ def _(hidden, weight, bias, target, ignore_index, reduction, label_smoothing, z_
 @torch.library.custom_op("codex_ml::linear_cross_entropy_backward", mutates_args=())
 def _lce_backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
                      row_scale: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
-                     softcap: float, impl: str,
-                     matmul_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     softcap: float, impl: str, matmul_dtype: torch.dtype | None,
+                     accum_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of sum_i row_scale[i] * loss_i, recomputing the logits chunk by chunk."""
     _, _, gh, gw, gb = _run(impl, hidden, weight, bias, target, row_scale.contiguous(), ignore_index,
-                            label_smoothing, z_loss, softcap, matmul_dtype)
+                            label_smoothing, z_loss, softcap, matmul_dtype, accum_dtype)
     return gh.to(hidden.dtype), gw.to(weight.dtype), (gb.to(bias.dtype) if bias is not None else gb)
 
 
 @_lce_backward_op.register_fake
-def _(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap, impl, matmul_dtype):
+def _(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap, impl, matmul_dtype,
+      accum_dtype):
     gb = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0, dtype=torch.float32)
     return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), gb
 
 
 def _setup_context(ctx, inputs, output):
     (hidden, weight, bias, target, ignore_index, reduction, label_smoothing, z_loss, softcap, fused_grad, impl,
-     matmul_dtype) = inputs
+     matmul_dtype, accum_dtype) = inputs
     ctx.fused, ctx.reduction, ctx.has_bias = fused_grad, reduction, bias is not None
-    ctx.args = (ignore_index, label_smoothing, z_loss, softcap, impl, matmul_dtype)
+    ctx.args = (ignore_index, label_smoothing, z_loss, softcap, impl, matmul_dtype, accum_dtype)
     if fused_grad:
         ctx.save_for_backward(*output[2:])
     else:
@@ -339,12 +346,12 @@ def _backward(ctx, grad_loss, grad_z, _gh, _gw, _gb):
         gb = _scaled(gb, grad_loss) if ctx.has_bias else None
     else:
         hidden, weight, bias, target = ctx.saved_tensors
-        ignore_index, label_smoothing, z_loss, softcap, impl, matmul_dtype = ctx.args
+        ignore_index, label_smoothing, z_loss, softcap, impl, matmul_dtype, accum_dtype = ctx.args
         row_scale = _backward_row_scale(grad_loss, target, ignore_index, ctx.reduction)
         gh, gw, gb = _lce_backward_op(hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss,
-                                      softcap, impl, matmul_dtype)
+                                      softcap, impl, matmul_dtype, accum_dtype)
         gb = gb if ctx.has_bias else None
-    return gh, gw, gb, None, None, None, None, None, None, None, None, None
+    return gh, gw, gb, None, None, None, None, None, None, None, None, None, None
 
 
 _lce_op.register_autograd(_backward, setup_context=_setup_context)
@@ -372,6 +379,7 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
     return_z_loss: bool = False,
+    accum_dtype: torch.dtype = torch.float32,
     impl: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of softcap(hidden [N, H] @ weight[V, H]^T + bias) against target [N], without the logits.
@@ -381,15 +389,22 @@ def linear_cross_entropy(
     Ignored rows (target == ignore_index) contribute nothing; if all are ignored the loss is 0.
     Under torch.autocast it follows autocast's F.linear + F.cross_entropy: the products in autocast's dtype
     (except in the C++ CPU kernel, which computes in fp32), the loss in fp32.
+    accum_dtype: what grad_weight and grad_bias are summed in across chunks of tokens when the products run in
+    bf16/fp16 (CUDA; impl "torch"/"triton"): torch.float32 (the default), or the products' dtype, which saves
+    the fp32 accumulator (2 bytes per weight element) at the price of a rounding per chunk. The C++ CPU kernel
+    always sums in fp32.
     """
     _check(hidden, weight, target, bias)
+    if accum_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"accum_dtype must be torch.float32 or the products' bf16/fp16, got {accum_dtype}")
     _check_common(hidden, target, weight.shape[0], ignore_index, reduction, label_smoothing, z_loss, logit_softcap)
     chosen = _choose(hidden.device, impl)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     fused = needs_grad and reduction != "none"
     loss, z_term, *_ = _lce_op(hidden, weight, bias, target, ignore_index, reduction, float(label_smoothing),
-                               float(z_loss), float(logit_softcap or 0.0), fused, chosen, _autocast_dtype(hidden))
+                               float(z_loss), float(logit_softcap or 0.0), fused, chosen, _autocast_dtype(hidden),
+                               accum_dtype)
     return (loss, z_term) if return_z_loss else loss
 
 
