@@ -72,16 +72,6 @@ def _callables(fn, inputs, grad_inputs):
     return {"fwd": fwd, "fwd+bwd": fwd_bwd}
 
 
-def _liger():
-    """liger_kernel.transformers.functional, or None where liger-kernel is not importable."""
-    try:
-        from liger_kernel.transformers import functional
-    except Exception as err:  # noqa: BLE001  (any failure to import it only drops its rows)
-        print(f"impl liger unavailable: liger-kernel is not importable ({err}); tools/gpu_wheels.sh fetches it")
-        return None
-    return functional
-
-
 # Each op as impl's function of the differentiable inputs, returning a list of outputs. Liger's RMSNorm runs out
 # of place: in place, its backward would overwrite the output gradient the repeats share. Its rope rotates q and k
 # in place (its design, kept): the shared inputs stay random-like (a rotation keeps their norms), so the other
@@ -126,7 +116,7 @@ def _cases(rms_shape, swiglu_shape, rotary_shape, dtype, device):
 
 def run_case(rms_shape, swiglu_shape, rotary_shape, dtypes, device, impls, repeats) -> list[dict]:
     torch.manual_seed(0)
-    liger = _liger() if "liger" in impls else None
+    liger = common.liger_functional() if "liger" in impls else None
     rows = []
     for dtype in dtypes:
         for kernel, shape, op_for, reference, inputs, grad_inputs in _cases(rms_shape, swiglu_shape, rotary_shape,

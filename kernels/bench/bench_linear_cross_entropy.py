@@ -32,16 +32,6 @@ PRESETS = {
 }
 
 
-def _liger_loss():
-    """Liger-Kernel's fused linear cross-entropy (mean over non-ignored tokens), or None if not installed."""
-    try:
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-    except Exception as err:  # noqa: BLE001  (any failure to import it only drops its rows)
-        print(f"impl liger unavailable: liger-kernel is not importable ({err}); tools/gpu_wheels.sh fetches it")
-        return None
-    return liger_fused_linear_cross_entropy
-
-
 def _reference(hidden, weight, target):
     return F.cross_entropy(F.linear(hidden, weight).float(), target)
 
@@ -83,7 +73,8 @@ def run_case(n: int, h: int, v: int, dtype: torch.dtype, device: str, impls: tup
     ref = dict(zip(("fwd", "fwd+bwd"), _passes(_reference, hidden, weight, target)))
     compiled = _compiled_reference()
     compiled_passes = dict(zip(("fwd", "fwd+bwd"), _passes(compiled, hidden, weight, target))) if compiled else {}
-    liger = _liger_loss() if "liger" in impls else None
+    functional = common.liger_functional() if "liger" in impls else None
+    liger = functional.liger_fused_linear_cross_entropy if functional else None
     rows = []
     for pass_name in ("fwd", "fwd+bwd"):
         ref_time = common.time_ms(ref[pass_name], repeats)

@@ -138,3 +138,14 @@ def write_json(rows: list[dict], path: str | None) -> None:
     with open(path, "w") as out:
         json.dump(rows, out, indent=2)
     print(f"wrote {len(rows)} rows to {path}")
+
+
+def liger_functional():
+    """liger_kernel.transformers.functional (for comparison rows only: no dependency of codex_ml), or None where
+    liger-kernel is not importable; tools/gpu_wheels.sh fetches it for the GPU machine."""
+    try:
+        from liger_kernel.transformers import functional
+    except Exception as err:  # noqa: BLE001  (any failure to import it only drops its rows)
+        print(f"impl liger unavailable: liger-kernel is not importable ({err}); tools/gpu_wheels.sh fetches it")
+        return None
+    return functional
