@@ -1,6 +1,7 @@
 """GPU tests of attention: CUDA tensors through the Triton kernels (the CUDA default) and the CUDA tensor-core
 kernels (impl="cuda", libcodex_attention.so), against a float64 reference on the CPU. Skipped, with the
-reason, where there is no CUDA GPU.
+reason, where there is no CUDA GPU; the CUDA kernels themselves also run on the CPU, in an emulator, in
+tests/kernels/cuda_emu_test.py.
 
 Error bounds (relative L2 error of the output and of dq, dk, dv): fp32 (Triton, exact fp32 products) 1e-4;
 fp16 1e-2 and bf16 3e-2: P and dS are rounded to the input dtype before their products (as in

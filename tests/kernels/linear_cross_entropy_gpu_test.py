@@ -1,6 +1,7 @@
 """GPU tests of the losses on CUDA tensors, for both row kernels: the Triton one (impl="triton", the CUDA default)
 and the plain-CUDA one (impl="cuda", libcodex_cross_entropy.so), fp32, bf16 and fp16, forward and backward,
-against a float64 reference on the CPU. Skipped, with the reason, where there is no CUDA GPU.
+against a float64 reference on the CPU. Skipped, with the reason, where there is no CUDA GPU; the CUDA row kernel
+itself also runs on the CPU, in an emulator, in tests/kernels/cuda_emu_test.py.
 
 Error bounds (relative, max-abs error over max-abs reference): fp32 2e-4, fp16 1e-2, bf16 2e-2 (the inputs
 keep 11 or 8 mantissa bits and the outputs are rounded to them; the kernels compute in fp32). Every allocation
