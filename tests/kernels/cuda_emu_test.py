@@ -20,6 +20,8 @@ import pytest
 import torch
 from references import attention_reference, cross_entropy_reference, rel_err
 
+from codex_ml.ops import _attention_cuda, _loss_cuda
+
 LIBRARIES = Path("kernels")
 MARGIN = 64  # elements each side: keeps a 16-bit view 128-byte aligned, as the kernels' 16-byte loads need
 SENTINEL = -12352.0  # exactly representable in fp32, fp16 and bf16
@@ -34,24 +36,15 @@ def _load(name: str) -> ctypes.CDLL:
     return ctypes.CDLL(str(path.resolve()))
 
 
+# The signatures are the ones codex_ml's bindings declare for the CUDA libraries.
 @pytest.fixture(scope="module")
 def attention_lib():
-    lib = _load("libcodex_attention_emu.so")
-    ptr, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    lib.codex_attention_forward.argtypes = [i32] + [ptr] * 5 + [i32] * 5 + [f32, i32, i32, ptr]
-    lib.codex_attention_forward.restype = i32
-    lib.codex_attention_backward.argtypes = [i32] + [ptr] * 10 + [i32] * 5 + [f32, i32, i32, ptr]
-    lib.codex_attention_backward.restype = i32
-    return lib
+    return _attention_cuda.declare(_load("libcodex_attention_emu.so"))
 
 
 @pytest.fixture(scope="module")
 def cross_entropy_lib():
-    lib = _load("libcodex_cross_entropy_emu.so")
-    ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    lib.codex_cross_entropy_rows.argtypes = [ptr] * 5 + [i64] * 3 + [f32] * 3 + [ptr]
-    lib.codex_cross_entropy_rows.restype = ctypes.c_int
-    return lib
+    return _loss_cuda.declare(_load("libcodex_cross_entropy_emu.so"))
 
 
 class Guarded:

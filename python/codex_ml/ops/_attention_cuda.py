@@ -16,15 +16,19 @@ from codex_ml.ops.dispatch import load_cuda_library
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
 
 
-@functools.lru_cache(maxsize=None)
-def _library() -> ctypes.CDLL:
-    lib = load_cuda_library("libcodex_attention.so", "attention", "impl='triton'")
+def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Sets the C signatures of the entry points (also used on the CPU-emulated build in tests/kernels)."""
     ptr, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.codex_attention_forward.argtypes = [i32] + [ptr] * 5 + [i32] * 5 + [f32, i32, i32, ptr]
     lib.codex_attention_forward.restype = i32
     lib.codex_attention_backward.argtypes = [i32] + [ptr] * 10 + [i32] * 5 + [f32, i32, i32, ptr]
     lib.codex_attention_backward.restype = i32
     return lib
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL:
+    return declare(load_cuda_library("libcodex_attention.so", "attention", "impl='triton'"))
 
 
 def _check(status: int, what: str) -> None:

@@ -15,13 +15,18 @@ import torch
 from codex_ml.ops.dispatch import load_cuda_library
 
 
-@functools.lru_cache(maxsize=None)
-def _library() -> ctypes.CDLL:
-    lib = load_cuda_library("libcodex_cross_entropy.so", "cross-entropy", "impl='triton' (the default on CUDA tensors)")
+def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Sets the C signature of the entry point (also used on the CPU-emulated build in tests/kernels)."""
     ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     lib.codex_cross_entropy_rows.argtypes = [ptr] * 5 + [i64] * 3 + [f32] * 3 + [ptr]
     lib.codex_cross_entropy_rows.restype = ctypes.c_int
     return lib
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL:
+    return declare(load_cuda_library("libcodex_cross_entropy.so", "cross-entropy",
+                                     "impl='triton' (the default on CUDA tensors)"))
 
 
 def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, row_scale: torch.Tensor | None, *,
