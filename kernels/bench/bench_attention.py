@@ -73,12 +73,12 @@ def run_case(b, h, t, d, dtype, device, causal, impls, repeats) -> list[dict]:
     for impl in impls:
         ours = _callables(lambda q, k, v, c, impl=impl: attention(q, k, v, causal=c, impl=impl), q, k, v, causal)
         for pass_name in ("fwd", "bwd", "fwd+bwd"):
-            time_ms = common.time_ms(ours[pass_name], repeats)
+            time_ms, ref_time_ms = common.time_pair_ms(ours[pass_name], ref[pass_name], repeats)
             rows.append({
                 "kernel": "attention", "impl": impl, "B": b, "H": h, "T": t, "D": d,
                 "dtype": str(dtype).removeprefix("torch."), "causal": causal, "pass": pass_name,
                 "time_ms": time_ms, "peak_mem_mb": common.peak_mem_mb(ours[pass_name], device),
-                "ref_time_ms": common.time_ms(ref[pass_name], repeats),
+                "ref_time_ms": ref_time_ms,
                 "ref_peak_mem_mb": common.peak_mem_mb(ref[pass_name], device),
                 "tflops": flops[pass_name] / time_ms / 1e9,
             })

@@ -130,8 +130,7 @@ def run_case(rms_shape, swiglu_shape, rotary_shape, dtypes, device, impls, repea
                 try:
                     ours = _callables(op_for(impl, liger), inputs, grad_inputs)
                     for pass_name in ("fwd", "fwd+bwd"):
-                        time_ms = common.time_ms(ours[pass_name], repeats)
-                        ref_time_ms = common.time_ms(ref[pass_name], repeats)
+                        time_ms, ref_time_ms = common.time_pair_ms(ours[pass_name], ref[pass_name], repeats)
                         rows.append({
                             "kernel": kernel, "impl": impl, "shape": shape,
                             "dtype": str(dtype).removeprefix("torch."), "pass": pass_name, "time_ms": time_ms,

@@ -59,6 +59,23 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _cuda_in_use() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def _time_once(fn: Callable[[], object], cuda: bool) -> float:
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    start_s = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start_s) * 1e3
+
+
 def time_ms(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
     """Median time of fn() in milliseconds over `repeats` runs, after `warmup` untimed runs.
 
@@ -69,21 +86,27 @@ def time_ms(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> floa
     for _ in range(warmup):
         fn()
     _sync()
-    times = []
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    cuda = _cuda_in_use()
+    return statistics.median(_time_once(fn, cuda) for _ in range(repeats))
+
+
+def time_pair_ms(fn: Callable[[], object], ref: Callable[[], object], repeats: int = 5,
+                 warmup: int = 1) -> tuple[float, float]:
+    """Median times (ms) of fn() and ref(), run alternately (fn, ref, fn, ref, ...), as time_ms times each.
+
+    Alternating puts both under the same load on a shared machine, so their ratio is steadier than that of two
+    separate medians (which can sit minutes apart on a machine whose speed drifts).
+    """
+    for _ in range(warmup):
+        fn()
+        ref()
+    _sync()
+    cuda = _cuda_in_use()
+    ours, theirs = [], []
     for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            start_s = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start_s) * 1e3)
-    return statistics.median(times)
+        ours.append(_time_once(fn, cuda))
+        theirs.append(_time_once(ref, cuda))
+    return statistics.median(ours), statistics.median(theirs)
 
 
 def _rss_kib(field: str) -> int:

@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -28,3 +29,13 @@ def test_quick_preset_writes_json_rows(bench, tmp_path):
         assert FIELDS[bench] <= set(row), FIELDS[bench] - set(row)
         assert row["time_ms"] > 0 and row["ref_time_ms"] > 0
     assert "time_ms" in result.stdout  # the table
+
+
+def test_paired_timing_alternates_and_reports_each_median():
+    from codex_ml.kernels.bench import common
+
+    calls = []
+    ours, theirs = common.time_pair_ms(lambda: calls.append("a"), lambda: (calls.append("b"), time.sleep(0.002)),
+                                       repeats=5, warmup=1)
+    assert calls == ["a", "b"] * 6  # one warm-up pair, then five timed pairs, alternating
+    assert 0 <= ours < 1.0 <= 2.0 <= theirs
