@@ -161,6 +161,28 @@ def test_attention_rejects_what_it_does_not_run(attention_lib):
     assert forward() == 0 and torch.isfinite(o).all()
 
 
+def test_attention_bindings_on_the_emulated_kernels(attention_lib):
+    """codex_ml.ops._attention_cuda's calls (argument order, 16-byte alignment copies, window convention) against
+    the same kernels, with a misaligned q and window -1 (none) as codex_ml.ops.attention passes them."""
+    torch.manual_seed(11)
+    b, hq, hkv, t, d = 1, 4, 2, 70, 64
+    q = torch.randn(b * hq * t * d + 1).to(torch.bfloat16)[1:].view(b, hq, t, d)  # data 2 bytes off 16
+    assert q.data_ptr() % 16 != 0
+    k, v, do = torch.randn(b, hkv, t, d).bfloat16(), torch.randn(b, hkv, t, d).bfloat16(), torch.randn_like(q)
+    stream = ctypes.c_void_p(None)
+    for causal, window in ((True, -1), (False, 12)):
+        o, lse = _attention_cuda.forward_on(attention_lib, stream, q, k, v, causal, 0.125, window)
+        dq, dk, dv = _attention_cuda.backward_on(attention_lib, stream, do, q, k, v, o, lse, causal, 0.125, window)
+        ref_in = [x.double().requires_grad_() for x in (q, k, v)]
+        ref = attention_reference(*ref_in, causal=causal, window=window if window > 0 else None, scale=0.125)
+        ref_grads = torch.autograd.grad((ref * do.double()).sum(), ref_in)
+        assert rel_err(o, ref) < ATTENTION_BOUNDS[torch.bfloat16]
+        for g, r in zip((dq, dk, dv), ref_grads):
+            assert rel_err(g, r) < ATTENTION_BOUNDS[torch.bfloat16]
+    with pytest.raises(ValueError, match="bf16/fp16"):
+        _attention_cuda.forward_on(attention_lib, stream, q.float(), k.float(), v.float(), True, 0.125, -1)
+
+
 # ---- cross-entropy rows ---------------------------------------------------------------------------------------
 
 def cross_entropy_rows_reference(logits, target, row_scale, *, ignore_index, label_smoothing, z_loss, softcap):
@@ -237,6 +259,26 @@ def test_cross_entropy_rows_large_logits(cross_entropy_lib, v):
     assert (loss.double() - rows).abs().max() < 4e-3, (loss.double() - rows).abs().max()
     assert (lse.double() - lse_ref).abs().max() < 4e-3
     assert rel_err(logits, grad_ref) < 1e-3, rel_err(logits, grad_ref)
+
+
+def test_cross_entropy_bindings_on_the_emulated_kernel(cross_entropy_lib):
+    """codex_ml.ops._loss_cuda.rows_on (what impl="cuda" calls per chunk): non-contiguous logits get the gradient
+    copied back, int32 targets and a scalar row scale are converted, and wrong logits are refused."""
+    torch.manual_seed(12)
+    n, v = 6, 301
+    values = torch.randn(v, n).t()  # a non-contiguous [n, v] view
+    target = torch.randint(0, v, (n,), dtype=torch.int32)
+    rows, lse_ref, grad_ref = cross_entropy_rows_reference(values, target.long(), torch.full((n,), 0.5),
+                                                           ignore_index=-100, label_smoothing=0.05, z_loss=1e-4,
+                                                           softcap=0.0)
+    logits = values.clone().t().contiguous().t()
+    assert not logits.is_contiguous()
+    loss, lse = _loss_cuda.rows_on(cross_entropy_lib, ctypes.c_void_p(None), logits, target, torch.tensor(0.5),
+                                   ignore_index=-100, label_smoothing=0.05, z_loss=1e-4, softcap=0.0)
+    assert rel_err(loss, rows) < 1e-5 and rel_err(lse, lse_ref) < 1e-5 and rel_err(logits, grad_ref) < 1e-5
+    with pytest.raises(ValueError, match="fp32 logits"):
+        _loss_cuda.rows_on(cross_entropy_lib, None, values.double(), target, None, ignore_index=-100,
+                           label_smoothing=0.0, z_loss=0.0, softcap=0.0)
 
 
 def test_cross_entropy_rows_edge_cases(cross_entropy_lib):

@@ -54,26 +54,39 @@ def _stream(q: torch.Tensor) -> ctypes.c_void_p:
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
             window: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, lse fp32) for contiguous CUDA q [B, H, T, D], k, v [B, Hkv, T, D]; window <= 0 means none."""
-    b, h, t, d = q.shape
-    q, k, v = _aligned(q), _aligned(k), _aligned(v)
-    o = torch.empty_like(q)
-    lse = torch.empty(b, h, t, dtype=torch.float32, device=q.device)
-    _check(_library().codex_attention_forward(
-        _code(q), q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(),
-        b, h, k.shape[1], t, d, scale, int(causal), max(window, 0), _stream(q)), "forward")
-    return o, lse
+    return forward_on(_library(), _stream(q), q, k, v, causal, scale, window)
 
 
 def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
              lse: torch.Tensor, causal: bool, scale: float,
              window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) for contiguous CUDA tensors, lse from forward()."""
+    return backward_on(_library(), _stream(q), do, q, k, v, o, lse, causal, scale, window)
+
+
+# forward and backward through `lib` on `stream`, tensors on the library's device (the CPU for the emulated build
+# that tests/kernels/cuda_emu_test.py runs).
+def forward_on(lib: ctypes.CDLL, stream: ctypes.c_void_p, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               causal: bool, scale: float, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    b, h, t, d = q.shape
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    o = torch.empty_like(q)
+    lse = torch.empty(b, h, t, dtype=torch.float32, device=q.device)
+    _check(lib.codex_attention_forward(
+        _code(q), q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(),
+        b, h, k.shape[1], t, d, scale, int(causal), max(window, 0), stream), "forward")
+    return o, lse
+
+
+def backward_on(lib: ctypes.CDLL, stream: ctypes.c_void_p, do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
+                window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, h, t, d = q.shape
     do, q, k, v, o = (_aligned(x) for x in (do, q, k, v, o))
     delta = torch.empty_like(lse)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    _check(_library().codex_attention_backward(
+    _check(lib.codex_attention_backward(
         _code(q), do.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(),
         delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), b, h, k.shape[1], t, d, scale, int(causal),
-        max(window, 0), _stream(q)), "backward")
+        max(window, 0), stream), "backward")
     return dq, dk, dv

@@ -38,6 +38,17 @@ def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, row_scale: to
     """
     if logits.device.type != "cuda":
         raise ValueError(f"the CUDA cross-entropy kernel needs CUDA tensors, got logits on {logits.device}")
+    with torch.cuda.device(logits.device):
+        stream = ctypes.c_void_p(torch.cuda.current_stream(logits.device).cuda_stream)
+        return rows_on(_library(), stream, logits, target, row_scale, ignore_index=ignore_index,
+                       label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+
+
+def rows_on(lib: ctypes.CDLL, stream: ctypes.c_void_p, logits: torch.Tensor, target: torch.Tensor,
+            row_scale: torch.Tensor | None, *, ignore_index: int, label_smoothing: float, z_loss: float,
+            softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cross_entropy_rows through `lib` on `stream`, tensors on the library's device (the CPU for the emulated
+    build that tests/kernels/cuda_emu_test.py runs)."""
     if logits.dim() != 2 or logits.dtype != torch.float32:
         raise ValueError(f"the CUDA cross-entropy kernel takes fp32 logits [N, V], got {logits.dtype} "
                          f"{tuple(logits.shape)}")
@@ -52,11 +63,9 @@ def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, row_scale: to
     scale = None
     if row_scale is not None:
         scale = row_scale.to(device=logits.device, dtype=torch.float32).expand(n).contiguous()
-    with torch.cuda.device(logits.device):
-        stream = ctypes.c_void_p(torch.cuda.current_stream(logits.device).cuda_stream)
-        status = _library().codex_cross_entropy_rows(
-            work.data_ptr(), target.data_ptr(), scale.data_ptr() if scale is not None else None, loss.data_ptr(),
-            lse.data_ptr(), n, v, int(ignore_index), float(label_smoothing), float(z_loss), float(softcap), stream)
+    status = lib.codex_cross_entropy_rows(
+        work.data_ptr(), target.data_ptr(), scale.data_ptr() if scale is not None else None, loss.data_ptr(),
+        lse.data_ptr(), n, v, int(ignore_index), float(label_smoothing), float(z_loss), float(softcap), stream)
     if status != 0:
         raise RuntimeError(f"CUDA cross-entropy rows failed with cudaError_t {status} (N={n}, V={v})")
     if row_scale is not None and work.data_ptr() != logits.data_ptr():
