@@ -303,3 +303,38 @@ def test_tokenizer_settings_are_gin_configurable_and_part_of_the_cache_key(tmp):
     assert other.tokenizer.sha256 != base.tokenizer.sha256
     assert other.tokenizer.model_path != base.tokenizer.model_path and base.tokenizer.model_path.is_file()
     assert other.directory != base.directory  # new shards beside the old ones
+
+
+def test_jsonl_policies_line_separators_globs_and_bom(tmp):
+    good = json.dumps({"text": "print('ok')\n"}).encode()
+    (tmp / "bad.jsonl").write_bytes(good + b"\n" + b'{"text": "caf\xe9 = 1"}\n')
+    assert read_corpus([str(tmp / "bad.jsonl")], non_utf8="skip").stats["skipped_non_utf8"] == 1
+    replaced = read_corpus([str(tmp / "bad.jsonl")], non_utf8="replace")
+    assert any("\ufffd" in d.text for d in replaced.documents)
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not valid UTF-8"):
+        read_corpus([str(tmp / "bad.jsonl")], non_utf8="error")
+    # Raw U+2028 / U+0085 inside JSON strings are text, not line ends; a byte-order mark is not JSON.
+    records = [{"text": "a = '\u2028'\n"}, {"text": "b = '\x85'\n"}]
+    (tmp / "seps.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r, ensure_ascii=False)
+                                                                    for r in records).encode())
+    assert sorted(d.text for d in read_corpus([str(tmp / "seps.jsonl")]).documents) == sorted(
+        r["text"] for r in records)
+    # A glob's .jsonl matches are read as JSON Lines too, with the same default field.
+    (tmp / "j").mkdir()
+    (tmp / "j" / "a.jsonl").write_text(json.dumps({"text": "print(1)"}) + "\n" + json.dumps({"text": "print(2)"}))
+    assert sorted(d.text for d in read_corpus([str(tmp / "j" / "*.jsonl")]).documents) == ["print(1)", "print(2)"]
+
+
+def test_sources_must_be_a_non_empty_list(tmp):
+    (tmp / "a.py").write_text("x = 1\n")
+    with pytest.raises(DataError, match="pass \\["):
+        read_corpus(str(tmp / "a.py"))
+    with pytest.raises(DataError, match="empty list"):
+        read_corpus([])
+    with pytest.raises(DataError, match="empty list"):
+        prepare_data(tmp / "cache", sources=[], vocab_size=300)
+
+
+def test_google_key_ending_in_a_dash_is_found():
+    assert find_secret("k = 'AIza" + "B" * 34 + "-'") == "google_api_key"
+    assert find_secret("k = 'AIza" + "B" * 34 + "x'") == "google_api_key"

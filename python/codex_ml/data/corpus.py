@@ -6,6 +6,7 @@ same sources give the same documents and splits on every machine.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import json
@@ -13,6 +14,7 @@ import sysconfig
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from codex_ml.data.secrets import find_secret
 
@@ -88,8 +90,39 @@ def _expand(spec: str) -> tuple[list[Path], str | None]:
             raise DataError(f"source {spec!r}: the directory has no *.py files (give a glob such as '{spec}/**/*.txt')")
         return files, field_name
     if path.is_file():
-        return [path], field_name or ("text" if path.suffix in (".jsonl", ".json") else None)
+        return [path], field_name
     raise DataError(f"source {spec!r} does not exist: give a file, a directory or a glob")
+
+
+def _is_jsonl(path: Path) -> bool:
+    return path.suffix in (".jsonl", ".json")
+
+
+def _jsonl_texts(path: Path, raw: bytes, field_name: str, policy: str, stats: Counter) -> list[tuple[str, str]]:
+    """(text, "path:line") of each record's `field_name`. Lines end at "\n" only: JSON strings may hold
+    U+2028 and the like raw, which str.splitlines() would split. The non-UTF-8 policy applies per line."""
+    texts = []
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    for lineno, line_bytes in enumerate(raw.split(b"\n"), 1):
+        try:
+            line = _decode(line_bytes, policy)
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}:{lineno}: not valid UTF-8 ({err.reason} at byte {err.start} of the line); "
+                            "use non_utf8='skip' or 'replace'") from err
+        if line is None:
+            stats["skipped_non_utf8"] += 1
+            continue
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+        if not isinstance(record, dict) or not isinstance(record.get(field_name), str):
+            raise DataError(f"{path}:{lineno}: no string field {field_name!r} (use {path}#FIELD)")
+        texts.append((record[field_name], f"{path}:{lineno}"))
+    return texts
 
 
 def _decode(raw: bytes, policy: str) -> str | None:
@@ -104,7 +137,7 @@ def _decode(raw: bytes, policy: str) -> str | None:
 
 
 def read_corpus(
-    sources: list[str] | None = None,
+    sources: Sequence[str] | None = None,
     *,
     non_utf8: str = "skip",
     filter_secrets: bool = True,
@@ -118,7 +151,13 @@ def read_corpus(
     """
     if non_utf8 not in ("skip", "replace", "error"):
         raise DataError(f"non_utf8 must be 'skip', 'replace' or 'error', got {non_utf8!r}")
-    specs = list(sources) if sources else default_sources()
+    if isinstance(sources, (str, Path)):
+        raise DataError(f"sources must be a list of files, directories or globs, got the single {sources!r}: "
+                        f"pass [{str(sources)!r}]")
+    if sources is not None and not list(sources):
+        raise DataError("sources is an empty list: give at least one file, directory or glob "
+                        "(or leave it unset for the Python standard library)")
+    specs = list(sources) if sources is not None else default_sources()
     stats: Counter = Counter()
     secret_rules: Counter = Counter()
     by_hash: dict[str, Document] = {}
@@ -130,18 +169,10 @@ def read_corpus(
             raw = path.read_bytes()
             digest.update(hashlib.sha256(raw).digest())
             stats["files"] += 1
-            if field_name is not None:
-                texts = []
-                for lineno, line in enumerate(raw.decode("utf-8", errors="strict").splitlines(), 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-                    if not isinstance(record, dict) or not isinstance(record.get(field_name), str):
-                        raise DataError(f"{path}:{lineno}: no string field {field_name!r} (use {path}#FIELD)")
-                    texts.append((record[field_name], f"{path}:{lineno}"))
+            # JSON Lines files (however they were named: a file, or a glob's match) read field "text" by default.
+            file_field = field_name or ("text" if _is_jsonl(path) else None)
+            if file_field is not None:
+                texts = _jsonl_texts(path, raw, file_field, non_utf8, stats)
             else:
                 try:
                     text = _decode(raw, non_utf8)

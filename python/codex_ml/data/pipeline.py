@@ -78,8 +78,7 @@ def prepare_data(
     """
     cache_dir = Path(cache_dir)
     start = time.time()
-    corpus = read_corpus(list(sources) if sources else None, non_utf8=non_utf8, filter_secrets=filter_secrets,
-                         max_documents=max_documents)
+    corpus = read_corpus(sources, non_utf8=non_utf8, filter_secrets=filter_secrets, max_documents=max_documents)
     by_split = corpus.split(tuple(splits))
     policies = {"non_utf8": non_utf8, "filter_secrets": filter_secrets, "dedup": "exact content sha256",
                 "split": "content sha256", "splits": list(splits), "max_documents": max_documents}

@@ -13,7 +13,8 @@ SECRET_RULES: dict[str, re.Pattern[str]] = {
     "aws_access_key_id": re.compile(r"\b(?:AKIA|ASIA|ABIA|ACCA)[0-9A-Z]{16}\b"),
     "github_token": re.compile(r"\b(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{36,}\b|\bgithub_pat_[A-Za-z0-9_]{22,}\b"),
     "slack_token": re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}\b"),
-    "google_api_key": re.compile(r"\bAIza[0-9A-Za-z_\-]{35}\b"),
+    # (not \b at the end: a key may end in "-", after which \b would need a word character)
+    "google_api_key": re.compile(r"\bAIza[0-9A-Za-z_\-]{35}(?![0-9A-Za-z_\-])"),
     "stripe_secret_key": re.compile(r"\b(?:sk|rk)_live_[0-9A-Za-z]{16,}\b"),
     "openai_api_key": re.compile(r"\bsk-(?:proj-)?[A-Za-z0-9_\-]{32,}\b"),
     "jwt": re.compile(r"\beyJ[A-Za-z0-9_\-]{10,}\.eyJ[A-Za-z0-9_\-]{10,}\.[A-Za-z0-9_\-]{10,}\b"),
