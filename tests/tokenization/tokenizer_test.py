@@ -135,3 +135,8 @@ def test_command_line_train_encode_decode(tmp_path, capsys):
     before = model.read_bytes()
     assert main(["train", f"--output={model}", "--vocab_size=280", str(tmp_path / "src")]) == 2
     assert "already exists" in capsys.readouterr().err and model.read_bytes() == before
+
+
+def test_the_one_character_that_does_not_round_trip(tokenizer):
+    """SentencePiece's space marker U+2581 comes back as a space (documented in tokenizer.py)."""
+    assert tokenizer.decode(tokenizer.encode("a\u2581b")) == "a b"

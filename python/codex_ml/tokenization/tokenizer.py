@@ -3,7 +3,8 @@
 SentencePiece's defaults normalize text (NFKC), collapse whitespace and add a dummy prefix space, so
 indentation and newlines do not survive. Here: identity normalization, no dummy prefix, whitespace
 kept, whitespace-only pieces allowed (runs of indentation become single tokens), newline and tab as
-user-defined symbols, and byte fallback so any character round-trips. decode(encode(x)) == x.
+user-defined symbols, and byte fallback so any character round-trips. decode(encode(x)) == x, with one
+exception: a literal U+2581 (SentencePiece's own space marker, "▁") decodes as a space.
 """
 
 from __future__ import annotations
