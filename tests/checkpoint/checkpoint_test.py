@@ -165,3 +165,44 @@ def test_stale_temporaries_are_removed(run_dir):
     manager.remove_stale_temporaries()
     assert not stale.exists()
     assert latest_valid_checkpoint(run_dir) is not None
+
+
+def test_retention_and_auto_resume_follow_write_order_after_resuming_an_older_step(run_dir):
+    """Resumed from step 2 while steps 6 and 8 exist: the new branch's step 3 is the newest, is kept, and is what
+    --resume=auto picks; a keep_last=1 manager never deletes the checkpoint it has just written."""
+    manager = CheckpointManager(run_dir, keep_last=3, keep_best=0)
+    for step in (2, 6, 8):
+        _save(manager, step)
+    path = _save(manager, 3)
+    assert path.is_dir()
+    assert sorted(step for step, _ in list_checkpoints(run_dir)) == [3, 6, 8]
+    assert latest_valid_checkpoint(run_dir) == path
+    tight = CheckpointManager(run_dir, keep_last=1, keep_best=0)
+    assert _save(tight, 4).is_dir() and [step for step, _ in list_checkpoints(run_dir)] == [4]
+
+
+def test_a_failed_resave_keeps_the_old_checkpoint(run_dir, monkeypatch):
+    manager = CheckpointManager(run_dir)
+    original = _save(manager, 4, seed=0)
+    real_rename = core.os.rename
+
+    def failing_rename(src, dst):
+        if ".tmp-step_" in str(src):  # the new checkpoint's move into place
+            raise OSError(28, "No space left on device")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(core.os, "rename", failing_rename)
+    with pytest.raises(CheckpointError, match="Earlier checkpoints are intact"):
+        _save(manager, 4, seed=1)
+    monkeypatch.undo()
+    verify_checkpoint(original)
+    assert torch.equal(load_model_state(original)["block.bias"], _model_state(0)["block.bias"])
+
+
+def test_a_checkpoint_moved_aside_by_an_interrupted_resave_is_restored(run_dir):
+    manager = CheckpointManager(run_dir)
+    path = _save(manager, 4)
+    aside = path.parent / f".tmp-old-{path.name}-12345"
+    path.rename(aside)  # as a crash between the two renames of a re-save leaves it
+    manager.remove_stale_temporaries()
+    assert not aside.exists() and verify_checkpoint(path)

@@ -17,6 +17,7 @@ import torch
 from standins import make_trainer
 
 from codex_ml.checkpoint import latest_valid_checkpoint, list_checkpoints, load_model_state
+from codex_ml.training.trainer import ConfigError
 
 HERE = Path(__file__).absolute().parent
 N = 4
@@ -99,3 +100,10 @@ def test_resume_skips_corrupt_newest_checkpoint(tmp_path, straight):
     assert {s: result.train_losses[s] for s in result.train_losses} == {s: losses[s] for s in range(N + 1, 2 * N + 1)}
     final = load_model_state(latest_valid_checkpoint(run_dir))
     assert all(torch.equal(final[k], v) for k, v in weights.items())
+
+
+def test_resuming_with_another_optimizer_is_a_clear_error(tmp_path):
+    run = tmp_path / "run"
+    make_trainer(run, max_steps=2, checkpoint_every=2, eval_batches=0, optimizer="adamw").fit(resume="never")
+    with pytest.raises(ConfigError, match="Trainer.optimizer = 'adamw'"):
+        make_trainer(run, max_steps=3, eval_batches=0, optimizer="sgd").fit(resume="auto")

@@ -26,6 +26,7 @@ MODEL_FILE = "model.safetensors"
 CHECKPOINTS_SUBDIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp-"
+_OLD_PREFIX = _TMP_PREFIX + "old-"  # a complete checkpoint moved aside while the same step is re-saved
 
 
 class CheckpointError(RuntimeError):
@@ -181,14 +182,19 @@ def save_checkpoint(
             "git_commit": git_commit(),
             "versions": package_versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "saved_ns": time.time_ns(),  # write order (retention and auto-resume), finer than "created"
             **dict(manifest_extra or {}),
         }
         _write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
         _fsync_dir(tmp)
         if path.exists():  # Re-saving the same step: move the old one aside only once the new one is complete.
-            old = path.parent / f"{_TMP_PREFIX}old-{path.name}-{os.getpid()}"
+            old = path.parent / f"{_OLD_PREFIX}{path.name}-{os.getpid()}"
             os.rename(path, old)
-            os.rename(tmp, path)
+            try:
+                os.rename(tmp, path)
+            except OSError:
+                os.rename(old, path)  # the old checkpoint goes back; a crash here leaves it for _restore_old
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, path)
@@ -247,15 +253,32 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _saved_ns(path: Path) -> int:
+    """When the checkpoint was written (manifest "saved_ns"; 0 for one without it or without a readable manifest)."""
+    try:
+        value = json.loads((path / MANIFEST).read_text()).get("saved_ns", 0)
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return value if isinstance(value, int) else 0
+
+
+def checkpoints_by_write_order(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """list_checkpoints() ordered by when each was written, oldest first (by step among equals).
+
+    Not the same as step order once a run resumed from an older checkpoint than its newest: the new branch's
+    checkpoints are the newest, whatever their steps."""
+    return sorted(list_checkpoints(run_dir), key=lambda e: (_saved_ns(e[1]), e[0]))
+
+
 def latest_valid_checkpoint(
     run_dir: str | os.PathLike, report: Callable[[str], None] | None = None
 ) -> Path | None:
-    """The newest checkpoint under `run_dir` that verifies, or None.
+    """The most recently written checkpoint under `run_dir` that verifies, or None.
 
     Corrupt or partial checkpoints are reported (through `report`, default: the logging warning) and skipped.
     """
     report = report or log.warning
-    for _, path in reversed(list_checkpoints(run_dir)):
+    for _, path in reversed(checkpoints_by_write_order(run_dir)):
         try:
             verify_checkpoint(path)
         except CheckpointError as e:
@@ -284,10 +307,12 @@ def load_state_file(path: str | os.PathLike, name: str) -> Any:
 
 
 class CheckpointManager:
-    """Saves checkpoints of one run and prunes them: keeps the last `keep_last` and the best `keep_best`.
+    """Saves checkpoints of one run and prunes them: keeps the last `keep_last` written and the best `keep_best`.
 
-    "Best" means lowest validation loss among checkpoints that recorded one (manifest field "val_loss");
-    a best checkpoint is never pruned while it stays among the best `keep_best`.
+    "Last" is by write order, not step (after resuming from an older checkpoint the new ones are the last),
+    and the checkpoint just saved is always kept. "Best" means lowest validation loss among checkpoints that
+    recorded one (manifest field "val_loss"); a best checkpoint is never pruned while it stays among the best
+    `keep_best`.
     """
 
     def __init__(self, run_dir: str | os.PathLike, keep_last: int = 3, keep_best: int = 1):
@@ -300,36 +325,47 @@ class CheckpointManager:
         self.keep_best = keep_best
 
     def remove_stale_temporaries(self) -> None:
-        """Removes temporary directories left by a writer that died mid-checkpoint."""
-        if self.directory.is_dir():
-            for child in self.directory.iterdir():
-                if child.name.startswith(_TMP_PREFIX):
-                    log.warning("Removing partial checkpoint %s left by an interrupted run.", child)
-                    shutil.rmtree(child, ignore_errors=True)
+        """Removes temporary directories left by a writer that died mid-checkpoint. A complete checkpoint it had
+        moved aside to re-save its step goes back in place when that step's directory is missing."""
+        if not self.directory.is_dir():
+            return
+        for child in sorted(self.directory.iterdir()):
+            if child.name.startswith(_OLD_PREFIX):
+                original = self.directory / child.name[len(_OLD_PREFIX):].rsplit("-", 1)[0]
+                if _STEP_DIR.match(original.name) and not original.exists():
+                    log.warning("Restoring checkpoint %s from %s (a re-save of it was interrupted).", original, child)
+                    os.rename(child, original)
+                    continue
+            if child.name.startswith(_TMP_PREFIX):
+                log.warning("Removing partial checkpoint %s left by an interrupted run.", child)
+                shutil.rmtree(child, ignore_errors=True)
 
     def save(self, step: int, **kwargs: Any) -> Path:
         """save_checkpoint() into checkpoints/step_XXXXXXXX, then prunes. Returns the checkpoint path."""
         extra = dict(kwargs.pop("manifest_extra", None) or {})
         extra.setdefault("step", step)
         path = save_checkpoint(self.directory / step_dir_name(step), manifest_extra=extra, **kwargs)
-        self.prune()
+        self.prune(keep=path)
         return path
 
-    def prune(self) -> list[Path]:
-        """Deletes checkpoints that are neither among the last K nor the best K. Returns what was deleted."""
+    def prune(self, keep: Path | None = None) -> list[Path]:
+        """Deletes checkpoints that are neither among the last K written nor the best K, nor `keep`. Returns what
+        was deleted."""
         entries = []
-        for step, path in list_checkpoints(self.directory):
+        for step, path in checkpoints_by_write_order(self.directory):
             try:
                 val_loss = json.loads((path / MANIFEST).read_text()).get("val_loss")
-            except (OSError, ValueError):
+            except (OSError, ValueError, AttributeError):
                 continue  # Unreadable ones are left for a human: latest_valid_checkpoint skips them.
             entries.append((step, path, val_loss))
-        keep = {path for _, path, _ in entries[-self.keep_last :]}
+        kept = {path for _, path, _ in entries[-self.keep_last :]}
+        if keep is not None:
+            kept.add(Path(keep))
         scored = [e for e in entries if isinstance(e[2], (int, float)) and math.isfinite(e[2])]
-        keep |= {path for _, path, _ in sorted(scored, key=lambda e: (e[2], -e[0]))[: self.keep_best]}
+        kept |= {path for _, path, _ in sorted(scored, key=lambda e: (e[2], -e[0]))[: self.keep_best]}
         removed = []
         for _, path, _ in entries:
-            if path not in keep:
+            if path not in kept:
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
         return removed

@@ -238,6 +238,7 @@ class Trainer:
         init_distributed()
 
         self.model.to(self.device)
+        self.optimizer_name = optimizer
         try:
             self.optimizer = build_optimizer(self.model, optimizer, learning_rate=learning_rate,
                                              weight_decay=weight_decay, betas=betas, momentum=momentum)
@@ -324,7 +325,8 @@ class Trainer:
             trainer_state = {"step": self.step, "tokens": self.tokens, "world_size": self.world_size,
                              "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
                              "nonfinite_skipped": self.nonfinite_skipped, "seed": self.seed,
-                             "batch_size": self.batch_size, "seq_len": self.seq_len}
+                             "batch_size": self.batch_size, "seq_len": self.seq_len,
+                             "optimizer": self.optimizer_name}
             extra = {"tokens": self.tokens, "tokenizer_sha256": self.tokenizer_sha256, "world_size": self.world_size}
             if val_loss is not None and math.isfinite(val_loss):
                 extra["val_loss"] = val_loss
@@ -382,6 +384,13 @@ class Trainer:
                 f"{self.tokenizer_sha256[:12]}... now). Point the data config at that run's tokenizer.model, or "
                 "start afresh with --resume=never or another --run_dir."
             )
+        saved_optimizer = json.loads((path / "trainer_state.json").read_text()).get("optimizer")
+        if saved_optimizer is not None and saved_optimizer != self.optimizer_name:
+            raise ConfigError(
+                f"Cannot resume from {path}: it was trained with Trainer.optimizer = {saved_optimizer!r} and this "
+                f"run has {self.optimizer_name!r}, whose state is another. Resume with "
+                f"Trainer.optimizer = {saved_optimizer!r}, or start afresh with --resume=never or another --run_dir."
+            )
         saved_world = manifest.get("world_size", 1)
         if saved_world != self.world_size:
             raise ConfigError(
@@ -396,7 +405,14 @@ class Trainer:
             self.model.load_state_dict(load_model_state(path, self.device))
         except RuntimeError as e:
             raise ConfigError(f"Cannot resume from {path}: its weights do not fit this model ({e}).") from e
-        self.optimizer.load_state_dict(load_state_file(path, "optimizer"))
+        try:
+            self.optimizer.load_state_dict(load_state_file(path, "optimizer"))
+        except (KeyError, TypeError, ValueError) as e:  # a checkpoint from before the optimizer was recorded
+            raise ConfigError(
+                f"Cannot resume from {path}: its optimizer state does not fit Trainer.optimizer = "
+                f"{self.optimizer_name!r} ({type(e).__name__}: {e}). Resume with the optimizer of that run, or "
+                "start afresh with --resume=never or another --run_dir."
+            ) from e
         if self.scaler is not None and (path / "scaler.pt").is_file():
             self.scaler.load_state_dict(load_state_file(path, "scaler"))
         state = load_state_file(path, "trainer_state")
