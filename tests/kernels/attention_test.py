@@ -134,6 +134,9 @@ def test_bad_input_gets_a_clear_error(make, message):
         attention(*make(q, k, v))
     with pytest.raises(ValueError, match="window"):
         attention(q, k, v, window=0)
+    for scale in (0.0, -0.5, float("nan")):
+        with pytest.raises(ValueError, match="scale must be a finite positive"):
+            attention(q, k, v, scale=scale)
     with pytest.raises(ValueError, match="impl='cuda' needs CUDA tensors"):
         attention(q, k, v, impl="cuda")
 
@@ -146,6 +149,10 @@ def test_opcheck(impl):
     v = torch.randn(1, 2, 19, 16, requires_grad=True)
     torch.library.opcheck(torch.ops.codex_ml.attention.default, (q, k, v, True, 0.25, -1, impl))
     torch.library.opcheck(torch.ops.codex_ml.attention.default, (q, k, v, True, 0.25, 5, impl))
+    if impl == "cpu":  # the CPU path reads the [B, T, H, D] -> [B, H, T, D] views models make, as they are
+        qt, kt, vt = (torch.randn(1, 19, h, 16).transpose(1, 2).requires_grad_() for h in (4, 2, 2))
+        for window in (-1, 5, 300):
+            torch.library.opcheck(torch.ops.codex_ml.attention.default, (qt, kt, vt, True, 0.25, window, impl))
 
 
 def test_model_using_it_compiles_with_fullgraph():

@@ -191,6 +191,39 @@ def test_plain_backward_uses_the_held_gradients_and_can_run_twice(impl):
             assert rel_err(g, r.grad) < BOUNDS[torch.float32]
 
 
+@pytest.mark.parametrize("impl", ["cpu", "torch"])
+def test_retained_graph_backward_accumulates_like_the_reference(impl):
+    """Three backward passes through a retained graph accumulate 3x the gradient, and zeroing .grad in place
+    between passes (zero_grad(set_to_none=False)) changes nothing held by the graph."""
+    torch.manual_seed(15)
+    hidden, weight = torch.randn(9, 8, requires_grad=True), torch.randn(21, 8, requires_grad=True)
+    logits = torch.randn(9, 21, requires_grad=True)
+    target = torch.randint(0, 21, (9,))
+    for make, params in ((lambda: linear_cross_entropy(hidden, weight, target, impl=impl), [hidden, weight]),
+                         (lambda: cross_entropy(logits, target, impl=impl), [logits])):
+        once = torch.autograd.grad(make(), params)
+        loss = make()
+        for _ in range(3):
+            loss.backward(retain_graph=True)
+        for p, g in zip(params, once):
+            torch.testing.assert_close(p.grad, 3 * g)
+            p.grad.zero_()
+        loss.backward()
+        for p, g in zip(params, once):
+            torch.testing.assert_close(p.grad, g)
+            p.grad = None
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_second_derivatives_are_refused_not_zero(reduction):
+    h, w = torch.randn(5, 4, requires_grad=True), torch.randn(7, 4, requires_grad=True)
+    z, t = torch.randn(5, 7, requires_grad=True), torch.randint(0, 7, (5,))
+    for loss, inputs in ((linear_cross_entropy(h, w, t, reduction=reduction).sum(), [h, w]),
+                         (cross_entropy(z, t, reduction=reduction).sum(), [z])):
+        with pytest.raises(RuntimeError, match="no second derivative"):
+            torch.autograd.grad(loss, inputs, create_graph=True)
+
+
 def test_z_loss_is_reported_separately():
     torch.manual_seed(4)
     h, w, t = torch.randn(20, 8), torch.randn(50, 8), torch.randint(0, 50, (20,))
@@ -199,6 +232,11 @@ def test_z_loss_is_reported_separately():
     expected = 1e-2 * (torch.logsumexp(h @ w.T, -1) ** 2).mean()
     torch.testing.assert_close(z_term, expected, rtol=1e-5, atol=0)
     torch.testing.assert_close(loss, plain + expected, rtol=1e-5, atol=0)
+    # The term is for logging: detached (its gradient is in the loss's), never a silently zero gradient.
+    _, z_term = linear_cross_entropy(h.requires_grad_(), w, t, z_loss=1e-2, return_z_loss=True)
+    assert not z_term.requires_grad
+    _, z_term = cross_entropy((h @ w.T).detach().requires_grad_(), t, z_loss=1e-2, return_z_loss=True)
+    assert not z_term.requires_grad
 
 
 def test_non_contiguous_inputs_are_handled():
@@ -250,6 +288,10 @@ def test_bad_options_get_a_clear_error():
         linear_cross_entropy(h, w, t, reduction="avg")
     with pytest.raises(ValueError, match="label_smoothing"):
         linear_cross_entropy(h, w, t, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="z_loss must be a finite"):
+        linear_cross_entropy(h, w, t, z_loss=float("nan"))
+    with pytest.raises(ValueError, match="logit_softcap must be a finite"):
+        cross_entropy(h @ w.T, t, logit_softcap=float("nan"))
     with pytest.raises(ValueError, match="impl"):
         linear_cross_entropy(h, w, t, impl="cuda")
 
@@ -274,6 +316,14 @@ def test_opcheck(reduction):
     logits = torch.randn(12, 30, requires_grad=True)
     torch.library.opcheck(torch.ops.codex_ml.cross_entropy.default,
                           (logits, t, -100, reduction, 0.0, 0.0, 0.0, fused, "torch"))
+    # Strided inputs: the gradients' layout must be the fake's (what torch.compile's inductor relies on).
+    logits_t = torch.randn(30, 12).t().requires_grad_()
+    torch.library.opcheck(torch.ops.codex_ml.cross_entropy.default,
+                          (logits_t, t, -100, reduction, 0.0, 0.0, 0.0, fused, "torch"))
+    w_t = torch.randn(16, 30).t().requires_grad_()
+    for impl in ("cpu", "torch"):
+        torch.library.opcheck(torch.ops.codex_ml.linear_cross_entropy.default,
+                              (h, w_t, b, t, -100, reduction, 0.0, 0.0, 0.0, fused, impl, None, None))
 
 
 def test_compiles_with_fullgraph():

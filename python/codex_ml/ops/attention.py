@@ -135,8 +135,9 @@ def _backward_cpu(grad_out, q, k, v, out, lse, causal, scale, window):
     if window < 0:
         return flash_backward(grad_out, q, k, v, out, lse, 0.0, causal, scale=scale)
     dq = torch.empty_like(q)
-    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)  # blocks overlap in keys: accumulate
-    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    # Blocks overlap in keys: accumulate in fp32, laid out as k and v (as the op's fake says).
+    dk = torch.zeros_like(k, dtype=torch.float32)
+    dv = torch.zeros_like(v, dtype=torch.float32)
     for qs, ks in _window_blocks(q.shape[2], causal, window):
         mask = _window_mask(qs, ks, causal, window, q.dtype, q.device)
         g_q, g_k, g_v = flash_backward(_last_dim_dense(grad_out[:, :, qs]), q[:, :, qs], k[:, :, ks], v[:, :, ks],
@@ -267,6 +268,8 @@ def attention(
         raise ValueError("attention impl='cuda' runs bf16/fp16 tensor cores only: pass bf16/fp16 tensors or use "
                          "impl='triton' for fp32")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not 0.0 < scale < math.inf:
+        raise ValueError(f"attention scale must be a finite positive number, got {scale} (None: 1/sqrt(D))")
     # The CPU kernel reads any layout whose last dimension is dense (e.g. the [B, T, H, D] -> [B, H, T, D]
     # transpose models make); the GPU kernels index contiguous [B, H, T, D].
     dense = _last_dim_dense if chosen == "cpu" else torch.Tensor.contiguous

@@ -14,6 +14,7 @@ algorithm keeps bf16/fp16 inputs in their dtype for the products (see _chunked_h
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -52,10 +53,10 @@ def _check_common(inputs: torch.Tensor, target: torch.Tensor, num_classes: int, 
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    if z_loss < 0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
-    if logit_softcap is not None and logit_softcap <= 0:
-        raise ValueError(f"logit_softcap must be positive or None, got {logit_softcap}")
+    if not 0.0 <= z_loss < math.inf:  # (NaN fails too)
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
+    if logit_softcap is not None and not 0.0 < logit_softcap < math.inf:
+        raise ValueError(f"logit_softcap must be a finite positive number or None, got {logit_softcap}")
 
 
 def _check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
@@ -204,7 +205,7 @@ def _chunked_impl(impl, hidden, weight, bias, target, row_scale, ignore_index, l
         return hidden.new_empty(0, dtype=torch.float32)
 
     gh = torch.zeros(n, hidden.shape[1], dtype=torch.float32, device=hidden.device) if grad else empty()
-    gw = torch.zeros_like(w) if grad else empty()
+    gw = torch.zeros(w.shape, dtype=w.dtype, device=w.device) if grad else empty()  # contiguous, as the fake
     gb = torch.zeros_like(b) if grad and b is not None else empty()
     chunk = _chunk_size(v, hidden.device)
     for s in range(0, n, chunk):
@@ -329,17 +330,34 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(hidden, weight, bias, target)
 
 
+def _graph_is_kept() -> bool:
+    """Whether the running backward pass keeps the graph (retain_graph=True); True where PyTorch cannot say."""
+    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep is None else bool(keep())
+
+
 def _scaled(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
     """grad * grad_loss, except in the usual case grad_loss == 1 (loss.backward()): then the gradient held since
-    the forward pass goes to autograd as it is, and the backward pass holds no second copy of it."""
+    the forward pass goes to autograd as it is, and the backward pass holds no second copy of it. Not when the
+    graph is kept for another backward: autograd may then add into (or zero) what it was given, which would
+    change the held gradient under the next pass, so that gets a copy."""
     # Eager only: traced (fake, functional) tensors have no value to compare, so they take the general path.
     if type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling() and grad_loss.numel() == 1 \
             and bool(grad_loss == 1):
-        return grad
+        return grad.clone() if _graph_is_kept() else grad
     return grad * grad_loss
 
 
+def _refuse_double_backward(name: str) -> None:
+    """The fused gradients are computed without a graph: a backward pass that builds one (create_graph=True)
+    would get second derivatives of zero, silently. Refused instead."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(f"{name} has no second derivative (backward with create_graph=True): its gradients come "
+                           "from a fused kernel. For higher-order gradients use F.linear and F.cross_entropy.")
+
+
 def _backward(ctx, grad_loss, grad_z, _gh, _gw, _gb):
+    _refuse_double_backward("linear_cross_entropy")
     if ctx.fused:
         gh, gw, gb = ctx.saved_tensors
         gh, gw = _scaled(gh, grad_loss), _scaled(gw, grad_loss)
@@ -385,7 +403,8 @@ def linear_cross_entropy(
     """Cross-entropy of softcap(hidden [N, H] @ weight[V, H]^T + bias) against target [N], without the logits.
 
     Returns the loss (a scalar, or [N] for reduction="none"); with z_loss > 0 it includes
-    z_loss * mean(logsumexp^2) over non-ignored rows, and `return_z_loss=True` returns (loss, that term).
+    z_loss * mean(logsumexp^2) over non-ignored rows, and `return_z_loss=True` returns (loss, that term), the
+    term detached: it is for logging (its gradient is already in the loss's).
     Ignored rows (target == ignore_index) contribute nothing; if all are ignored the loss is 0.
     Under torch.autocast it follows autocast's F.linear + F.cross_entropy: the products in autocast's dtype
     (except in the C++ CPU kernel, which computes in fp32), the loss in fp32.
@@ -405,7 +424,7 @@ def linear_cross_entropy(
     loss, z_term, *_ = _lce_op(hidden, weight, bias, target, ignore_index, reduction, float(label_smoothing),
                                float(z_loss), float(logit_softcap or 0.0), fused, chosen, _autocast_dtype(hidden),
                                accum_dtype)
-    return (loss, z_term) if return_z_loss else loss
+    return (loss, z_term.detach()) if return_z_loss else loss
 
 
 @torch.library.custom_op("codex_ml::cross_entropy", mutates_args=())
@@ -421,7 +440,7 @@ def _ce_op(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, reduct
         row_scale = valid.float() / valid.sum().clamp(min=1) if reduction == "mean" else valid.float()
     rows = torch.zeros(n, dtype=torch.float32, device=logits.device)
     lse = torch.zeros_like(rows)
-    grad = torch.empty_like(logits) if fused_grad else logits.new_empty(0)
+    grad = logits.new_empty(logits.shape) if fused_grad else logits.new_empty(0)  # contiguous, as the fake
     chunk = _chunk_size(logits.shape[1], logits.device)
     for s in range(0, n, chunk):
         scale = row_scale[s:s + chunk] if fused_grad else None
@@ -447,6 +466,7 @@ def _ce_setup_context(ctx, inputs, output):
 
 
 def _ce_backward(ctx, grad_loss, grad_z, _grad):
+    _refuse_double_backward("cross_entropy")
     saved, target = ctx.saved_tensors
     if ctx.fused:
         return _scaled(saved, grad_loss), None, None, None, None, None, None, None, None
@@ -472,7 +492,8 @@ def cross_entropy(
     return_z_loss: bool = False,
     impl: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy of logits [N, V] against target [N], with the options of linear_cross_entropy.
+    """Cross-entropy of logits [N, V] against target [N], with the options of linear_cross_entropy (the z-loss
+    term of return_z_loss=True detached, for logging).
 
     One chunked pass computes the loss and, when a gradient is needed for "mean"/"sum", the gradient
     too (in fp32 per chunk, stored in the logits' dtype), so the backward pass is a single scaling.
@@ -484,4 +505,4 @@ def cross_entropy(
     fused = torch.is_grad_enabled() and logits.requires_grad and reduction != "none"
     loss, z_term, _ = _ce_op(logits, target, ignore_index, reduction, float(label_smoothing), float(z_loss),
                              float(logit_softcap or 0.0), fused, "torch" if chosen == "cpu" else chosen)
-    return (loss, z_term) if return_z_loss else loss
+    return (loss, z_term.detach()) if return_z_loss else loss
