@@ -30,6 +30,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <ucontext.h>
+#include <immintrin.h>
 
 #include <cmath>
 #include <cstdio>
@@ -96,12 +97,24 @@ struct __half {
 struct __nv_bfloat16 {
   uint16_t bits;
 };
+// With the CPU's F16C instructions where it has them (chosen at run time), else GCC's software conversions:
+// both round to nearest even, so the results are the same bits.
+__attribute__((target("f16c"))) inline float half_to_float_f16c(uint16_t bits) { return _cvtsh_ss(bits); }
+__attribute__((target("f16c"))) inline uint16_t float_to_half_f16c(float x) {
+  return static_cast<uint16_t>(_cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT));
+}
+inline bool has_f16c() {
+  static const bool yes = __builtin_cpu_supports("f16c");
+  return yes;
+}
 inline float __half2float(__half h) {
+  if (has_f16c()) return half_to_float_f16c(h.bits);
   _Float16 f;
   memcpy(&f, &h.bits, 2);
   return static_cast<float>(f);
 }
 inline __half __float2half_rn(float x) {
+  if (has_f16c()) return __half{float_to_half_f16c(x)};
   const _Float16 f = static_cast<_Float16>(x);
   __half h;
   memcpy(&h.bits, &f, 2);
