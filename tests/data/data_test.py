@@ -155,6 +155,16 @@ def test_truncated_or_edited_shard_is_an_error_naming_the_file(tmp):
         prepare(tmp, src)
 
 
+def test_a_changed_cached_tokenizer_is_an_error(tmp):
+    src = make_corpus(tmp / "src")
+    prepare(tmp, src)
+    (cached,) = (tmp / "cache" / "tokenizers").glob("*/tokenizer.model")
+    other, _ = prepare(tmp / "other", src, vocab_size=320)  # a valid model, but not the one trained here
+    cached.write_bytes(other.tokenizer.model_path.read_bytes())
+    with pytest.raises(DataError, match="changed since it was trained"):
+        prepare(tmp, src)
+
+
 def test_shards_made_with_another_tokenizer_are_refused(tmp):
     src = make_corpus(tmp / "src")
     data, _ = prepare(tmp, src)

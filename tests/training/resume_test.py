@@ -107,3 +107,12 @@ def test_resuming_with_another_optimizer_is_a_clear_error(tmp_path):
     make_trainer(run, max_steps=2, checkpoint_every=2, eval_batches=0, optimizer="adamw").fit(resume="never")
     with pytest.raises(ConfigError, match="Trainer.optimizer = 'adamw'"):
         make_trainer(run, max_steps=3, eval_batches=0, optimizer="sgd").fit(resume="auto")
+
+
+def test_resume_from_a_run_directory_takes_its_newest_valid_checkpoint(tmp_path):
+    first = tmp_path / "first"
+    make_trainer(first, max_steps=4, checkpoint_every=2, eval_batches=0).fit(resume="never")
+    resumed = make_trainer(tmp_path / "second", max_steps=5, eval_batches=0)
+    resumed.fit(resume=str(first))
+    assert resumed.step == 5
+    assert (tmp_path / "second" / "checkpoints").is_dir()

@@ -70,6 +70,17 @@ def test_nan_loss_skip_policy_skips_update_and_logs(tmp_path):
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
+def test_consecutive_skips_are_counted_across_a_resume(tmp_path):
+    """max_consecutive_nonfinite counts skipped updates in a row even when a checkpoint and a resume fall between."""
+    model = TinyLM(TinyConfig(), nan_at_call=2)
+    make_trainer(tmp_path, model=model, nan_policy="skip", max_steps=2, checkpoint_every=2).fit()
+    state = json.loads((latest_valid_checkpoint(tmp_path) / "trainer_state.json").read_text())
+    assert state["consecutive_nonfinite"] == 1
+    resumed = make_trainer(tmp_path, nan_policy="skip", max_steps=2)
+    resumed.fit(resume="auto")
+    assert resumed.consecutive_nonfinite == 1
+
+
 def test_nan_loss_stop_policy_keeps_last_good_checkpoint(tmp_path):
     model = TinyLM(TinyConfig(), nan_at_call=5)
     result = make_trainer(tmp_path, model=model, nan_policy="stop", checkpoint_every=2).fit()

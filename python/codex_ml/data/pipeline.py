@@ -98,14 +98,23 @@ def prepare_data(
                         "character_coverage": character_coverage, "byte_fallback": byte_fallback,
                         "threads": tokenizer_threads, "sentencepiece": sentencepiece.__version__})
         model_path = cache_dir / "tokenizers" / tok_key / "tokenizer.model"
+        # The SHA-256 recorded when the tokenizer was trained: a cached model edited or damaged since is an error,
+        # as a modified shard is, never silently trained on.
+        digest_path = model_path.with_name("tokenizer.sha256")
         if model_path.is_file():
             tokenizer = Tokenizer.load(model_path)
+            if digest_path.is_file() and digest_path.read_text().strip() != tokenizer.sha256:
+                raise DataError(f"the cached tokenizer {model_path} changed since it was trained (its SHA-256 is not "
+                                f"the one in {digest_path.name}): delete {model_path.parent}; the next run retrains it")
+            if not digest_path.is_file():  # a cache from before the digest was recorded
+                digest_path.write_text(tokenizer.sha256 + "\n")
             log(f"Tokenizer: reusing cached {model_path}")
         else:
             t = time.time()
             tokenizer = Tokenizer.train((d.text for d in by_split["train"]), model_path, vocab_size=vocab_size,
                                         model_type=model_type, character_coverage=character_coverage,
                                         byte_fallback=byte_fallback, num_threads=tokenizer_threads)
+            digest_path.write_text(tokenizer.sha256 + "\n")
             log(f"Tokenizer: trained {model_type} vocabulary {vocab_size} in {time.time() - t:.1f}s -> {model_path}")
 
     shard_key = _key({"corpus": corpus_digest, "policies": policies, "tokenizer": tokenizer.sha256,

@@ -24,6 +24,7 @@ from codex_ml.checkpoint import (
     CheckpointError,
     CheckpointManager,
     latest_valid_checkpoint,
+    list_checkpoints,
     load_model_state,
     load_state_file,
     verify_checkpoint,
@@ -269,6 +270,7 @@ class Trainer:
         self.tokens = 0
         self.best_val_loss = math.inf
         self.nonfinite_skipped = 0
+        self.consecutive_nonfinite = 0  # skipped updates in a row (checkpointed: a resume does not reset it)
 
     @staticmethod
     def _model_config_of(model: torch.nn.Module) -> dict[str, Any] | None:
@@ -324,7 +326,8 @@ class Trainer:
                 torch_states["scaler"] = self.scaler.state_dict()
             trainer_state = {"step": self.step, "tokens": self.tokens, "world_size": self.world_size,
                              "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
-                             "nonfinite_skipped": self.nonfinite_skipped, "seed": self.seed,
+                             "nonfinite_skipped": self.nonfinite_skipped,
+                             "consecutive_nonfinite": self.consecutive_nonfinite, "seed": self.seed,
                              "batch_size": self.batch_size, "seq_len": self.seq_len,
                              "optimizer": self.optimizer_name}
             extra = {"tokens": self.tokens, "tokenizer_sha256": self.tokenizer_sha256, "world_size": self.world_size}
@@ -358,6 +361,12 @@ class Trainer:
                 path = latest_valid_checkpoint(self.run_dir, report=self._say)
             else:
                 path = Path(resume)
+                if path.is_dir() and not (path / "manifest.json").exists() and list_checkpoints(path):
+                    # A run directory (or its checkpoints/): its newest checkpoint that verifies.
+                    found = latest_valid_checkpoint(path, report=self._say)
+                    if found is None:
+                        raise CheckpointError(f"--resume={path}: no checkpoint in this run directory verifies.")
+                    path = found
                 verify_checkpoint(path)
         if self.world_size > 1:
             box = [str(path) if path else None]
@@ -419,6 +428,7 @@ class Trainer:
         self.step, self.tokens = state["step"], state["tokens"]
         self.best_val_loss = state["best_val_loss"] if state["best_val_loss"] is not None else math.inf
         self.nonfinite_skipped = state["nonfinite_skipped"]
+        self.consecutive_nonfinite = state.get("consecutive_nonfinite", 0)
         train_iter.load_state_dict(load_state_file(path, "data_state")["ranks"][self.rank])
         _set_rng_state(load_state_file(path, "rng")["ranks"][self.rank])
         self._say(f"Resumed from {path} at step {self.step} ({self.tokens:,} tokens).")
@@ -511,7 +521,6 @@ class Trainer:
         if self.is_main:
             self._progress = Progress(self.max_steps, self.step, self.log_every)
         self.model.train()
-        consecutive_nonfinite = 0
         with GracefulStop(report=self._say) as stop:
             while self.step < self.max_steps:
                 started = time.perf_counter()
@@ -522,9 +531,9 @@ class Trainer:
                 self.tokens += tokens_per_step
                 if not finite:
                     self.nonfinite_skipped += 1
-                    consecutive_nonfinite += 1
+                    self.consecutive_nonfinite += 1
                     message = f"step {self.step}: non-finite loss {loss} / grad norm {grad_norm}"
-                    if self.nan_policy == "stop" or consecutive_nonfinite > self.max_consecutive_nonfinite:
+                    if self.nan_policy == "stop" or self.consecutive_nonfinite > self.max_consecutive_nonfinite:
                         self._say(f"{message}: stopping (nan_policy={self.nan_policy!r}); the last good "
                                   f"checkpoint is {latest_valid_checkpoint(self.run_dir) if self.is_main else ''}.")
                         if self.is_main:
@@ -535,7 +544,7 @@ class Trainer:
                     if self.is_main:
                         self._logger.event(self.step, "nonfinite_skip", message)
                 else:
-                    consecutive_nonfinite = 0
+                    self.consecutive_nonfinite = 0
                 result.train_losses[self.step] = loss
                 if self.is_main:
                     self._log_train(loss, grad_norm, lr, tokens_per_step / max(elapsed, 1e-9))
