@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -223,3 +225,41 @@ def test_keep_freed_cpu_memory_avoids_page_faults_on_reallocation():
     # then the blocks are reused. With glibc's default every one of them faults all its pages in.
     faults = [faults_of_a_fresh_64mib_tensor() for _ in range(20)]
     assert sum(faults[10:]) < 2 * 16384, faults
+
+
+def test_bad_metric_names_and_log_every_fail_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="Unknown metric 'bogus'"):
+        make_trainer(tmp_path, metrics=("loss", "bogus"))
+    with pytest.raises(ConfigError, match="log_every must be a positive integer"):
+        make_trainer(tmp_path, log_every=0)
+
+
+def test_an_mlflow_failure_mid_run_does_not_stop_training(tmp_path, monkeypatch):
+    import mlflow
+
+    real, calls = mlflow.log_metrics, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("database is locked")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_metrics", flaky)
+    result = make_trainer(tmp_path, max_steps=4, mlflow=True, checkpoint_every=2).fit()
+    assert result.status == "finished" and result.step == 4 and len(calls) == 2  # MLflow off after the failure
+    assert [r["step"] for r in _records(tmp_path, "train")] == [1, 2, 3, 4]  # the files have every step
+    assert [r["event"] for r in _records(tmp_path, "event") if r["event"] == "mlflow_disabled"] == ["mlflow_disabled"]
+    assert latest_valid_checkpoint(tmp_path).name == "step_00000004"
+
+
+def test_a_signal_during_the_last_step_still_finishes_the_run(tmp_path):
+    class SignalAtLastStep(TinyLM):
+        def forward(self, idx, targets=None):
+            out = super().forward(idx, targets)
+            if targets is not None and self.calls == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return out
+
+    result = make_trainer(tmp_path, model=SignalAtLastStep(TinyConfig()), max_steps=3, eval_batches=0).fit()
+    assert result.status == "finished" and result.step == 3 and result.last_checkpoint is not None

@@ -20,7 +20,9 @@ class MetricsLogger:
     metrics.ndjson lines look like {"step": 10, "split": "train", "loss": 3.2, "lr": 0.0003, ...};
     metrics.csv has the columns step, split, name, value. Both are appended to, so a resumed run
     continues the same files. MLflow is imported only when enabled; its telemetry is switched off and,
-    without `tracking_uri`, it writes to sqlite:///<run_dir>/mlflow.db and nowhere else.
+    without `tracking_uri`, it writes to sqlite:///<run_dir>/mlflow.db and nowhere else. MLflow is a mirror:
+    if it fails (a locked or unwritable database, a full disk), a warning says so once and the run goes on
+    without it, its metrics still in the two files.
     """
 
     def __init__(
@@ -48,29 +50,55 @@ class MetricsLogger:
     def _start_mlflow(self, tracking_uri: str | None, experiment_name: str, run_name: str) -> None:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         os.environ.setdefault("DO_NOT_TRACK", "true")
-        import mlflow
-
+        try:
+            import mlflow
+        except ImportError as e:
+            self.close()
+            raise RuntimeError(f"MLflow logging is on but mlflow cannot be imported ({e}): install mlflow, or turn "
+                               "it off (Trainer.mlflow = False); metrics.ndjson and metrics.csv are written either "
+                               "way.") from e
         uri = tracking_uri or f"sqlite:///{(self.run_dir / 'mlflow.db').resolve()}"
-        mlflow.set_tracking_uri(uri)
-        if tracking_uri is None and mlflow.get_experiment_by_name(experiment_name) is None:
-            # Artifacts would otherwise go to ./mlruns of whatever the current directory is.
-            artifacts = (self.run_dir / "mlartifacts").resolve().as_uri()
-            mlflow.create_experiment(experiment_name, artifact_location=artifacts)
-        mlflow.set_experiment(experiment_name)
-        mlflow.start_run(run_name=run_name)
+
+        def start() -> None:
+            mlflow.set_tracking_uri(uri)
+            if tracking_uri is None and mlflow.get_experiment_by_name(experiment_name) is None:
+                # Artifacts would otherwise go to ./mlruns of whatever the current directory is.
+                artifacts = (self.run_dir / "mlartifacts").resolve().as_uri()
+                mlflow.create_experiment(experiment_name, artifact_location=artifacts)
+            mlflow.set_experiment(experiment_name)
+            mlflow.start_run(run_name=run_name)
+
         self._mlflow = mlflow
-        log.info("MLflow tracking at %s (view: mlflow ui --backend-store-uri %s)", uri, uri)
+        if self._mirror(start):
+            log.info("MLflow tracking at %s (view: mlflow ui --backend-store-uri %s)", uri, uri)
+
+    def _mirror(self, call) -> bool:
+        """Runs an MLflow call; on any failure warns once, stops using MLflow and returns False."""
+        if self._mlflow is None:
+            return False
+        try:
+            call()
+            return True
+        except Exception as e:  # noqa: BLE001 - whatever MLflow or its database raises, training goes on
+            log.warning("MLflow failed (%s: %s); continuing without it, the metrics stay in %s and %s.",
+                        type(e).__name__, e, self.run_dir / "metrics.ndjson", self.run_dir / "metrics.csv")
+            if not self._ndjson.closed:
+                self.event(-1, "mlflow_disabled", f"{type(e).__name__}: {e}")
+            mlflow, self._mlflow = self._mlflow, None
+            try:
+                mlflow.end_run(status="FAILED")
+            except Exception:  # noqa: BLE001 - the same failure again: nothing more to do
+                pass
+            return False
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Records run parameters (flattened, stringified) in MLflow."""
-        if self._mlflow is not None:
-            flat = {key: str(value)[:500] for key, value in params.items()}
-            self._mlflow.log_params(flat)
+        flat = {key: str(value)[:500] for key, value in params.items()}
+        self._mirror(lambda: self._mlflow.log_params(flat))
 
     def log_text(self, text: str, name: str) -> None:
         """Stores a text artifact (e.g. the operative config) in MLflow."""
-        if self._mlflow is not None:
-            self._mlflow.log_text(text, name)
+        self._mirror(lambda: self._mlflow.log_text(text, name))
 
     def log(self, step: int, split: str, metrics: Mapping[str, float], *, mlflow: bool = True) -> None:
         """Records the metrics of one step for `split` ("train" or "val"); `mlflow=False` keeps them to the files
@@ -84,7 +112,7 @@ class MetricsLogger:
         self._csv_file.flush()
         if mlflow and self._mlflow is not None:
             finite = {f"{split}/{k}": v for k, v in values.items() if math.isfinite(v)}
-            self._mlflow.log_metrics(finite, step=step)
+            self._mirror(lambda: self._mlflow.log_metrics(finite, step=step))
 
     def event(self, step: int, kind: str, message: str) -> None:
         """Records a notable event (NaN skipped, checkpoint written, interrupted) in metrics.ndjson."""
@@ -92,8 +120,7 @@ class MetricsLogger:
         self._ndjson.flush()
 
     def close(self, status: str = "FINISHED") -> None:
+        self._mirror(lambda: self._mlflow.end_run(status=status))
+        self._mlflow = None
         self._ndjson.close()
         self._csv_file.close()
-        if self._mlflow is not None:
-            self._mlflow.end_run(status=status)
-            self._mlflow = None

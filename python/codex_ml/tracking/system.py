@@ -17,6 +17,15 @@ def peak_flops(device_name: str) -> float | None:
     return None
 
 
+def _nvml_index(cuda_index: int) -> int:
+    """NVML's number of torch's CUDA device `cuda_index`: NVML counts every GPU of the machine and ignores
+    CUDA_VISIBLE_DEVICES, torch counts the visible ones only."""
+    import torch
+
+    to_nvml = getattr(torch.cuda, "_get_nvml_device_index", None)  # a private helper: may go away
+    return to_nvml(cuda_index) if to_nvml is not None else cuda_index
+
+
 class SystemMonitor:
     """Samples CPU %, RSS and, where NVML answers, GPU memory and utilization of this process's GPU."""
 
@@ -33,7 +42,7 @@ class SystemMonitor:
 
                 pynvml.nvmlInit()
                 self._nvml = pynvml
-                self._nvml_handle = pynvml.nvmlDeviceGetHandleByIndex(gpu_index)
+                self._nvml_handle = pynvml.nvmlDeviceGetHandleByIndex(_nvml_index(gpu_index))
             except Exception:  # noqa: BLE001 - no NVML library or driver: GPU metrics are simply absent.
                 self._nvml_handle = None
 

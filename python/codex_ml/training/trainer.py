@@ -29,7 +29,7 @@ from codex_ml.checkpoint import (
     load_state_file,
     verify_checkpoint,
 )
-from codex_ml.eval import evaluate
+from codex_ml.eval import evaluate, get_metric
 from codex_ml.tracking import MetricsLogger, Progress, SystemMonitor, peak_flops
 from codex_ml.training.optim import LRSchedule, build_optimizer
 from codex_ml.training.signals import GracefulStop
@@ -198,9 +198,14 @@ class Trainer:
         if nan_policy not in NAN_POLICIES:
             raise ConfigError(f"Trainer.nan_policy = {nan_policy!r} is not one of {', '.join(NAN_POLICIES)}.")
         for name, value in (("max_steps", max_steps), ("batch_size", batch_size), ("seq_len", seq_len),
-                            ("grad_accum_steps", grad_accum_steps)):
+                            ("grad_accum_steps", grad_accum_steps), ("log_every", log_every)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"Trainer.{name} must be a positive integer, got {value!r}.")
+        for name in metrics:  # checked now: evaluate() would otherwise fail only at the first evaluation
+            try:
+                get_metric(name)
+            except ValueError as e:
+                raise ConfigError(f"Trainer.metrics: {e}") from e
         max_len = getattr(getattr(model, "config", None), "max_seq_len", None)
         if isinstance(max_len, int) and seq_len > max_len:
             raise ConfigError(f"Trainer.seq_len = {seq_len} exceeds the model's max_seq_len = {max_len}; lower "
@@ -563,7 +568,7 @@ class Trainer:
                             f"{k} {v:.4f}" for k, v in result.val_metrics.items()))
                 if done or interrupted or (self.checkpoint_every and self.step % self.checkpoint_every == 0):
                     result.last_checkpoint = self.save_checkpoint(train_iter, val_loss)
-                if interrupted:
+                if interrupted and not done:  # a signal during the last step: the run is complete all the same
                     self._say(f"Stopped by signal after step {self.step}; checkpoint {result.last_checkpoint}. "
                               "Run the same command again to resume.")
                     if self.is_main:
