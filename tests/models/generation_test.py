@@ -252,3 +252,61 @@ def test_cli(tmp_path, tokenizer):
     long_prompt = subprocess.run(command[:4] + ["--prompt=" + "x = 1\n" * 100], env=env, capture_output=True,
                                  text=True, timeout=120)
     assert long_prompt.returncode == 2 and "shorten the prompt" in long_prompt.stderr
+
+
+class ByteTokenizer:
+    """Byte-level ids (as SentencePiece's byte fallback gives for rare characters): a multi-byte character
+    takes several tokens, and decoding a prefix can end in U+FFFD."""
+    eos_id, bos_id = 0, None
+
+    def encode(self, text):
+        return [b + 1 for b in text.encode()]
+
+    def decode(self, ids):
+        return bytes(i - 1 for i in ids if i > 0).decode("utf-8", errors="replace")
+
+
+class ScriptedBytes(ScriptedModel):
+    def __init__(self, text):
+        super().__init__("")
+        self.script = [b + 1 for b in text.encode()] + [0]
+
+
+@pytest.mark.parametrize("stop", ["a→", "= a→", "→b", "b\n"])
+def test_stop_strings_with_characters_split_across_tokens(stop):
+    text = "value = a→b\n"
+    pieces = list(stream(ScriptedBytes(text), ByteTokenizer(), "x",
+                         SamplingConfig(max_new_tokens=50, stop=(stop,), filter_secrets=False)))
+    assert "".join(pieces) == text[:text.find(stop)]  # nothing of the stop string leaks, even streamed
+
+
+def test_a_paused_stream_leaves_grad_mode_and_training_mode_alone(tokenizer):
+    model = native_model(tokenizer).train()
+    pieces = stream(model, tokenizer, "def", SamplingConfig(max_new_tokens=5, filter_secrets=False))
+    next(pieces)
+    assert torch.is_grad_enabled() and model.training
+    assert model(torch.tensor([[1, 2]]))[0].requires_grad
+    list(pieces)
+    assert torch.is_grad_enabled() and model.training
+
+
+def test_sampling_config_errors_and_one_stop_string():
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(GenerationError, match="temperature must be a finite"):
+            SamplingConfig(temperature=bad)
+    assert SamplingConfig(stop="ab").stop == ("ab",)
+    from codex_ml.models.generation import sample_next
+
+    logits = torch.tensor([3.0, 1.0, 2.0]) * 100
+    assert sample_next(logits, SamplingConfig(temperature=1e-45), torch.Generator().manual_seed(0)) == 0
+
+
+def test_native_devices(tmp_path, tokenizer):
+    save_native(tmp_path, tokenizer)
+    model, _ = load_model(tmp_path / "run", device="auto")
+    assert next(model.parameters()).device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(GenerationError, match="is not a device"):
+        load_model(tmp_path / "run", device="bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(GenerationError, match="no CUDA device"):
+            load_model(tmp_path / "run", device="cuda")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -48,13 +49,14 @@ class SamplingConfig:
     def __post_init__(self):
         if self.max_new_tokens < 0:
             raise GenerationError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}.")
-        if self.temperature < 0:
-            raise GenerationError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}.")
+        if not 0 <= self.temperature < math.inf:  # (NaN fails too)
+            raise GenerationError(f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature}.")
         if self.top_k < 0:
             raise GenerationError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}.")
         if not 0.0 < self.top_p <= 1.0:
             raise GenerationError(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p}.")
-        self.stop = tuple(s for s in self.stop if s)
+        stops = (self.stop,) if isinstance(self.stop, str) else self.stop  # one string is one stop string
+        self.stop = tuple(s for s in stops if s)
 
 
 @dataclasses.dataclass
@@ -71,7 +73,8 @@ def sample_next(logits: torch.Tensor, config: SamplingConfig, generator: torch.G
     logits = logits.float()
     if config.temperature == 0:
         return int(logits.argmax())
-    logits = logits / config.temperature
+    # Shifted so that the largest is 0 before dividing: a tiny temperature then gives -inf, never inf - inf.
+    logits = (logits - logits.max()) / config.temperature
     if config.top_k:
         kth = torch.topk(logits, min(config.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -95,6 +98,16 @@ class _Decoder:
         self.ids: list[int] = []
 
     def __call__(self, new_ids: list[int]) -> torch.Tensor:
+        # Eval mode and no grad only for the model's call: a paused stream leaves the caller's state alone.
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return self._next_logits(new_ids)
+        finally:
+            self.model.train(was_training)
+
+    def _next_logits(self, new_ids: list[int]) -> torch.Tensor:
         self.ids += new_ids
         if self.use_cache:
             x = torch.tensor([new_ids], device=self.device)
@@ -189,57 +202,50 @@ def stream(model: torch.nn.Module, tokenizer: Any, prompt: str, config: Sampling
                               "the prompt to leave room for new tokens.")
     prompt_text = tokenizer.decode(prompt_ids)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
-    was_training = model.training
-    model.eval()
     decoder = _Decoder(model, config.use_cache)
     secret_filter = _SecretFilter(config.filter_secrets)
     new_ids: list[int] = []
     emitted_raw = ""  # text released by stop-string handling, before the secret filter
     finish = "length"
     hold = max((len(s) for s in config.stop), default=1) - 1
-    try:
-        with torch.no_grad():
-            logits = decoder(prompt_ids)
-            for _ in range(config.max_new_tokens):
-                next_id = sample_next(logits.cpu(), config, generator)
-                if next_id == tokenizer.eos_id:
-                    finish = "eos"
-                    break
-                new_ids.append(next_id)
-                text = _decode_new(tokenizer, prompt_ids, new_ids, prompt_text)
-                hits = [text.find(s, max(0, len(emitted_raw) - len(s))) for s in config.stop]
-                hits = [h for h in hits if h != -1]
-                if hits:
-                    finish, text = "stop", text[:min(hits)]
-                    piece = secret_filter.feed(text[len(emitted_raw):])
-                    emitted_raw = text
-                    if piece:
-                        yield piece
-                    break
-                # A partial UTF-8 sequence decodes to U+FFFD; the stop strings may be forming: hold both back.
-                safe = len(text) - hold if config.stop else len(text)
-                while safe > len(emitted_raw) and text[safe - 1] == "\ufffd":
-                    safe -= 1
-                if safe > len(emitted_raw):
-                    piece = secret_filter.feed(text[len(emitted_raw):safe])
-                    emitted_raw = text[:safe]
-                    if piece:
-                        yield piece
-                if limit is not None and len(prompt_ids) + len(new_ids) >= limit:
-                    finish = "context"
-                    break
-                logits = decoder([next_id])
-            if finish != "stop":
-                text = _decode_new(tokenizer, prompt_ids, new_ids, prompt_text)
-                piece = secret_filter.feed(text[len(emitted_raw):])
-                emitted_raw = text
-                if piece:
-                    yield piece
-            tail = secret_filter.feed("", final=True)
-            if tail:
-                yield tail
-    finally:
-        model.train(was_training)
+    logits = decoder(prompt_ids)
+    for _ in range(config.max_new_tokens):
+        next_id = sample_next(logits.cpu(), config, generator)
+        if next_id == tokenizer.eos_id:
+            finish = "eos"
+            break
+        new_ids.append(next_id)
+        text = _decode_new(tokenizer, prompt_ids, new_ids, prompt_text)
+        hits = [text.find(s, max(0, len(emitted_raw) - len(s))) for s in config.stop]
+        hits = [h for h in hits if h != -1]
+        if hits:
+            finish, text = "stop", text[:min(hits)]
+            piece = secret_filter.feed(text[len(emitted_raw):])
+            emitted_raw = text
+            if piece:
+                yield piece
+            break
+        # A partial UTF-8 sequence decodes to U+FFFD: held back, and before it as many characters as a
+        # stop string still forming could have (counted from the last whole character).
+        safe = len(text.rstrip("\ufffd")) - (hold if config.stop else 0)
+        if safe > len(emitted_raw):
+            piece = secret_filter.feed(text[len(emitted_raw):safe])
+            emitted_raw = text[:safe]
+            if piece:
+                yield piece
+        if limit is not None and len(prompt_ids) + len(new_ids) >= limit:
+            finish = "context"
+            break
+        logits = decoder([next_id])
+    if finish != "stop":
+        text = _decode_new(tokenizer, prompt_ids, new_ids, prompt_text)
+        piece = secret_filter.feed(text[len(emitted_raw):])
+        emitted_raw = text
+        if piece:
+            yield piece
+    tail = secret_filter.feed("", final=True)
+    if tail:
+        yield tail
     if result is not None:
         result.update(token_ids=new_ids, finish_reason=finish, withheld=secret_filter.withheld)
 
@@ -252,6 +258,19 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompt: str, config: Sampli
 
 
 # --------------------------------------------------------------------------------------------- loading
+def _resolve_device(device: str) -> torch.device:
+    """"auto" (CUDA where there is one, else the CPU), or the named device, which must exist here."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise GenerationError(f"device={device!r} is not a device: use cpu, cuda, cuda:N or auto.") from e
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise GenerationError(f"device={device!r} but no CUDA device is available: use cpu or auto.")
+    return resolved
+
+
 def load_model(path: str | os.PathLike, *, adapter: str | os.PathLike | None = None, device: str = "cpu",
                dtype: str = "float32") -> tuple[torch.nn.Module, Any]:
     """(model, tokenizer) for generation from any of:
@@ -287,7 +306,7 @@ def load_model(path: str | os.PathLike, *, adapter: str | os.PathLike | None = N
     if architecture not in (None, ARCHITECTURE):
         raise CheckpointError(f"Checkpoint {checkpoint} holds architecture {architecture!r}, which codex_ml "
                               "cannot generate with.")
-    model, tokenizer = load_native(checkpoint, device=device)
+    model, tokenizer = load_native(checkpoint, device=_resolve_device(device))
     if tokenizer is None:
         raise CheckpointError(f"Checkpoint {checkpoint} has no tokenizer.model, so its ids cannot be decoded.")
     return model, tokenizer
