@@ -185,3 +185,33 @@ def test_fused_layers_leave_other_architectures_alone(llama_dir):
     model = load_hf_model(llama_dir, attention="eager")
     model.config.model_type = "olmo2"  # its RMSNorm rounds in another order
     assert hf.patch_fused_layers(model) == 0
+
+
+def test_codex_attention_under_bf16_autocast_matches_sdpa(llama_dir):
+    """HF's rotary embedding hands fp32 q/k and bf16 v to the attention under autocast: ours computes them as
+    SDPA does (in autocast's dtype) instead of refusing the mix."""
+    ids = torch.randint(3, VOCAB, (2, 13))
+    losses = {}
+    for attention in ("sdpa", "codex_ml"):
+        model = HFCausalLM(HFModelConfig(path=str(llama_dir), attention=attention, fused_loss=False))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = model(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        losses[attention] = loss.item()
+    assert losses["codex_ml"] == pytest.approx(losses["sdpa"], rel=2e-2)
+
+
+def test_attention_sinks_and_positional_arguments_are_not_misread(llama_dir):
+    q = torch.randn(1, 4, 5, 16)
+    k = v = torch.randn(1, 2, 5, 16)
+    module = torch.nn.Module()
+    with pytest.raises(HFModelError, match="attention sinks"):
+        hf._codex_attention(module, q, k, v, None, s_aux=torch.zeros(4))
+    model = patch_fused_loss(load_hf_model(llama_dir))
+    ids = torch.randint(3, VOCAB, (1, 9))
+    positions = torch.arange(9)[None]
+    out = model(ids, torch.ones_like(ids), positions)  # HF's order: input_ids, attention_mask, position_ids
+    assert out.loss is None and out.logits.shape == (1, 9, VOCAB)
+    plain = load_hf_model(llama_dir)
+    expected = plain(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(model(ids, None, positions, labels=ids).loss, expected, rtol=1e-5, atol=1e-6)

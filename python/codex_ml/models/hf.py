@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import warnings
@@ -115,11 +116,21 @@ def _codex_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     """transformers' attention interface: q [B, Hq, T, D], k/v [B, Hkv, S, D] -> ([B, T, Hq, D], None)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        # Attention sinks (GPT-OSS and others) change the softmax: neither our kernel nor SDPA computes them.
+        raise HFModelError(f"{type(module).__name__} uses attention sinks, which attn_implementation="
+                           f"'{ATTENTION_NAME}' does not compute: load the model with attention='eager'.")
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        # A custom op sits outside autocast, and HF's rotary embedding (bf16 q/k times fp32 tables) hands over q
+        # and k in fp32 with v in bf16: all three in autocast's dtype, as SDPA would compute them.
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     window = kwargs.get("sliding_window")
     plain = (attention_mask is None and causal and dropout == 0.0 and query.shape[2] == key.shape[2]
              and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
-             and query.shape[-1] in HEAD_DIMS)
+             and query.shape[-1] in HEAD_DIMS and query.dtype == key.dtype == value.dtype)
     if not plain:  # padding masks, KV-cache decoding, dropout, other head dims: HF's own path
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
@@ -177,13 +188,21 @@ def patch_fused_loss(model: nn.Module) -> nn.Module:
                            f"{', '.join(FUSED_LOSS_ARCHITECTURES)}); set fused_loss=False.")
     base = _base_model(model)
     original = base.forward
+    signature = inspect.signature(original)
 
-    def forward(input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
+    def forward(*args, **kwargs):
+        # Arguments named as the original forward names them, positional ones included (position_ids is HF's
+        # third), its **kwargs (num_items_in_batch, ...) flattened in.
+        named = dict(signature.bind_partial(*args, **kwargs).arguments)
+        for name, parameter in signature.parameters.items():
+            if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+                named.update(named.pop(name, {}))
+        labels, num_items_in_batch = named.pop("labels", None), named.pop("num_items_in_batch", None)
         if labels is None:
-            return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        kwargs.pop("logits_to_keep", None)
-        kwargs.pop("return_dict", None)
-        out = base.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            return original(*args, **kwargs)
+        named.pop("logits_to_keep", None)
+        named.pop("return_dict", None)
+        out = base.model(**named)
         loss = causal_lm_loss(out.last_hidden_state, base.lm_head.weight, labels,
                               num_items_in_batch=num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=None, cache=out.cache)
