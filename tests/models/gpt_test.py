@@ -76,3 +76,15 @@ def test_config_round_trips_through_a_dict():
     assert GPTConfig.from_dict(config.to_dict()) == config
     rebuilt = GPT.from_config_dict({**config.to_dict(), "architecture": "codex_ml.GPT"})
     assert rebuilt.config == config
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(n_kv_head=0), "n_kv_head must be a positive integer"),
+    (dict(n_head=0), "n_head must be a positive integer"),
+    (dict(max_seq_len=0), "max_seq_len must be a positive integer"),
+    (dict(init_std=-0.1), "must be positive"),
+    (dict(d_model=96, n_head=4), "head dim the attention kernels run"),
+])
+def test_bad_configs_fail_at_construction(bad, message):
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**bad)

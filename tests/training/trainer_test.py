@@ -263,3 +263,14 @@ def test_a_signal_during_the_last_step_still_finishes_the_run(tmp_path):
 
     result = make_trainer(tmp_path, model=SignalAtLastStep(TinyConfig()), max_steps=3, eval_batches=0).fit()
     assert result.status == "finished" and result.step == 3 and result.last_checkpoint is not None
+
+
+def test_evaluate_takes_no_batch_beyond_those_it_uses():
+    class Uniform(torch.nn.Module):
+        def forward(self, idx):
+            return torch.zeros(*idx.shape, 4), None
+
+    batches = iter([{"input_ids": torch.zeros(1, 3, dtype=torch.long), "targets": torch.zeros(1, 3, dtype=torch.long)}
+                    for _ in range(6)])
+    evaluate(Uniform(), batches, num_batches=2, metrics=["loss"])
+    assert len(list(batches)) == 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -32,9 +33,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        for index, batch in enumerate(batches):
-            if index >= num_batches:
-                break
+        for batch in itertools.islice(batches, num_batches):  # takes no batch beyond the last one used
             inputs = batch["input_ids"].to(device, non_blocking=True)
             targets = batch["targets"].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):

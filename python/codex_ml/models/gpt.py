@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from codex_ml import ops
+from codex_ml.ops.attention import HEAD_DIMS
 
 
 @dataclass
@@ -35,10 +36,19 @@ class GPTConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "max_seq_len"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not self.init_std > 0 or not self.norm_eps > 0 or not self.rope_theta > 0:
+            raise ValueError(f"GPTConfig init_std, norm_eps and rope_theta must be positive, got {self.init_std}, "
+                             f"{self.norm_eps} and {self.rope_theta}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} must be a multiple of n_head={self.n_head}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+        if self.head_dim not in HEAD_DIMS:  # found here, not at the first forward pass
+            raise ValueError(f"d_model / n_head = {self.head_dim} is not a head dim the attention kernels run "
+                             f"({', '.join(map(str, HEAD_DIMS))}): change d_model or n_head")
         if self.ffn_hidden is None:
             self.ffn_hidden = 64 * math.ceil(8 * self.d_model / 3 / 64)
 
