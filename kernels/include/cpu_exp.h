@@ -79,7 +79,10 @@ CODEX_AVX2 inline __m256 exp256(__m256 x) {
 // estimate refined by one Newton step (relative error ~1e-7), cheaper than a division.
 CODEX_AVX2 inline __m256 sigmoid256(__m256 x) {
   const __m256 one = _mm256_set1_ps(1.0f);
-  const __m256 e = exp256(_mm256_or_ps(x, _mm256_set1_ps(-0.0f)));
+  const __m256 minus_abs = _mm256_or_ps(x, _mm256_set1_ps(-0.0f));
+  // exp256 clamps its argument at -87 (exp = 1.6e-38): below that e is 0, so sigmoid(-1e38) is 0, not 1.6e-38.
+  const __m256 e = _mm256_blendv_ps(exp256(minus_abs), _mm256_setzero_ps(),
+                                    _mm256_cmp_ps(minus_abs, _mm256_set1_ps(-87.0f), _CMP_LT_OQ));
   const __m256 d = _mm256_add_ps(one, e);
   __m256 r = _mm256_rcp_ps(d);
   r = _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.0f)));

@@ -136,7 +136,8 @@ def test_swiglu_matches_float64(impl, dtype, shape):
 
 @pytest.mark.parametrize("impl", ["cpu", "triton"])
 def test_swiglu_extreme_gates_stay_finite(impl):
-    gate = torch.tensor([-1e4, -100.0, -88.0, -20.0, 0.0, 20.0, 88.0, 100.0, 1e4] * 2, requires_grad=True)
+    gate = torch.tensor([-1e38, -1e30, -1e4, -100.0, -88.0, -20.0, 0.0, 20.0, 88.0, 100.0, 1e4, 1e30] * 2,
+                        requires_grad=True)
     up = torch.ones_like(gate, requires_grad=True)
     out = swiglu(gate, up, impl=impl)
     d_gate, d_up = torch.autograd.grad(out.sum(), (gate, up))
@@ -228,6 +229,8 @@ def test_opcheck(impl):
     q = torch.randn(2, 7, 3, 16).transpose(1, 2).requires_grad_()
     cos, sin = rope_tables(7, 16)
     torch.library.opcheck(torch.ops.codex_ml.rotary.default, (q, cos, sin, impl))
+    q_strided = torch.randn(2, 3, 16, 7).transpose(2, 3).requires_grad_()  # last dim strided: copied first
+    torch.library.opcheck(torch.ops.codex_ml.rotary.default, (q_strided, cos, sin, impl))
     grad = torch.randn(2, 3, 7, 16)
     torch.library.opcheck(torch.ops.codex_ml.rotary_backward.default, (grad, cos, sin, list(q.stride()), impl))
 

@@ -67,7 +67,9 @@ def _rotate_backward_torch(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
 
 @torch.library.custom_op("codex_ml::rotary", mutates_args=())
 def _rotary_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str) -> torch.Tensor:
-    """x rotated by position, with x's strides and dtype; x.stride(-1) == 1, cos/sin fp32 [T, D]."""
+    """x rotated by position, with x's strides and dtype (x made contiguous first where x.stride(-1) != 1, as
+    the fake says), cos/sin fp32 [T, D]."""
+    x = _last_dim_dense(x)
     if impl == "cpu":
         load_extension("_layers_cpu")
         return torch.ops.codex_ml_cpu.rotary(x, cos, sin)
@@ -79,7 +81,12 @@ def _rotary_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str)
 
 @_rotary_op.register_fake
 def _(x, cos, sin, impl):
-    return torch.empty_like(x)
+    return torch.empty_like(_last_dim_dense(x))
+
+
+def _last_dim_dense(x: torch.Tensor) -> torch.Tensor:
+    """The kernels index the last dimension with stride 1."""
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 @torch.library.custom_op("codex_ml::rotary_backward", mutates_args=())
@@ -121,7 +128,5 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, impl: str |
     first); fp32 arithmetic inside. Tables in another floating dtype are used in fp32. Differentiable in x only.
     """
     _check(x, cos, sin)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
     cos, sin = cos.float(), sin.float()
     return _rotary_op(x, cos, sin, choose_layer_impl("rotary", x.device, impl))
