@@ -17,6 +17,7 @@ import argparse
 import ast
 import base64
 import hashlib
+import stat
 import sys
 import zipfile
 
@@ -64,7 +65,15 @@ def read_files(specs: list[str]) -> dict[str, bytes]:
     return entries
 
 
-def metadata(version: str, requires: list[str], extras: list[str]) -> str:
+def requires_python(python_tag: str) -> str:
+    """The one CPython minor version a cpXY tag names, e.g. cp311 -> ">=3.11,<3.12"."""
+    if not python_tag.startswith("cp") or not python_tag[2:].isdigit() or len(python_tag) < 4:
+        raise WheelError(f"python tag {python_tag!r} is not of the form cpXY")
+    major, minor = int(python_tag[2]), int(python_tag[3:])
+    return f">={major}.{minor},<{major}.{minor + 1}"
+
+
+def metadata(version: str, requires: list[str], extras: list[str], python_tag: str) -> str:
     """The METADATA file (core metadata 2.1)."""
     lines = [
         "Metadata-Version: 2.1",
@@ -72,7 +81,7 @@ def metadata(version: str, requires: list[str], extras: list[str]) -> str:
         f"Version: {version}",
         f"Summary: {SUMMARY}",
         # The compiled extensions are built for one CPython ABI (the wheel's python tag says which).
-        "Requires-Python: >=3.11,<3.12",
+        f"Requires-Python: {requires_python(python_tag)}",
         *[f"Requires-Dist: {req}" for req in requires],
     ]
     by_extra: dict[str, list[str]] = {}
@@ -103,7 +112,7 @@ def build(out: str, python_tag: str, platform: str, requires: list[str], extras:
                          f"expected a file named {expected} (is tools/version.bzl out of step?)")
 
     dist_info = f"{NAME}-{version}.dist-info"
-    entries[f"{dist_info}/METADATA"] = metadata(version, requires, extras).encode()
+    entries[f"{dist_info}/METADATA"] = metadata(version, requires, extras, python_tag).encode()
     entries[f"{dist_info}/WHEEL"] = (
         "Wheel-Version: 1.0\nGenerator: codex_ml tools/build_wheel.py\nRoot-Is-Purelib: false\n"
         f"Tag: {tag}\n").encode()
@@ -118,7 +127,7 @@ def build(out: str, python_tag: str, platform: str, requires: list[str], extras:
         for name in sorted(entries):
             info = zipfile.ZipInfo(name, date_time=FIXED_TIME)
             info.create_system = 3
-            info.external_attr = (0o755 if name.endswith(".so") else 0o644) << 16
+            info.external_attr = (stat.S_IFREG | (0o755 if name.endswith(".so") else 0o644)) << 16  # pip keeps x
             info.compress_type = zipfile.ZIP_DEFLATED
             wheel.writestr(info, entries[name])
 

@@ -99,7 +99,13 @@ def test_bad_inputs(tmp_path):
         Tokenizer.train(["x = 1\n"], tmp_path / "z.model", vocab_size=60)
     with pytest.raises(TokenizerError, match="model_type"):
         Tokenizer.train(["x"], tmp_path / "y.model", model_type="wordpiece")
+    with pytest.raises(TokenizerError, match="vocab_size must be a positive integer"):
+        Tokenizer.train(["x = 1\n"], tmp_path / "v.model", vocab_size=-5)
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(TokenizerError, match="is a directory"):
+        Tokenizer.train(["x = 1\n"], tmp_path / "adir", overwrite=True)
     assert not list(tmp_path.glob("[xyz].model*")), "a failed training leaves no file behind"
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_nothing_already_written_is_overwritten(tokenizer, tmp_path):

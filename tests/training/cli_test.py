@@ -49,3 +49,11 @@ def test_gin_help_lists_configurables_and_parameters(tmp_path):
     proc = _train("--gin_help", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "Trainer.max_steps = 100" in proc.stdout and "train.sample_prompt = 'def '" in proc.stdout
+
+
+def test_unknown_flag_exits_2_and_help_shows_this_commands_flags(tmp_path):
+    proc = _train("--bogus", cwd=tmp_path)
+    assert proc.returncode == 2 and "Unknown command line flag 'bogus'" in proc.stderr, proc.stderr
+    proc = _train("--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Trains a model from gin configs" in proc.stdout and "--gin_file" in proc.stdout, proc.stdout

@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, TokenizerError, OSError) as err:
         print(f"tokenize: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("tokenize: interrupted; nothing was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     tools/bazel run //python:train -- --gin_file=configs/default.gin
     tools/bazel run //python:train -- --gin_file=configs/smoke.gin --gin_bindings='Trainer.max_steps = 50'
-    torchrun --nproc_per_node=2 python/codex_ml/cli/train.py --gin_file=configs/default.gin --run_dir=runs/ddp
+    torchrun --nproc_per_node=2 -m codex_ml.cli.train --gin_file=configs/default.gin --run_dir=runs/ddp
 
 Later --gin_file flags override earlier ones; --gin_bindings are applied last. Exit codes: 0 finished or
 stopped by a signal (after a checkpoint), 1 stopped on a non-finite loss, 2 bad input.
@@ -257,9 +257,22 @@ def main(argv: list[str]) -> int:
         shutdown_distributed()
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with this module's own help (absl's shows the __main__ module's: none for a console
+    script) and exit status 2 for a bad flag (absl exits 1, which here means a non-finite loss)."""
+    if any(a in ("--help", "-h", "--helpshort", "-?") for a in argv[1:]):
+        print(__doc__ + "\n" + FLAGS.module_help(sys.modules[__name__]))
+        sys.exit(0)
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def console_main() -> None:
     """The codex-train console script."""
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -77,8 +77,13 @@ class Tokenizer:
         its file's hash, so silently replacing the file would orphan them.
         """
         model_path = Path(model_path)
+        if model_path.is_dir():
+            raise TokenizerError(f"{model_path} is a directory: give the model file's path, e.g. {model_path}/"
+                                 "tokenizer.model")
         if model_path.exists() and not overwrite:
             raise TokenizerError(f"{model_path} already exists: choose another path, or delete it to retrain")
+        if not isinstance(vocab_size, int) or vocab_size < 1:
+            raise TokenizerError(f"vocab_size must be a positive integer, got {vocab_size!r}")
         if model_type not in ("bpe", "unigram"):
             raise TokenizerError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
         lines = [line for text in texts for line in text.split("\n") if line.strip()]
