@@ -9,7 +9,10 @@
 #   usage: tools/gpu_check.sh [quick|gpu [stage ...]]   (default gpu: the benchmark presets' GPU sizes;
 #          stages: tests bench_linear_cross_entropy bench_attention tune_attention bench_layers bench_train,
 #          default all)
-#   env:   PYTHON (default python3), NVCC (default nvcc; "none" skips the CUDA build)
+#   env:   PYTHON (default python3), NVCC (default nvcc, else /usr/local/cuda/bin/nvcc; "none" skips the CUDA
+#          build), GPU_CHECK_DEADLINE (seconds for the whole run, default 540: the device tool stops a command
+#          at 600 s; each stage gets what is left, a stage with under 45 s left is skipped, the summary always
+#          runs), GPU_CHECK_ARCHS (default 90: sm_90 code and compute_90 PTX; sm_80 is checked by the CPU suite)
 # Without a CUDA device it makes a dry run: the same assembly, every module of the op API, the
 # kernels and the benchmarks imported, the GPU tests collected (they skip), no benchmark run.
 # tests/build/gpu_check_test.py runs that dry run in the CPU suite, so the plumbing stays working.
@@ -18,11 +21,25 @@ cd "$(dirname "$0")/.."
 preset="${1:-gpu}"
 py="${PYTHON:-python3}"
 nvcc="${NVCC:-nvcc}"
+if [[ "${nvcc}" == nvcc ]] && ! command -v nvcc > /dev/null && [[ -x /usr/local/cuda/bin/nvcc ]]; then
+  nvcc=/usr/local/cuda/bin/nvcc
+fi
+deadline="${GPU_CHECK_DEADLINE:-540}"
+archs="${GPU_CHECK_ARCHS:-90}"
+# Seconds a stage may run: its own cap, or what is left of the deadline less a margin for the summary.
+stage_limit() {
+  local left=$(( deadline - SECONDS_TOTAL - 25 ))
+  (( left < $1 )) && echo "${left}" || echo "$1"
+}
+SECONDS_TOTAL=0
+start_time=$(date +%s)
+elapsed() { SECONDS_TOTAL=$(( $(date +%s) - start_time )); }
 # Logs and JSON rows go to GPU_CHECK_OUT. The device tool brings back at most 8 files from $OUT: there the
 # script keeps one archive of them, gpu_check.tgz, rewritten after every stage (a run stopped at its time
 # limit still returns what it did), and summary.txt at the end.
 out="${GPU_CHECK_OUT:-/tmp/gpu_check}"
 mkdir -p "${out}"
+rm -f "${out}/skipped.txt"
 pack() {
   [[ -n "${OUT:-}" ]] || return 0
   tar czf "${OUT}/gpu_check.tgz.part" -C "${out}" . && mv "${OUT}/gpu_check.tgz.part" "${OUT}/gpu_check.tgz"
@@ -52,7 +69,8 @@ export PYTHONPATH="${tree}:${tree}/site${PYTHONPATH:+:${PYTHONPATH}}"
 echo "== building CUDA libraries"
 build_status=0 build_label=ok
 # Built once per version of the sources (and of this script): a warm machine keeps the git-ignored .gpu_build/.
-cache=".gpu_build/$(cat kernels/cuda/*.cu kernels/include/*.h tools/gpu_check.sh | sha256sum | cut -c1-16)"
+cache=".gpu_build/$( (cat kernels/cuda/*.cu kernels/include/*.h tools/gpu_check.sh; echo "${archs}") \
+  | sha256sum | cut -c1-16)"
 if [[ "${nvcc}" == none ]]; then
   echo "skipped (NVCC=none)"; build_label=skipped
 elif [[ -d "${cache}" ]]; then
@@ -62,9 +80,12 @@ else
     name="$(basename "${cu}" .cu)"
     lib="${tree}/codex_ml/kernels/libcodex_${name}.so"
     [[ "${name}" == device_info ]] && lib="${tree}/codex_ml/kernels/libcodex_cuda_device.so"
-    "${nvcc}" -O3 -std=c++17 -Xcompiler -fPIC -I. --expt-relaxed-constexpr -shared \
-      -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90 \
-      -gencode=arch=compute_90,code=compute_90 -Xptxas -v "${cu}" -o "${lib}" > "${out}/nvcc_${name}.log" 2>&1 &
+    gencode=()
+    for arch in ${archs}; do gencode+=("-gencode=arch=compute_${arch},code=sm_${arch}"); done
+    last="${archs##* }"
+    gencode+=("-gencode=arch=compute_${last},code=compute_${last}")
+    "${nvcc}" -O3 -std=c++17 -Xcompiler -fPIC -I. --expt-relaxed-constexpr -shared --threads 0 "${gencode[@]}" \
+      -Xptxas -v "${cu}" -o "${lib}" > "${out}/nvcc_${name}.log" 2>&1 &
   done
   wait
   for cu in kernels/cuda/*.cu; do
@@ -78,8 +99,14 @@ else
       build_status=1 build_label=FAILED
     fi
   done
-  if (( build_status == 0 )); then mkdir -p "${cache}" && cp "${tree}"/codex_ml/kernels/lib*.so "${cache}/"; fi
+  if (( build_status == 0 )); then
+    mkdir -p "${cache}" && cp "${tree}"/codex_ml/kernels/lib*.so "${cache}/"
+    # Also in the archive that comes back: placed in .gpu_build/ and carried, a later session skips the build.
+    mkdir -p "${out}/${cache}" && cp "${cache}"/*.so "${out}/${cache}/"
+  fi
 fi
+elapsed
+echo "   (build and set-up: ${SECONDS_TOTAL} s of the ${deadline} s deadline)"
 
 echo "== environment"
 "${py}" - <<'PY' 2>&1 | tee "${out}/env.txt"
@@ -133,38 +160,52 @@ fi
 # Stages (all by default; name some to rerun only those): tests, each benchmark, bench_train. Each has a time
 # limit, so that one that hangs leaves the rest of the lease to the others.
 stages=("${@:2}")
-(( ${#stages[@]} )) || stages=(tests bench_linear_cross_entropy bench_attention tune_attention bench_layers bench_train)
+# By default in the order of what the issues need most, so that a deadline cuts the least needed: correctness,
+# the loss and attention targets, the end-to-end run, then the tile sizes and the layer ops.
+(( ${#stages[@]} )) || stages=(tests bench_linear_cross_entropy bench_attention bench_train tune_attention bench_layers)
 test_status=0
 for stage in "${stages[@]}"; do
   SECONDS=0
+  elapsed
+  cap=240
+  [[ "${stage}" == tests ]] && cap=330
+  limit="$(stage_limit "${cap}")"
+  if (( limit < 45 )); then
+    echo "== ${stage}: SKIPPED (${SECONDS_TOTAL} s of the ${deadline} s deadline used; run it by name next time)" \
+      | tee -a "${out}/skipped.txt"
+    continue
+  fi
   case "${stage}" in
     tests)  # one pytest per file, all at once (Triton's compiles are CPU work), each with its own time limit
-      echo "== GPU tests"
+      echo "== GPU tests (each file limited to ${limit} s)"
+      # The files run at once (Triton's compiles are CPU work): the machine's cores shared among them.
+      threads=$(( $(nproc) / (${#gpu_tests[@]} > 0 ? ${#gpu_tests[@]} : 1) ))
+      (( threads > 0 )) || threads=1
       for t in "${gpu_tests[@]}"; do
-        (cd "${tree}" && timeout 420 "${py}" -m pytest -q -p no:cacheprovider -rfEs "${t}" \
-          > "${out}/$(basename "${t}" .py).log" 2>&1; echo $? > "${out}/$(basename "${t}" .py).rc") &
+        (cd "${tree}" && OMP_NUM_THREADS="${threads}" timeout "${limit}" "${py}" -m pytest -q -p no:cacheprovider \
+          -rfEs "${t}" > "${out}/$(basename "${t}" .py).log" 2>&1; echo $? > "${out}/$(basename "${t}" .py).rc") &
       done
       wait
       : > "${out}/gpu_tests.log"
       for t in "${gpu_tests[@]}"; do
         name="$(basename "${t}" .py)" rc="$(cat "${out}/${name}.rc")"
         (( rc == 0 )) || test_status=1
-        echo "${t}: $(tail -n 1 "${out}/${name}.log")$( (( rc == 124 )) && echo ' (TIMED OUT at 420 s)')" \
+        echo "${t}: $(tail -n 1 "${out}/${name}.log")$( (( rc == 124 )) && echo " (TIMED OUT at ${limit} s)")" \
           | tee -a "${out}/gpu_tests.log"
         (( rc == 0 )) || grep -E "^(FAILED|ERROR) " "${out}/${name}.log" | head -5 | cut -c1-200
       done ;;
     tune_attention)  # the Triton attention kernels' tile sizes and launch options, checked and timed
       echo "== tune_attention"
-      timeout 240 "${py}" tools/tune_attention.py --json="${out}/tune_attention.json" > "${out}/tune_attention.log" 2>&1 \
+      timeout "${limit}" "${py}" tools/tune_attention.py --json="${out}/tune_attention.json" > "${out}/tune_attention.log" 2>&1 \
         || { echo "FAILED tune_attention"; tail -20 "${out}/tune_attention.log"; } ;;
     bench_train)  # issue 8 end to end: codex_ml's Trainer vs the HF Trainer vs a plain loop, 40 steps
       [[ "${preset}" == gpu ]] || continue
       echo "== bench_train (--preset=gpu --steps=40)"
-      timeout 240 "${py}" -m codex_ml.cli.bench_train --preset=gpu --steps=40 --json="${out}/bench_train.json" \
+      timeout "${limit}" "${py}" -m codex_ml.cli.bench_train --preset=gpu --steps=40 --json="${out}/bench_train.json" \
         > "${out}/bench_train.log" 2>&1 || { echo "FAILED bench_train"; tail -20 "${out}/bench_train.log"; } ;;
     bench_*)
       echo "== ${stage} (--preset=${preset})"
-      timeout 240 "${py}" -m "codex_ml.kernels.bench.${stage}" --preset="${preset}" --json="${out}/${stage}.json" \
+      timeout "${limit}" "${py}" -m "codex_ml.kernels.bench.${stage}" --preset="${preset}" --json="${out}/${stage}.json" \
         > "${out}/${stage}.log" 2>&1 || { echo "FAILED ${stage}"; tail -20 "${out}/${stage}.log"; } ;;
     *) echo "unknown stage ${stage}"; test_status=1; continue ;;
   esac
@@ -177,6 +218,8 @@ echo "== summary"
   "${py}" tools/gpu_summary.py "${out}"
   echo "cuda build: ${build_label}"
   [[ -f "${out}/gpu_tests.log" ]] && cat "${out}/gpu_tests.log"
+  [[ -f "${out}/skipped.txt" ]] && cat "${out}/skipped.txt"
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw,pstate --format=csv 2>/dev/null
 } | tee "${out}/summary.txt"
 pack
 [[ -n "${OUT:-}" ]] && cp "${out}/summary.txt" "${OUT}/summary.txt"

@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 name = type(err).__name__
                 row["status"] = "does not fit" if name in ("OutOfResources", "OutOfMemoryError") else f"{name}: {err}"
             rows.append(row)
+            common.write_json(rows, args.json, quiet=True)  # the rows so far: a run stopped at its limit keeps them
     rows.sort(key=lambda r: (r["pass"] != "fwd", r["time_ms"] is None, r["time_ms"] or 0.0))
     common.print_table(rows)
     common.write_json(rows, args.json)

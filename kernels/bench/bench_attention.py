@@ -93,6 +93,7 @@ def main() -> None:
             sys.exit(f"preset {args.preset!r} needs a CUDA GPU and none is available")
         for causal in causals:
             rows += run_case(b, h, t, d, dtype, device, causal, impls, args.repeats or repeats)
+            common.write_json(rows, args.json, quiet=True)  # the rows so far
     common.print_table(rows)
     common.write_json(rows, args.json)
 

@@ -121,6 +121,7 @@ def main() -> None:
         if device == "cuda" and not torch.cuda.is_available():
             sys.exit(f"preset {args.preset!r} needs a CUDA GPU and none is available")
         rows += run_case(n, h, v, dtype, device, impls, args.repeats or repeats)
+        common.write_json(rows, args.json, quiet=True)  # the rows so far
     common.print_table(rows)
     common.write_json(rows, args.json)
 

@@ -152,15 +152,18 @@ def print_table(rows: list[dict]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
 
 
-def write_json(rows: list[dict], path: str | None) -> None:
-    """Writes rows as a JSON list to path (nothing when path is None)."""
+def write_json(rows: list[dict], path: str | None, quiet: bool = False) -> None:
+    """Writes rows as a JSON list to path (nothing when path is None), atomically: the benchmarks rewrite it after
+    every case (quiet), so a run stopped at a time limit leaves the rows it measured."""
     if path is None:
         return
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    with open(path, "w") as out:
+    with open(path + ".part", "w") as out:
         json.dump(rows, out, indent=2)
-    print(f"wrote {len(rows)} rows to {path}")
+    os.replace(path + ".part", path)
+    if not quiet:
+        print(f"wrote {len(rows)} rows to {path}")
 
 
 def liger_functional():
