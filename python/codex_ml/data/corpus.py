@@ -105,11 +105,7 @@ def _jsonl_texts(path: Path, raw: bytes, field_name: str, policy: str, stats: Co
     if raw.startswith(codecs.BOM_UTF8):
         raw = raw[len(codecs.BOM_UTF8):]
     for lineno, line_bytes in enumerate(raw.split(b"\n"), 1):
-        try:
-            line = _decode(line_bytes, policy)
-        except UnicodeDecodeError as err:
-            raise DataError(f"{path}:{lineno}: not valid UTF-8 ({err.reason} at byte {err.start} of the line); "
-                            "use non_utf8='skip' or 'replace'") from err
+        line = _decode(line_bytes, policy, f"{path}:{lineno}")
         if line is None:
             stats["skipped_non_utf8"] += 1
             continue
@@ -125,15 +121,17 @@ def _jsonl_texts(path: Path, raw: bytes, field_name: str, policy: str, stats: Co
     return texts
 
 
-def _decode(raw: bytes, policy: str) -> str | None:
+def _decode(raw: bytes, policy: str, where: str) -> str | None:
+    """raw as UTF-8 under the non-UTF-8 policy: None to skip, U+FFFD for "replace", a DataError naming `where`."""
     try:
         return raw.decode("utf-8")
-    except UnicodeDecodeError:
+    except UnicodeDecodeError as err:
         if policy == "skip":
             return None
         if policy == "replace":
             return raw.decode("utf-8", errors="replace")
-        raise
+        raise DataError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start}); "
+                        "use non_utf8='skip' or 'replace'") from err
 
 
 def read_corpus(
@@ -174,11 +172,7 @@ def read_corpus(
             if file_field is not None:
                 texts = _jsonl_texts(path, raw, file_field, non_utf8, stats)
             else:
-                try:
-                    text = _decode(raw, non_utf8)
-                except UnicodeDecodeError as err:
-                    raise DataError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start}); "
-                                    "use non_utf8='skip' or 'replace'") from err
+                text = _decode(raw, non_utf8, str(path))
                 if text is None:
                     stats["skipped_non_utf8"] += 1
                     continue
