@@ -227,6 +227,12 @@ def _config(q: torch.Tensor) -> dict:
     return {"fwd": (128, 64), "bwd": (64, 64), "dot_fp32": False, "opts": {"num_warps": warps, "num_stages": 2}}
 
 
+def _window(window: int, t: int) -> int:
+    """The window the kernels run: 0 (none) for window <= 0 or >= T, where it masks nothing (and where the
+    kernels' int32 bounds, start + BLOCK + window, could overflow)."""
+    return window if 0 < window < t else 0
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
                       window: int, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(o [B, Hq, T, D] in q's dtype, lse [B, Hq, T] fp32) for contiguous q [B, Hq, T, D], k, v [B, Hkv, T, D].
@@ -235,6 +241,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     tries several); by default _config's.
     """
     b, h, t, d = q.shape
+    window = _window(window, t)
     o = torch.empty_like(q)
     lse = torch.empty(b, h, t, dtype=torch.float32, device=q.device)
     cfg = config or _config(q)
@@ -252,6 +259,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                        config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the inputs' dtypes; all tensors contiguous, lse from attention_forward; config as there."""
     b, h, t, d = q.shape
+    window = _window(window, t)
     hkv = k.shape[1]
     cfg = config or _config(q)
     block_m, block_n = cfg["bwd"]

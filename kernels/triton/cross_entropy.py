@@ -41,12 +41,15 @@ def _cross_entropy_rows_kernel(
             z = softcap * (2.0 / (1.0 + tl.exp(-2.0 * z / softcap)) - 1.0)  # softcap * tanh(z / softcap)
             z = tl.where(mask, z, -float("inf"))
         new_m = tl.maximum(m, tl.max(z, axis=0))
-        s = s * tl.exp(m - new_m) + tl.sum(tl.exp(z - new_m), axis=0)
+        # While every logit so far is -inf, shift by 0: exp(-inf - -inf) would be NaN.
+        shift = tl.where(new_m == -float("inf"), 0.0, new_m)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
         m = new_m
         zsum += tl.sum(tl.where(mask, z, 0.0), axis=0)
         zt += tl.sum(tl.where(cols == t, z, 0.0), axis=0)
     lse = m + tl.log(s)
-    loss = lse - (1.0 - smoothing) * zt - smoothing * zsum / V + z_loss * lse * lse
+    # The smoothing term only where there is smoothing: 0 * zsum is NaN when a logit is -inf (masked).
+    loss = lse - (1.0 - smoothing) * zt + z_loss * lse * lse - tl.where(smoothing > 0.0, smoothing * zsum / V, 0.0)
     tl.store(loss_ptr + row, loss)
     tl.store(lse_ptr + row, lse)
     if HAS_GRAD:
@@ -71,6 +74,7 @@ def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, row_scale: to
     n, v = logits.shape
     if logits.stride(1) != 1:
         raise ValueError("cross_entropy_rows needs logits with contiguous rows")
+    target = target.contiguous()  # the kernel reads target[row] at stride 1
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(loss)
     scale = row_scale.float().contiguous() if row_scale is not None else loss  # unused without HAS_GRAD

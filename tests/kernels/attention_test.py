@@ -176,3 +176,18 @@ def test_model_using_it_compiles_with_fullgraph():
     compiled.backward()
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(block.qkv.weight.grad, eager_grad)
+
+
+@pytest.mark.parametrize("impl", ["cpu", "torch", "triton"])
+def test_a_window_of_t_or_more_is_no_window(impl):
+    """Including 2**31 - 1 ("no limit"), whose bounds would overflow the kernels' int32 arithmetic."""
+    torch.manual_seed(17)
+    q, k, v = torch.randn(1, 2, 40, 16), torch.randn(1, 1, 40, 16), torch.randn(1, 1, 40, 16)
+    for causal in (True, False):
+        plain = attention(q, k, v, causal=causal, impl=impl)
+        for window in (40, 1000, 2**31 - 1):
+            torch.testing.assert_close(attention(q, k, v, causal=causal, window=window, impl=impl), plain)
+        from codex_ml.kernels.triton.attention import attention_forward
+        if impl == "triton":  # the kernel wrapper itself, as tools/tune_attention.py calls it
+            out, _ = attention_forward(q, k, v, causal, 0.25, 2**31 - 1)
+            torch.testing.assert_close(out, attention(q, k, v, causal=causal, scale=0.25, impl=impl))

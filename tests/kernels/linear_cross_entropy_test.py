@@ -356,3 +356,21 @@ def test_narrower_cpu_paths_match_the_reference(capability):
     capping the choice (row lengths with every tail: V % 16 in {1, 2, 8, 3})."""
     run_with_cpu_capability(capability, __file__, "cpu and not narrower and (test_matches_float64_reference or "
                                                   "test_options or test_huge_logits or test_cross_entropy_on_logits)")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_strided_targets_and_masked_vocabulary_blocks(impl):
+    """A target that is a strided view (labels[:, 0]) is read by index, and a row whose first 1024 logits are
+    -inf (masked tokens at the start of the vocabulary: the Triton kernel's whole first block) stays finite."""
+    torch.manual_seed(16)
+    logits = torch.randn(4, 2048)
+    logits[:, :1024] = float("-inf")
+    labels = torch.randint(1024, 2048, (4, 2))
+    target = labels[:, 0]
+    assert not target.is_contiguous()
+    loss = cross_entropy(logits.requires_grad_(), target, reduction="none", impl=impl)
+    torch.testing.assert_close(loss, F.cross_entropy(logits.detach(), target.contiguous(), reduction="none"))
+    h, w = torch.randn(4, 8), torch.randn(30, 8)
+    t = torch.randint(0, 30, (4, 3))[:, 1]
+    torch.testing.assert_close(linear_cross_entropy(h, w, t, impl=impl), F.cross_entropy(h @ w.T, t.contiguous()),
+                               rtol=1e-5, atol=1e-6)

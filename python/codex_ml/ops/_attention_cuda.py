@@ -74,7 +74,7 @@ def forward_on(lib: ctypes.CDLL, stream: ctypes.c_void_p, q: torch.Tensor, k: to
     lse = torch.empty(b, h, t, dtype=torch.float32, device=q.device)
     _check(lib.codex_attention_forward(
         _code(q), q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(),
-        b, h, k.shape[1], t, d, scale, int(causal), max(window, 0), stream), "forward")
+        b, h, k.shape[1], t, d, scale, int(causal), window if 0 < window < t else 0, stream), "forward")
     return o, lse
 
 
@@ -88,5 +88,5 @@ def backward_on(lib: ctypes.CDLL, stream: ctypes.c_void_p, do: torch.Tensor, q: 
     _check(lib.codex_attention_backward(
         _code(q), do.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(),
         delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), b, h, k.shape[1], t, d, scale, int(causal),
-        max(window, 0), stream), "backward")
+        window if 0 < window < t else 0, stream), "backward")  # a window >= T masks nothing
     return dq, dk, dv

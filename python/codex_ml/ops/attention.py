@@ -267,6 +267,8 @@ def attention(
     if chosen == "cuda" and q.dtype == torch.float32:
         raise ValueError("attention impl='cuda' runs bf16/fp16 tensor cores only: pass bf16/fp16 tensors or use "
                          "impl='triton' for fp32")
+    if window is not None and window >= q.shape[2]:
+        window = None  # a window of T or more masks nothing
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if not 0.0 < scale < math.inf:
         raise ValueError(f"attention scale must be a finite positive number, got {scale} (None: 1/sqrt(D))")

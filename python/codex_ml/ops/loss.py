@@ -94,7 +94,9 @@ def _chunk_rows(logits, t, row_scale, ignore_index, label_smoothing, z_loss, sof
     z = softcap * torch.tanh(logits / softcap) if softcap > 0 else logits
     row_lse = torch.logsumexp(z, dim=-1)
     zt = z.gather(1, safe_t[:, None])[:, 0]
-    rows = row_lse - (1 - label_smoothing) * zt - label_smoothing * z.mean(-1) + z_loss * row_lse ** 2
+    rows = row_lse - (1 - label_smoothing) * zt + z_loss * row_lse ** 2
+    if label_smoothing > 0:  # (not 0 * mean: a masked -inf logit would make that NaN, as F.cross_entropy does not)
+        rows = rows - label_smoothing * z.mean(-1)
     rows, row_lse = torch.where(valid, rows, 0.0), torch.where(valid, row_lse, 0.0)
     if row_scale is None:
         return rows, row_lse, None
@@ -417,6 +419,7 @@ def linear_cross_entropy(
     if accum_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"accum_dtype must be torch.float32 or the products' bf16/fp16, got {accum_dtype}")
     _check_common(hidden, target, weight.shape[0], ignore_index, reduction, label_smoothing, z_loss, logit_softcap)
+    target = target.contiguous()  # the kernels read target[row] at stride 1
     chosen = _choose(hidden.device, impl)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
@@ -501,6 +504,7 @@ def cross_entropy(
     if logits.dim() != 2:
         raise ValueError(f"cross_entropy expects logits [N, V], got shape {tuple(logits.shape)}")
     _check_common(logits, target, logits.shape[1], ignore_index, reduction, label_smoothing, z_loss, logit_softcap)
+    target = target.contiguous()  # the kernels read target[row] at stride 1
     chosen = _choose(logits.device, impl)
     fused = torch.is_grad_enabled() and logits.requires_grad and reduction != "none"
     loss, z_term, _ = _ce_op(logits, target, ignore_index, reduction, float(label_smoothing), float(z_loss),
