@@ -18,8 +18,11 @@ Fairness, by construction:
   lr/betas/weight decay, linear warmup then constant lr, gradient clipping at the same norm, the same number
   of steps, no gradient accumulation, no evaluation, no MLflow, no checkpoints except the final one the codex_ml
   Trainer always writes (after the last step: outside the timing, inside its process's peak RSS).
-- Same threads (torch.set_num_threads, checked after training) and precision (fp32 on CPU, bf16 autocast on
-  CUDA). Nothing is compiled.
+- Same threads (torch.set_num_threads; each row records the count after training) and precision (fp32 on CPU,
+  bf16 autocast on CUDA). Nothing is compiled.
+- Not the same, on purpose: each side runs as its users run it. codex_ml's Trainer sets glibc to keep freed
+  blocks (Trainer.keep_freed_memory, part of its speed); the other two keep glibc's defaults. The plain loop
+  holds its logits through the backward pass, as a nanoGPT-style `logits, loss = model(x, y)` loop does.
 
 Measurements. Each implementation runs in its own fresh Python process. The three processes are alive at once
 but run in lockstep: an optimizer step hook hands the turn back to the driver after every step, and the driver
@@ -36,7 +39,8 @@ whichever happened to run during it.
 - peak_rss_mb: the process's resident-set high-water mark (VmHWM in /proc/self/status) when it exits, i.e.
   imports, model, optimizer state and training together. Not ru_maxrss: Linux carries that across execve,
   so a child would report at least its parent's size. train_peak_rss_mb is VmHWM right after the last
-  optimizer step and base_rss_mb the resident set after imports, before the model is built.
+  optimizer step and base_rss_mb the resident set when the worker starts (torch imported, the framework of the
+  implementation not yet: the HF side's transformers and accelerate add about 230 MB to its peak after it).
 - final_loss: the training loss of the last step (the same batch for all three); losses: every step's.
 """
 
