@@ -398,7 +398,8 @@ class Trainer:
                 f"{self.tokenizer_sha256[:12]}... now). Point the data config at that run's tokenizer.model, or "
                 "start afresh with --resume=never or another --run_dir."
             )
-        saved_optimizer = json.loads((path / "trainer_state.json").read_text()).get("optimizer")
+        state_file = path / "trainer_state.json"
+        saved_optimizer = json.loads(state_file.read_text()).get("optimizer") if state_file.is_file() else None
         if saved_optimizer is not None and saved_optimizer != self.optimizer_name:
             raise ConfigError(
                 f"Cannot resume from {path}: it was trained with Trainer.optimizer = {saved_optimizer!r} and this "
