@@ -193,7 +193,7 @@ def save_checkpoint(
             try:
                 os.rename(tmp, path)
             except OSError:
-                os.rename(old, path)  # the old checkpoint goes back; a crash here leaves it for _restore_old
+                os.rename(old, path)  # the old checkpoint goes back (after a crash: remove_stale_temporaries)
                 raise
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -253,12 +253,18 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _saved_ns(path: Path) -> int:
-    """When the checkpoint was written (manifest "saved_ns"; 0 for one without it or without a readable manifest)."""
+def _read_manifest(path: Path) -> dict | None:
+    """A checkpoint's manifest as a dict, or None where it is missing or unreadable (not verified)."""
     try:
-        value = json.loads((path / MANIFEST).read_text()).get("saved_ns", 0)
-    except (OSError, ValueError, AttributeError):
-        return 0
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _saved_ns(manifest: dict | None) -> int:
+    """When the checkpoint was written ("saved_ns"; 0 for one without it or without a readable manifest)."""
+    value = (manifest or {}).get("saved_ns", 0)
     return value if isinstance(value, int) else 0
 
 
@@ -267,7 +273,7 @@ def checkpoints_by_write_order(run_dir: str | os.PathLike) -> list[tuple[int, Pa
 
     Not the same as step order once a run resumed from an older checkpoint than its newest: the new branch's
     checkpoints are the newest, whatever their steps."""
-    return sorted(list_checkpoints(run_dir), key=lambda e: (_saved_ns(e[1]), e[0]))
+    return sorted(list_checkpoints(run_dir), key=lambda e: (_saved_ns(_read_manifest(e[1])), e[0]))
 
 
 def latest_valid_checkpoint(
@@ -351,13 +357,13 @@ class CheckpointManager:
     def prune(self, keep: Path | None = None) -> list[Path]:
         """Deletes checkpoints that are neither among the last K written nor the best K, nor `keep`. Returns what
         was deleted."""
-        entries = []
-        for step, path in checkpoints_by_write_order(self.directory):
-            try:
-                val_loss = json.loads((path / MANIFEST).read_text()).get("val_loss")
-            except (OSError, ValueError, AttributeError):
+        order = []  # (saved_ns, step, path, val_loss): each manifest read once
+        for step, path in list_checkpoints(self.directory):
+            manifest = _read_manifest(path)
+            if manifest is None:
                 continue  # Unreadable ones are left for a human: latest_valid_checkpoint skips them.
-            entries.append((step, path, val_loss))
+            order.append((_saved_ns(manifest), step, path, manifest.get("val_loss")))
+        entries = [(step, path, val_loss) for _, step, path, val_loss in sorted(order, key=lambda e: e[:2])]  # written
         kept = {path for _, path, _ in entries[-self.keep_last :]}
         if keep is not None:
             kept.add(Path(keep))

@@ -258,19 +258,6 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompt: str, config: Sampli
 
 
 # --------------------------------------------------------------------------------------------- loading
-def _resolve_device(device: str) -> torch.device:
-    """"auto" (CUDA where there is one, else the CPU), or the named device, which must exist here."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as e:
-        raise GenerationError(f"device={device!r} is not a device: use cpu, cuda, cuda:N or auto.") from e
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise GenerationError(f"device={device!r} but no CUDA device is available: use cpu or auto.")
-    return resolved
-
-
 def load_model(path: str | os.PathLike, *, adapter: str | os.PathLike | None = None, device: str = "cpu",
                dtype: str = "float32") -> tuple[torch.nn.Module, Any]:
     """(model, tokenizer) for generation from any of:
@@ -306,7 +293,9 @@ def load_model(path: str | os.PathLike, *, adapter: str | os.PathLike | None = N
     if architecture not in (None, ARCHITECTURE):
         raise CheckpointError(f"Checkpoint {checkpoint} holds architecture {architecture!r}, which codex_ml "
                               "cannot generate with.")
-    model, tokenizer = load_native(checkpoint, device=_resolve_device(device))
+    from codex_ml.models.hf import resolve_device  # (hf.py imports transformers only when a model is loaded)
+
+    model, tokenizer = load_native(checkpoint, device=resolve_device(device, GenerationError))
     if tokenizer is None:
         raise CheckpointError(f"Checkpoint {checkpoint} has no tokenizer.model, so its ids cannot be decoded.")
     return model, tokenizer

@@ -53,12 +53,18 @@ class HFModelError(ValueError):
     """A Hugging Face model folder, adapter or setting that cannot be used; the message says why and what to do."""
 
 
-def _resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, error: type[Exception] | None = None) -> torch.device:
+    """"auto" (CUDA where there is one, else the CPU), or the named device, which must exist here; otherwise
+    `error` (default HFModelError) says so."""
+    error = error or HFModelError
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise error(f"device={device!r} is not a device: use cpu, cuda, cuda:N or auto.") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise HFModelError(f"device={device!r} but no CUDA device is available: use device='cpu' or 'auto'.")
+        raise error(f"device={device!r} but no CUDA device is available: use cpu or auto.")
     return dev
 
 
@@ -95,7 +101,7 @@ def load_hf_model(path: str | os.PathLike, *, dtype: str = "float32", device: st
 
     path = Path(path)
     _check_folder(path)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     torch_dtype = _check_dtype(dtype, dev)
     torch.manual_seed(seed)  # weights missing from the folder (a fresh head) are initialized reproducibly
     try:
