@@ -1,10 +1,11 @@
-"""Benchmark of codex_ml.ops rms_norm, swiglu and rotary against the eager PyTorch formulas, in one run.
+"""Benchmark of codex_ml.ops rms_norm, swiglu, rotary and linear against the eager PyTorch formulas, in one run.
 
 Presets: quick (seconds, CPU, small shapes), cpu (the shapes of our benchmark model, fp32 and bf16: RMSNorm on
 [4, 512, 384], SwiGLU on [4, 512, 1024], rotary on q [4, 6, 512, 64] + k [4, 2, 512, 64] as transposed views
-of [B, T, H, D] projections, as in the model), gpu (bf16 on CUDA: the Triton kernels and the "torch" path, and
-Liger-Kernel's kernels for the same three ops, impl "liger", where liger-kernel is importable: tools/gpu_wheels.sh
-fetches it for the GPU machine; it is no dependency of codex_ml).
+of [B, T, H, D] projections, as in the model; linear as the MLP's up projection, [4, 512, 384] x [1024, 384],
+whose C++ kernel takes fp32 only: its bf16 rows are F.linear against itself), gpu (bf16 on CUDA: the Triton
+kernels and the "torch" path, and Liger-Kernel's kernels for the first three ops, impl "liger", where liger-kernel
+is importable: tools/gpu_wheels.sh fetches it for the GPU machine; it is no dependency of codex_ml).
 
 Rows per kernel, implementation, dtype and pass ("fwd", "fwd+bwd", the backward giving the gradients of every
 differentiable input): time_ms (median), peak_mem_mb (extra memory, see common.py), ref_time_ms and
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from codex_ml.kernels.bench import common
-from codex_ml.ops import rms_norm, rotary, swiglu
+from codex_ml.ops import linear, rms_norm, rotary, swiglu
 
 EPS = 1e-5
 
@@ -94,6 +95,12 @@ def _rotary_fn(impl, liger, cos, sin):
     return lambda q, k: [rotary(q, cos, sin, impl=impl), rotary(k, cos, sin, impl=impl)]
 
 
+def _linear_fn(impl, liger):
+    if impl not in ("cpu", "torch"):  # no Triton or Liger kernel: F.linear (cuBLAS) on CUDA tensors
+        return None
+    return lambda x, w: [linear(x, w, impl=impl if x.dtype == torch.float32 else "torch")]
+
+
 def _cases(rms_shape, swiglu_shape, rotary_shape, dtype, device):
     """(kernel, shape text, fn(impl, liger) -> op, reference fn, inputs, differentiable inputs) per kernel."""
     x = torch.randn(rms_shape, device=device, dtype=dtype, requires_grad=True)
@@ -113,6 +120,12 @@ def _cases(rms_shape, swiglu_shape, rotary_shape, dtype, device):
            lambda impl, liger: _rotary_fn(impl, liger, cos, sin),
            lambda q, k: [eager_rotary(q, cos, sin), eager_rotary(k, cos, sin)], (q, k), (q, k))
 
+    x = torch.randn(rms_shape, device=device, dtype=dtype, requires_grad=True)
+    w = (torch.randn(swiglu_shape[-1], rms_shape[-1], device=device) / rms_shape[-1] ** 0.5).to(dtype)
+    w.requires_grad_()
+    yield ("linear", f"{list(rms_shape)}x{list(w.shape)}", _linear_fn, lambda x, w: [F.linear(x, w)], (x, w),
+           (x, w))
+
 
 def run_case(rms_shape, swiglu_shape, rotary_shape, dtypes, device, impls, repeats) -> list[dict]:
     torch.manual_seed(0)
@@ -127,8 +140,11 @@ def run_case(rms_shape, swiglu_shape, rotary_shape, dtypes, device, impls, repea
                     continue
                 # Ours fail only with our clear errors; whatever the other library raises only drops its rows.
                 failures = Exception if impl == "liger" else ()
+                op = op_for(impl, liger)
+                if op is None:
+                    continue
                 try:
-                    ours = _callables(op_for(impl, liger), inputs, grad_inputs)
+                    ours = _callables(op, inputs, grad_inputs)
                     for pass_name in ("fwd", "fwd+bwd"):
                         time_ms, ref_time_ms = common.time_pair_ms(ours[pass_name], ref[pass_name], repeats)
                         rows.append({

@@ -4,7 +4,9 @@ For each shape and implementation it reports, forward only ("fwd") and forward +
 time_ms (median of the repeats), peak_mem_mb (extra memory over the inputs, see kernels/bench/common.py
 for how it is measured), the same for the PyTorch reference (ref_*) and its torch.compile'd version
 (compiled_ref_time_ms, None where it does not compile), and floor_time_ms: the matrix products alone
-(logits for "fwd"; logits, grad hidden and grad weight for "fwd+bwd"), which no implementation can beat.
+(logits for "fwd"; logits, grad hidden and grad weight for "fwd+bwd"), which no implementation can beat: the
+faster of ATen's products (floor_aten_time_ms) and, on fp32 CPU tensors, those of the GEMM backend codex_ml's
+CPU kernels use (kernels/include/cpu_gemm.h; oneDNN on CPUs that are not Intel's, where MKL is slower).
 impl "triton+input_accum" is the Triton path summing grad_weight in the inputs' dtype (accum_dtype), which
 saves its fp32 accumulator. On CUDA, where the liger-kernel package is importable (tools/gpu_wheels.sh fetches
 it for the GPU machine; it is no dependency of codex_ml), Liger-Kernel's fused linear cross-entropy gets rows
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from codex_ml.kernels.bench import common
+from codex_ml.ops.dispatch import load_extension
 from codex_ml.ops.loss import linear_cross_entropy
 
 PRESETS = {
@@ -41,6 +44,25 @@ def _floor(hidden, weight, backward: bool):
     if backward:  # the two gradient products, with the logits standing in for their gradient
         _ = logits @ weight
         _ = logits.t() @ hidden
+
+
+def _floor_cpu_gemm(hidden, weight, backward: bool):
+    """The same three products with the backend of codex_ml's CPU kernels (kernels/include/cpu_gemm.h: oneDNN
+    or ATen's MKL, by CPU vendor), through codex_ml.ops.linear's kernels."""
+    logits = torch.ops.codex_ml_cpu.linear(hidden, weight, None)
+    if backward:
+        torch.ops.codex_ml_cpu.linear_backward(logits, hidden, weight, [True, True, False])
+
+
+def _floor_ms(hidden, weight, backward: bool, repeats: int) -> tuple[float, float]:
+    """(floor, floor with ATen's products): the floor is the faster of ATen's products and, for fp32 CPU
+    tensors, those of codex_ml's CPU GEMM backend, so that no implementation's products beat it."""
+    hidden, weight = hidden.detach(), weight.detach()
+    aten = common.time_ms(lambda: _floor(hidden, weight, backward), repeats)
+    if hidden.device.type != "cpu" or hidden.dtype != torch.float32:
+        return aten, aten
+    load_extension("_layers_cpu")
+    return min(aten, common.time_ms(lambda: _floor_cpu_gemm(hidden, weight, backward), repeats)), aten
 
 
 def _passes(loss_fn, hidden, weight, target):
@@ -80,7 +102,7 @@ def run_case(n: int, h: int, v: int, dtype: torch.dtype, device: str, impls: tup
         ref_time = common.time_ms(ref[pass_name], repeats)
         ref_mem = common.peak_mem_mb(ref[pass_name], device)
         backward = pass_name == "fwd+bwd"
-        floor = common.time_ms(lambda backward=backward: _floor(hidden.detach(), weight.detach(), backward), repeats)
+        floor, floor_aten = _floor_ms(hidden, weight, backward, repeats)
         compiled_time = None
         if compiled_passes:
             try:
@@ -109,7 +131,7 @@ def run_case(n: int, h: int, v: int, dtype: torch.dtype, device: str, impls: tup
                 "kernel": "linear_cross_entropy", "impl": impl, "N": n, "H": h, "V": v,
                 "dtype": str(dtype).removeprefix("torch."), "pass": pass_name, "time_ms": time_ms,
                 "peak_mem_mb": mem, "ref_time_ms": ref_time, "ref_peak_mem_mb": ref_mem,
-                "floor_time_ms": floor, "compiled_ref_time_ms": compiled_time,
+                "floor_time_ms": floor, "floor_aten_time_ms": floor_aten, "compiled_ref_time_ms": compiled_time,
             })
     return rows
 

@@ -1,6 +1,6 @@
 // Fused linear cross-entropy on the CPU: loss = CE(softcap(hidden @ weight^T + bias), target), chunked
-// over tokens so that only a [chunk, V] block of logits ever exists. The matrix products go to ATen
-// (MKL / oneDNN); the softmax, loss and logit gradient of each chunk overwrite its logits in place.
+// over tokens so that only a [chunk, V] block of logits ever exists. The matrix products go to
+// kernels/include/cpu_gemm.h (oneDNN or ATen's MKL, whichever is faster on the CPU's vendor); the softmax, loss and logit gradient of each chunk overwrite its logits in place.
 //
 // With row_scale given, the same pass also accumulates the gradients of hidden, weight and bias, the
 // gradient of row i scaled by row_scale[i] (the Python side passes 1/n_valid for "mean", 1 for "sum",
@@ -15,6 +15,7 @@
 #include <tuple>
 
 #include "kernels/include/cpu_exp.h"
+#include "kernels/include/cpu_gemm.h"
 
 namespace {
 
@@ -222,21 +223,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
     const int64_t n = std::min(chunk, N - start);
     at::Tensor h = hidden.narrow(0, start, n).to(at::kFloat);
     at::Tensor logits = logits_buf.narrow(0, 0, n);
-    if (b.defined()) {
-      at::addmm_out(logits, b, h, w.t());
-    } else {
-      at::mm_out(logits, h, w.t());
-    }
+    if (b.defined()) logits.copy_(b.unsqueeze(0).expand_as(logits));
+    codex_ml::cpu::gemm(h, w.t(), logits, /*accumulate=*/b.defined());
     chunk_loss(logits, tgt.data_ptr<int64_t>() + start, grad ? scale.data_ptr<float>() + start : nullptr,
                ignore_index, options, loss.data_ptr<float>() + start, lse.data_ptr<float>() + start);
     if (grad) {
       at::Tensor gh_rows = gh.narrow(0, start, n);
-      at::mm_out(gh_rows, logits, w);
-      if (start == 0) {
-        at::mm_out(gw, logits.t(), h);
-      } else {
-        gw.addmm_(logits.t(), h);
-      }
+      codex_ml::cpu::gemm(logits, w, gh_rows, /*accumulate=*/false);
+      codex_ml::cpu::gemm(logits.t(), h, gw, /*accumulate=*/start > 0);
       if (gb.numel()) gb.add_(logits.sum(0));
     }
   }

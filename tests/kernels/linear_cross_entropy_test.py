@@ -12,6 +12,7 @@ from references import (  # noqa: F401 (autouse fixture)
     poison_uninitialized_memory,
     rel_err,
     run_with_cpu_capability,
+    run_with_env,
 )
 
 from codex_ml.ops import cross_entropy, linear_cross_entropy
@@ -356,6 +357,16 @@ def test_narrower_cpu_paths_match_the_reference(capability):
     capping the choice (row lengths with every tail: V % 16 in {1, 2, 8, 3})."""
     run_with_cpu_capability(capability, __file__, "cpu and not narrower and (test_matches_float64_reference or "
                                                   "test_options or test_huge_logits or test_cross_entropy_on_logits)")
+
+
+def test_the_other_cpu_gemm_backend_matches_the_reference():
+    """The C++ kernel's products go to oneDNN or ATen's MKL by CPU vendor (kernels/include/cpu_gemm.h); the one
+    this machine does not pick by default runs in a subprocess with CODEX_CPU_GEMM naming it."""
+    linear_cross_entropy(torch.randn(2, 3), torch.randn(4, 3), torch.tensor([0, 1]), impl="cpu")
+    torch.ops.codex_ml.linear(torch.randn(1, 1), torch.randn(1, 1), None)  # loads the extension that reports it
+    other = "aten" if torch.ops.codex_ml_cpu.cpu_gemm_onednn() else "onednn"
+    run_with_env({"CODEX_CPU_GEMM": other}, __file__, "cpu and not narrower and not other_cpu_gemm and "
+                  "(test_matches_float64_reference or test_options or test_huge_logits)")
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -52,12 +52,18 @@ def run_with_cpu_capability(capability: str, test_file: str, keyword: str) -> No
     """Runs the tests of `test_file` selected by pytest's -k `keyword` in a fresh process with
     ATEN_CPU_CAPABILITY=capability, so the C++ kernels take their AVX2 ("avx2") or plain ("default") loops
     instead of the widest the CPU has. At least one test must run."""
+    run_with_env({"ATEN_CPU_CAPABILITY": capability}, test_file, keyword)
+
+
+def run_with_env(env_updates: dict[str, str], test_file: str, keyword: str) -> None:
+    """Runs the tests of `test_file` selected by pytest's -k `keyword` in a fresh process whose environment has
+    env_updates (settings the kernels read once per process). At least one test must run, and all must pass."""
     import os
     import subprocess
     import sys
 
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = {**os.environ, **env_updates, "PYTHONPATH": os.pathsep.join(sys.path)}
     args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", keyword]
     result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     output = result.stdout[-4000:] + result.stderr[-2000:]
-    assert result.returncode == 0 and " passed" in result.stdout, f"ATEN_CPU_CAPABILITY={capability}:\n{output}"
+    assert result.returncode == 0 and " passed" in result.stdout, f"{env_updates}:\n{output}"

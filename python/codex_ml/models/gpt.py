@@ -75,6 +75,14 @@ class RMSNorm(nn.Module):
         return ops.rms_norm(x, self.weight, self.eps)
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state_dict) whose product is codex_ml.ops.linear: on the CPU, the GEMM
+    backend that is faster on this CPU's vendor; elsewhere F.linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
+
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables [max_len, head_dim] for rotate-half rotary embeddings."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
@@ -112,10 +120,10 @@ class Attention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.q_proj = nn.Linear(config.d_model, config.n_head * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.d_model, config.n_kv_head * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.d_model, config.n_kv_head * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(config.n_head * self.head_dim, config.d_model, bias=False)
+        self.q_proj = Linear(config.d_model, config.n_head * self.head_dim, bias=False)
+        self.k_proj = Linear(config.d_model, config.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = Linear(config.d_model, config.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = Linear(config.n_head * self.head_dim, config.d_model, bias=False)
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, start: int = 0) -> torch.Tensor:
         b, t, _ = x.shape
@@ -137,9 +145,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
-        self.up_proj = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
-        self.down_proj = nn.Linear(config.ffn_hidden, config.d_model, bias=False)
+        self.gate_proj = Linear(config.d_model, config.ffn_hidden, bias=False)
+        self.up_proj = Linear(config.d_model, config.ffn_hidden, bias=False)
+        self.down_proj = Linear(config.ffn_hidden, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
@@ -167,7 +175,7 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)

@@ -1,0 +1,104 @@
+"""linear(x, weight, bias) = x @ weight^T + bias, the projections of the model, as one custom op on the CPU.
+
+Why an op for what F.linear does: PyTorch sends fp32 CPU products to MKL, which picks its kernels by CPU vendor
+and runs a slower generic path on AMD CPUs. The C++ kernel kernels/cpu/linear.cc sends them to
+kernels/include/cpu_gemm.h instead: oneDNN (also inside libtorch) on x86-64 CPUs that are not Intel's, ATen's
+MKL on Intel's, CODEX_CPU_GEMM=aten|onednn to choose. The backward computes grad_x = g @ weight and
+grad_weight = g^T @ x with the same backend, and only the gradients autograd asks for. Implementations, chosen
+by `impl=` or CODEX_ML_LINEAR_IMPL:
+- "cpu" (default on fp32 CPU tensors outside autocast): the C++ kernel.
+- "torch": F.linear, everywhere else (CUDA tensors, bf16/fp16, under autocast, which F.linear follows).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from codex_ml.ops.dispatch import load_extension, requested_impl
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if x.dim() < 1 or weight.dim() != 2:
+        raise ValueError(f"linear expects x [..., H] and weight [V, H]; got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dim but weight [V, H] has H = {weight.shape[1]}: "
+                         "weight must be [out_features, in_features]")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}; expected [{weight.shape[0]}] for weight "
+                         f"{tuple(weight.shape)}")
+
+
+@torch.library.custom_op("codex_ml::linear", mutates_args=())
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [N, H] @ weight [V, H]^T + bias [V] -> [N, V] contiguous, fp32 CPU tensors."""
+    load_extension("_layers_cpu")
+    return torch.ops.codex_ml_cpu.linear(x, weight, bias)
+
+
+@_linear_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("codex_ml::linear_backward", mutates_args=())
+def _linear_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                        mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x like x, grad_weight like weight, grad_bias [V]) contiguous; 0-element tensors where mask is False."""
+    load_extension("_layers_cpu")
+    return torch.ops.codex_ml_cpu.linear_backward(grad, x, weight, mask)
+
+
+@_linear_backward_op.register_fake
+def _(grad, x, weight, mask):
+    def shaped(wanted: bool, shape) -> torch.Tensor:
+        return x.new_empty(shape if wanted else (0,))
+    return shaped(mask[0], x.shape), shaped(mask[1], weight.shape), shaped(mask[2], (weight.shape[0],))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    wants_x, wants_w, wants_b = ctx.needs_input_grad
+    mask = [wants_x, wants_w, wants_b and ctx.has_bias]
+    grad_x, grad_w, grad_b = _linear_backward_op(grad.contiguous(), x, weight, mask)
+    return grad_x if mask[0] else None, grad_w if mask[1] else None, grad_b if mask[2] else None
+
+
+_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def choose_linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, impl: str | None) -> str:
+    """"cpu" (the C++ kernel) or "torch" (F.linear) for these inputs; impl="cpu" on inputs it cannot take is an
+    error that says why. Asked for by CODEX_ML_IMPL or CODEX_ML_LINEAR_IMPL, "triton" and "cuda" (which linear
+    does not have) leave the default standing."""
+    if impl in ("triton", "cuda"):
+        raise ValueError(f"linear has no {impl} kernel: on CUDA tensors it is F.linear (cuBLAS); use impl='torch' "
+                         "or 'cpu' (the default for fp32 CPU tensors)")
+    tensors = [t for t in (x, weight, bias) if t is not None]
+    fits = (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and not torch.is_autocast_enabled("cpu"))
+    choice = requested_impl("linear", impl)
+    if choice == "cpu" and not fits:
+        raise ValueError("linear: impl='cpu' takes fp32 CPU tensors outside autocast, got "
+                         f"{', '.join(f'{t.dtype} on {t.device}' for t in tensors)}; use impl='torch'")
+    if choice == "torch":
+        return "torch"
+    return "cpu" if fits else "torch"  # auto, or "triton"/"cuda" asked for every op by the environment
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           impl: str | None = None) -> torch.Tensor:
+    """x [..., H] @ weight[V, H]^T (+ bias [V]) -> [..., V], as F.linear; differentiable in all three."""
+    _check(x, weight, bias)
+    if choose_linear_impl(x, weight, bias, impl) == "torch":
+        return F.linear(x, weight, bias)
+    y = _linear_op(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[0])
