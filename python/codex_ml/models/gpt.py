@@ -215,9 +215,10 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(logits [B, T, V], None) without targets; (None, mean loss over targets != -100) with them."""
-        # Tied weights: the output layer's gradient is dense, and a sparse embedding gradient is added into it in
-        # place, instead of a zero-filled [V, d_model] copy plus a full add (eager only: inductor has no sparse
-        # tensors).
+        # Tied weights: the output layer's gradient is dense, and autograd adds a sparse embedding gradient to it
+        # (one copy of [V, d_model]; PyTorch's input buffers add a sparse gradient to a dense one out of place),
+        # instead of a zero-filled [V, d_model] embedding gradient plus a full add (eager only: inductor has no
+        # sparse tensors).
         tied = self.lm_head.weight is self.embed.weight
         sparse = targets is not None and tied and self.embed.weight.requires_grad and not torch.compiler.is_compiling()
         h = self.hidden_states(idx, cache, sparse_embedding_grad=sparse)
