@@ -6,7 +6,7 @@ for how it is measured), the same for the PyTorch reference (ref_*) and its torc
 (compiled_ref_time_ms, None where it does not compile), and floor_time_ms: the matrix products alone
 (logits for "fwd"; logits, grad hidden and grad weight for "fwd+bwd"), which no implementation can beat: the
 faster of ATen's products (floor_aten_time_ms) and, on fp32 CPU tensors, those of the GEMM backend codex_ml's
-CPU kernels use (kernels/include/cpu_gemm.h; oneDNN on CPUs that are not Intel's, where MKL is slower).
+CPU kernels use (kernels/include/cpu_gemm.h; oneDNN on AVX-512 CPUs that are not Intel's, where MKL is slower).
 impl "triton+input_accum" is the Triton path summing grad_weight in the inputs' dtype (accum_dtype), which
 saves its fp32 accumulator. On CUDA, where the liger-kernel package is importable (tools/gpu_wheels.sh fetches
 it for the GPU machine; it is no dependency of codex_ml), Liger-Kernel's fused linear cross-entropy gets rows

@@ -5,7 +5,8 @@
 // (at::native::mkldnn_matmul, the entry ATen itself uses for bf16). MKL picks its kernels by CPU vendor and
 // on AMD CPUs runs a slower generic path: on a 2-core AMD EPYC (Zen 4) the loss's logits and weight-gradient
 // products ran 1.3-1.6x faster in oneDNN, whose JIT kernels follow the CPU's ISA flags (kernels/bench,
-// docs/kernels.md). So "auto" uses oneDNN on x86-64 CPUs that are not Intel's and ATen elsewhere; the choice
+// docs/kernels.md). So "auto" uses oneDNN on x86-64 CPUs that are not Intel's (where PyTorch's oneDNN entry takes
+// fp32 at all: it requires AVX-512, which the probe below finds out) and ATen elsewhere; the choice
 // is made once per process, by vendor rather than by timing, so that a run's numerics do not depend on a
 // noisy measurement. CODEX_CPU_GEMM=aten|onednn|auto overrides it.
 #ifndef CODEX_ML_KERNELS_CPU_GEMM_H_
@@ -13,6 +14,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Config.h>
+#include <ATen/Context.h>
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
@@ -57,7 +59,8 @@ inline const char* auto_gemm_backend() {
 #endif
 }
 
-// Whether products go to oneDNN: CODEX_CPU_GEMM read once (an unknown value is an error that says the choices).
+// Whether products go to oneDNN: CODEX_CPU_GEMM read once per extension module that includes this header (an
+// unknown value is an error that says the choices).
 // oneDNN is probed once on a 2 x 2 product; a build whose oneDNN refuses fp32 gets ATen (or, asked for
 // oneDNN by name, an error), never a switch in the middle of a run.
 inline bool onednn_works() {
@@ -83,7 +86,8 @@ inline bool use_onednn() {
     if (choice == "aten") return false;
     const bool works = onednn_works();
     TORCH_CHECK(works || choice == "auto",
-                "CODEX_CPU_GEMM=onednn, but this PyTorch's oneDNN does not run fp32 products: use aten");
+                "CODEX_CPU_GEMM=onednn, but PyTorch's oneDNN does not run fp32 products on this CPU (it needs "
+                "AVX-512, and a PyTorch built with oneDNN): use aten");
     return works && (choice == "onednn" || std::strcmp(auto_gemm_backend(), "onednn") == 0);
   }();
   return flag;
@@ -95,7 +99,8 @@ constexpr int64_t kOnednnMinMacs = int64_t{1} << 22;
 
 inline void gemm(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool accumulate) {
 #if AT_MKLDNN_ENABLED()
-  if (use_onednn() && out.numel() * a.size(1) >= kOnednnMinMacs) {
+  // torch.backends.mkldnn.enabled = False is honoured, as ATen does.
+  if (use_onednn() && out.numel() * a.size(1) >= kOnednnMinMacs && at::globalContext().userEnabledMkldnn()) {
     at::native::mkldnn_matmul(a, b, out, accumulate ? 1.0f : 0.0f, 1.0f);
     return;
   }

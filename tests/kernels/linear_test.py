@@ -12,7 +12,12 @@ import platform
 import pytest
 import torch
 import torch.nn.functional as F
-from references import poison_uninitialized_memory, rel_err, run_with_env  # noqa: F401 (autouse fixture)
+from references import (  # noqa: F401 (autouse fixture)
+    onednn_runs_fp32,
+    poison_uninitialized_memory,
+    rel_err,
+    run_with_env,
+)
 
 from codex_ml.models.gpt import GPT, GPTConfig
 from codex_ml.ops import linear
@@ -56,13 +61,16 @@ def test_matches_float64(impl, with_bias, shape, out_features):
                                    (False, True, True), (False, False, False)])
 def test_only_the_gradients_asked_for(wants):
     torch.manual_seed(1)
-    x, weight, bias = torch.randn(9, 20), torch.randn(11, 20), torch.randn(11)
+    x, weight, bias = torch.randn(90, 200), torch.randn(301, 200), torch.randn(301)  # 5.4M MACs: oneDNN's size
     for t, want in zip((x, weight, bias), wants):
         t.requires_grad_(want)
     if any(wants):
         check(x, weight, bias, "cpu")
     else:
         assert not linear(x, weight, bias, impl="cpu").requires_grad
+    outputs = torch.ops.codex_ml_cpu.linear_backward(torch.randn(90, 301), x.detach(), weight.detach(), list(wants))
+    for want, out, like in zip(wants, outputs, (x, weight, bias)):
+        assert out.shape == (like.shape if want else (0,))
 
 
 def test_strided_inputs():
@@ -72,6 +80,38 @@ def test_strided_inputs():
     weight = torch.randn(400, 300).t().requires_grad_()  # [300, 400] as a transposed view
     bias = torch.randn(600)[::2].requires_grad_()
     check(x, weight, bias, "cpu")
+    x2 = torch.randn(400, 180).t().requires_grad_()  # 2-D: reaches the kernel as a transposed view
+    check(x2, weight, bias, "cpu")
+
+
+def test_second_derivatives_match_f_linear():
+    torch.manual_seed(5)
+    x, w, b = torch.randn(40, 30, requires_grad=True), torch.randn(20, 30, requires_grad=True), torch.randn(20)
+    b.requires_grad_()
+
+    def grad_of_grad(fn):
+        y = fn(x, w, b)
+        gx, gw = torch.autograd.grad((y ** 2).sum(), (x, w), create_graph=True)
+        return torch.autograd.grad((gx ** 2).sum() + (gw ** 3).sum(), (x, w, b))
+
+    for ours, theirs in zip(grad_of_grad(lambda *a: linear(*a, impl="cpu")), grad_of_grad(F.linear)):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_environment_choice_of_cpu_leaves_other_inputs_to_f_linear(monkeypatch):
+    monkeypatch.setenv("CODEX_ML_IMPL", "cpu")
+    x, w = torch.randn(3, 4), torch.randn(5, 4)
+    assert choose_linear_impl(x, w, None, None) == "cpu"
+    torch.testing.assert_close(linear(x.bfloat16(), w.bfloat16()), F.linear(x.bfloat16(), w.bfloat16()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear(x, w).dtype == torch.bfloat16
+
+
+def test_mkldnn_disabled_still_gives_the_product():
+    torch.manual_seed(6)
+    x, w = torch.randn(300, 128, requires_grad=True), torch.randn(257, 128, requires_grad=True)
+    with torch.backends.mkldnn.flags(enabled=False):
+        check(x, w, None, "cpu")
 
 
 def test_empty_rows_and_zero_features():
@@ -132,6 +172,8 @@ def test_gpt_compiles_with_fullgraph_and_keeps_its_state_dict_keys():
 
 @pytest.mark.parametrize("backend", ["aten", "onednn"])
 def test_each_backend(backend):
+    if backend == "onednn" and not onednn_runs_fp32():
+        pytest.skip("PyTorch's oneDNN takes fp32 products only on CPUs with AVX-512; this one has none")
     run_with_env({"CODEX_CPU_GEMM": backend}, __file__,
                  "(matches_float64 and cpu) or only_the_gradients or strided or empty_rows or reports_the_backend")
 
@@ -141,7 +183,8 @@ def test_reports_the_backend():
     onednn = torch.ops.codex_ml_cpu.cpu_gemm_onednn()
     with open("/proc/cpuinfo") as f:
         other_vendor = platform.machine() == "x86_64" and "GenuineIntel" not in f.read()
-    expected = {"aten": 0, "onednn": 1}.get(os.environ.get("CODEX_CPU_GEMM", ""), int(other_vendor))
+    auto = int(other_vendor and onednn_runs_fp32())
+    expected = {"aten": 0, "onednn": 1}.get(os.environ.get("CODEX_CPU_GEMM", ""), auto)
     assert onednn == expected
 
 

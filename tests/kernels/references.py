@@ -48,6 +48,17 @@ def rel_err(actual, expected):
     return diff / norm if norm > 0 else diff
 
 
+def onednn_runs_fp32() -> bool:
+    """Whether PyTorch's oneDNN matmul takes fp32 on this CPU (kernels/include/cpu_gemm.h): it needs AVX-512
+    (F, BW, VL, DQ), which is what /proc/cpuinfo is asked here."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(flags)
+
+
 def run_with_cpu_capability(capability: str, test_file: str, keyword: str) -> None:
     """Runs the tests of `test_file` selected by pytest's -k `keyword` in a fresh process with
     ATEN_CPU_CAPABILITY=capability, so the C++ kernels take their AVX2 ("avx2") or plain ("default") loops

@@ -22,9 +22,9 @@ Fairness, by construction:
   bf16 autocast on CUDA). Nothing is compiled.
 - Not the same, on purpose: each side runs as its users run it. codex_ml's Trainer sets glibc to keep freed
   blocks (Trainer.keep_freed_memory, part of its speed); the other two keep glibc's defaults. codex_ml's fp32 CPU
-  products (its projections, through codex_ml.ops.linear, and its fused loss) go to oneDNN on CPUs that are not
-  Intel's (kernels/include/cpu_gemm.h), the other two's to PyTorch's default, MKL (on Intel CPUs all three use
-  MKL). The plain loop holds its logits through the backward pass, as a nanoGPT-style
+  products (its projections, through codex_ml.ops.linear, and its fused loss) go to oneDNN on AVX-512 CPUs that
+  are not Intel's (kernels/include/cpu_gemm.h), the other two's to PyTorch's default, MKL (elsewhere all three
+  use MKL). The plain loop holds its logits through the backward pass, as a nanoGPT-style
   `logits, loss = model(x, y)` loop does.
 
 Measurements. Each implementation runs in its own fresh Python process. The three processes are alive at once

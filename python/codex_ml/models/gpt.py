@@ -200,7 +200,7 @@ class GPT(nn.Module):
         """Final-norm hidden states [B, T, d_model] of tokens idx [B, T] (after `cache.length` cached ones).
 
         sparse_embedding_grad: the embedding's gradient is a sparse tensor (only for a weight that also gets a
-        dense gradient, which autograd then adds it into in place; see forward)."""
+        dense gradient, which autograd then adds it to; see forward)."""
         start = cache.length if cache is not None else 0
         t = idx.shape[1]
         if start + t > self.config.max_seq_len:

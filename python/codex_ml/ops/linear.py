@@ -2,9 +2,11 @@
 
 Why an op for what F.linear does: PyTorch sends fp32 CPU products to MKL, which picks its kernels by CPU vendor
 and runs a slower generic path on AMD CPUs. The C++ kernel kernels/cpu/linear.cc sends them to
-kernels/include/cpu_gemm.h instead: oneDNN (also inside libtorch) on x86-64 CPUs that are not Intel's, ATen's
-MKL on Intel's, CODEX_CPU_GEMM=aten|onednn to choose. The backward computes grad_x = g @ weight and
-grad_weight = g^T @ x with the same backend, and only the gradients autograd asks for. Implementations, chosen
+kernels/include/cpu_gemm.h instead: oneDNN (also inside libtorch) on x86-64 CPUs with AVX-512 that are not
+Intel's, ATen's MKL elsewhere, CODEX_CPU_GEMM=aten|onednn to choose. The backward computes grad_x = g @ weight and
+grad_weight = g^T @ x with the same backend, and only the gradients autograd asks for; a backward that builds a
+graph (create_graph=True) uses differentiable ATen products instead, so higher-order gradients work. No
+forward-mode AD (jvp), like the other custom ops. Implementations, chosen
 by `impl=` or CODEX_ML_LINEAR_IMPL:
 - "cpu" (default on fp32 CPU tensors outside autocast): the C++ kernel.
 - "torch": F.linear, everywhere else (CUDA tensors, bf16/fp16, under autocast, which F.linear follows).
@@ -68,6 +70,11 @@ def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
     wants_x, wants_w, wants_b = ctx.needs_input_grad
     mask = [wants_x, wants_w, wants_b and ctx.has_bias]
+    if torch.is_grad_enabled():
+        # backward(create_graph=True): the same products as differentiable ATen ops, so that higher-order
+        # gradients exist (the C++ backward has no formula of its own).
+        return (grad @ weight if mask[0] else None, grad.t() @ x if mask[1] else None,
+                grad.sum(0) if mask[2] else None)
     grad_x, grad_w, grad_b = _linear_backward_op(grad.contiguous(), x, weight, mask)
     return grad_x if mask[0] else None, grad_w if mask[1] else None, grad_b if mask[2] else None
 
@@ -76,22 +83,23 @@ _linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def choose_linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, impl: str | None) -> str:
-    """"cpu" (the C++ kernel) or "torch" (F.linear) for these inputs; impl="cpu" on inputs it cannot take is an
-    error that says why. Asked for by CODEX_ML_IMPL or CODEX_ML_LINEAR_IMPL, "triton" and "cuda" (which linear
-    does not have) leave the default standing."""
+    """"cpu" (the C++ kernel) or "torch" (F.linear) for these inputs. impl="cpu" on inputs the kernel cannot
+    take is an error that says why; asked for by the environment (CODEX_ML_IMPL, CODEX_ML_LINEAR_IMPL), only
+    "torch" is binding and the rest leave the default standing."""
     if impl in ("triton", "cuda"):
         raise ValueError(f"linear has no {impl} kernel: on CUDA tensors it is F.linear (cuBLAS); use impl='torch' "
                          "or 'cpu' (the default for fp32 CPU tensors)")
     tensors = [t for t in (x, weight, bias) if t is not None]
     fits = (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
             and not torch.is_autocast_enabled("cpu"))
-    choice = requested_impl("linear", impl)
-    if choice == "cpu" and not fits:
+    if impl == "cpu" and not fits:
         raise ValueError("linear: impl='cpu' takes fp32 CPU tensors outside autocast, got "
                          f"{', '.join(f'{t.dtype} on {t.device}' for t in tensors)}; use impl='torch'")
-    if choice == "torch":
+    if requested_impl("linear", impl) == "torch":
         return "torch"
-    return "cpu" if fits else "torch"  # auto, or "triton"/"cuda" asked for every op by the environment
+    # Auto, or any other choice made for every op by the environment (CODEX_ML_IMPL=cpu included: inputs the
+    # kernel cannot take, such as a bf16 model's, go to F.linear rather than fail).
+    return "cpu" if fits else "torch"
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

@@ -362,7 +362,7 @@ def _refuse_double_backward(name: str) -> None:
 
 
 def _backward(ctx, grad_loss, grad_z, _gh, _gw, _gb):
-    if grad_loss is None:  # only the (detached) z-loss term was used: nothing to differentiate
+    if grad_loss is None:  # the loss output got no gradient (only the raw op's other outputs were used)
         return (None,) * 13
     _refuse_double_backward("linear_cross_entropy")
     if ctx.fused:
