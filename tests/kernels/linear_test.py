@@ -21,7 +21,7 @@ from references import (  # noqa: F401 (autouse fixture)
 
 from codex_ml.models.gpt import GPT, GPTConfig
 from codex_ml.ops import linear
-from codex_ml.ops.linear import choose_linear_impl
+from codex_ml.ops.dispatch import choose_linear_impl
 
 BOUND = 1e-5
 # (x shape, out features): odd sizes, a single row, leading dims, sizes around oneDNN's and MKL's blocks.

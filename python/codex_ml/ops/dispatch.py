@@ -95,3 +95,23 @@ def choose_layer_impl(op: str, device: torch.device, impl: str | None) -> str:
             return "cpu"
         return "triton" if device.type == "cuda" and triton_available(device) else "torch"
     return choose_impl(op, device, choice)
+
+
+def choose_linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, impl: str | None) -> str:
+    """"cpu" (the C++ kernel) or "torch" (F.linear) for these inputs. impl="cpu" on inputs the kernel cannot
+    take is an error that says why; asked for by the environment (CODEX_ML_IMPL, CODEX_ML_LINEAR_IMPL), only
+    "torch" is binding and the rest leave the default standing."""
+    if impl in ("triton", "cuda"):
+        raise ValueError(f"linear has no {impl} kernel: on CUDA tensors it is F.linear (cuBLAS); use impl='torch' "
+                         "or 'cpu' (the default for fp32 CPU tensors)")
+    tensors = [t for t in (x, weight, bias) if t is not None]
+    fits = (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and not torch.is_autocast_enabled("cpu"))
+    if impl == "cpu" and not fits:
+        raise ValueError("linear: impl='cpu' takes fp32 CPU tensors outside autocast, got "
+                         f"{', '.join(f'{t.dtype} on {t.device}' for t in tensors)}; use impl='torch'")
+    if requested_impl("linear", impl) == "torch":
+        return "torch"
+    # Auto, or any other choice made for every op by the environment (CODEX_ML_IMPL=cpu included: inputs the
+    # kernel cannot take, such as a bf16 model's, go to F.linear rather than fail).
+    return "cpu" if fits else "torch"

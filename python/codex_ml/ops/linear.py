@@ -7,7 +7,7 @@ Intel's, ATen's MKL elsewhere, CODEX_CPU_GEMM=aten|onednn to choose. The backwar
 grad_weight = g^T @ x with the same backend, and only the gradients autograd asks for; a backward that builds a
 graph (create_graph=True) uses differentiable ATen products instead, so higher-order gradients work. No
 forward-mode AD (jvp), like the other custom ops. Implementations, chosen
-by `impl=` or CODEX_ML_LINEAR_IMPL:
+by codex_ml.ops.dispatch.choose_linear_impl (`impl=`, CODEX_ML_LINEAR_IMPL):
 - "cpu" (default on fp32 CPU tensors outside autocast): the C++ kernel.
 - "torch": F.linear, everywhere else (CUDA tensors, bf16/fp16, under autocast, which F.linear follows).
 """
@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from codex_ml.ops.dispatch import load_extension, requested_impl
+from codex_ml.ops.dispatch import choose_linear_impl, load_extension
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -80,26 +80,6 @@ def _backward(ctx, grad):
 
 
 _linear_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def choose_linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, impl: str | None) -> str:
-    """"cpu" (the C++ kernel) or "torch" (F.linear) for these inputs. impl="cpu" on inputs the kernel cannot
-    take is an error that says why; asked for by the environment (CODEX_ML_IMPL, CODEX_ML_LINEAR_IMPL), only
-    "torch" is binding and the rest leave the default standing."""
-    if impl in ("triton", "cuda"):
-        raise ValueError(f"linear has no {impl} kernel: on CUDA tensors it is F.linear (cuBLAS); use impl='torch' "
-                         "or 'cpu' (the default for fp32 CPU tensors)")
-    tensors = [t for t in (x, weight, bias) if t is not None]
-    fits = (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-            and not torch.is_autocast_enabled("cpu"))
-    if impl == "cpu" and not fits:
-        raise ValueError("linear: impl='cpu' takes fp32 CPU tensors outside autocast, got "
-                         f"{', '.join(f'{t.dtype} on {t.device}' for t in tensors)}; use impl='torch'")
-    if requested_impl("linear", impl) == "torch":
-        return "torch"
-    # Auto, or any other choice made for every op by the environment (CODEX_ML_IMPL=cpu included: inputs the
-    # kernel cannot take, such as a bf16 model's, go to F.linear rather than fail).
-    return "cpu" if fits else "torch"
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
