@@ -197,11 +197,11 @@ def test_version_command(venv, work):
 
 
 def test_ops_match_float64_pytorch_in_the_new_environment(venv, work):
-    """Each op, forward and backward, on odd shapes, against float64 PyTorch; the loss and the layer ops through the
-    wheel's extensions."""
+    """Each op, forward and backward, on odd shapes, against float64 PyTorch; the loss, the layer ops and linear
+    through the wheel's extensions."""
     script = f"""
 import sys, torch, torch.nn.functional as F
-from codex_ml.ops import attention, cross_entropy, linear_cross_entropy, rms_norm, rotary, swiglu
+from codex_ml.ops import attention, cross_entropy, linear, linear_cross_entropy, rms_norm, rotary, swiglu
 torch.manual_seed(0)
 def close(a, b):
     torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
@@ -249,7 +249,15 @@ ref = x64 * angles.cos().double() + torch.cat([-x64[..., 16:], x64[..., :16]], -
 grad = torch.randn_like(ref)
 out.backward(grad.float()); ref.backward(grad)
 close(out, ref); close(x.grad, x64.grad)
-layers = sys.modules["codex_ml.kernels._layers_cpu"]  # rms_norm, swiglu and rotary ran the compiled kernels
+x, w, b = torch.randn(300, 200, requires_grad=True), torch.randn(301, 200, requires_grad=True), torch.randn(301)
+b.requires_grad_()
+x64, w64, b64 = (p.detach().double().requires_grad_() for p in (x, w, b))
+out, ref = linear(x, w, b), F.linear(x64, w64, b64)  # big enough for the oneDNN products where they apply
+grad = torch.randn_like(ref)
+out.backward(grad.float()); ref.backward(grad)
+for a, r in ((out, ref), (x.grad, x64.grad), (w.grad, w64.grad), (b.grad, b64.grad)):
+    assert ((a.double() - r).norm() / r.norm()).item() < 1e-5  # sums of 200-300 fp32 terms: relative L2 error
+layers = sys.modules["codex_ml.kernels._layers_cpu"]  # rms_norm, swiglu, rotary and linear ran the compiled kernels
 print(ext.__file__)
 print(layers.__file__)
 """
