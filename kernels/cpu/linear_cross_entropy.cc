@@ -1,6 +1,7 @@
 // Fused linear cross-entropy on the CPU: loss = CE(softcap(hidden @ weight^T + bias), target), chunked
 // over tokens so that only a [chunk, V] block of logits ever exists. The matrix products go to
-// kernels/include/cpu_gemm.h (oneDNN or ATen's MKL, whichever is faster on the CPU's vendor); the softmax, loss and logit gradient of each chunk overwrite its logits in place.
+// kernels/include/cpu_gemm.h (oneDNN or ATen's MKL, whichever is faster on the CPU's vendor); the softmax,
+// loss and logit gradient of each chunk overwrite its logits in place.
 //
 // With row_scale given, the same pass also accumulates the gradients of hidden, weight and bias, the
 // gradient of row i scaled by row_scale[i] (the Python side passes 1/n_valid for "mean", 1 for "sum",

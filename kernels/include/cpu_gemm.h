@@ -5,10 +5,10 @@
 // (at::native::mkldnn_matmul, the entry ATen itself uses for bf16). MKL picks its kernels by CPU vendor and
 // on AMD CPUs runs a slower generic path: on a 2-core AMD EPYC (Zen 4) the loss's logits and weight-gradient
 // products ran 1.3-1.6x faster in oneDNN, whose JIT kernels follow the CPU's ISA flags (kernels/bench,
-// docs/kernels.md). So "auto" uses oneDNN on x86-64 CPUs that are not Intel's (where PyTorch's oneDNN entry takes
-// fp32 at all: it requires AVX-512, which the probe below finds out) and ATen elsewhere; the choice
-// is made once per process, by vendor rather than by timing, so that a run's numerics do not depend on a
-// noisy measurement. CODEX_CPU_GEMM=aten|onednn|auto overrides it.
+// docs/kernels.md). So "auto" uses oneDNN on x86-64 CPUs that are not Intel's (where PyTorch's oneDNN entry
+// takes fp32 at all: it requires AVX-512, which the probe below finds out) and ATen elsewhere; the choice is
+// made once per process, by vendor rather than by timing, so that a run's numerics do not depend on a noisy
+// measurement. CODEX_CPU_GEMM=aten|onednn|auto overrides it.
 #ifndef CODEX_ML_KERNELS_CPU_GEMM_H_
 #define CODEX_ML_KERNELS_CPU_GEMM_H_
 
@@ -50,19 +50,17 @@ inline bool cpu_is_intel() {
 #endif
 }
 
-// The backend "auto" resolves to on this machine: "onednn" or "aten".
-inline const char* auto_gemm_backend() {
-#if AT_MKLDNN_ENABLED() && defined(__x86_64__)
-  return cpu_is_intel() ? "aten" : "onednn";
+// Whether "auto" picks oneDNN on this machine, given that it runs fp32 here: on x86-64 CPUs not made by Intel.
+inline bool vendor_prefers_onednn() {
+#if defined(__x86_64__)
+  return !cpu_is_intel();
 #else
-  return "aten";
+  return false;
 #endif
 }
 
-// Whether products go to oneDNN: CODEX_CPU_GEMM read once per extension module that includes this header (an
-// unknown value is an error that says the choices).
-// oneDNN is probed once on a 2 x 2 product; a build whose oneDNN refuses fp32 gets ATen (or, asked for
-// oneDNN by name, an error), never a switch in the middle of a run.
+// Whether oneDNN runs fp32 products here, from one 2 x 2 product: a CPU or build where it refuses them gets
+// ATen for the whole run (or, asked for oneDNN by name, an error), never a switch in the middle of one.
 inline bool onednn_works() {
 #if AT_MKLDNN_ENABLED()
   try {
@@ -77,18 +75,20 @@ inline bool onednn_works() {
 #endif
 }
 
+// Whether products go to oneDNN: CODEX_CPU_GEMM read once per extension module that includes this header (an
+// unknown value is an error that says the choices).
 inline bool use_onednn() {
   static const bool flag = [] {
     const char* env = std::getenv("CODEX_CPU_GEMM");
     std::string choice = env == nullptr || *env == '\0' ? "auto" : env;
     TORCH_CHECK(choice == "auto" || choice == "aten" || choice == "onednn",
                 "CODEX_CPU_GEMM=", choice, " is not a CPU matrix-product backend: use aten, onednn or auto (unset)");
-    if (choice == "aten") return false;
+    if (choice == "aten" || (choice == "auto" && !vendor_prefers_onednn())) return false;
     const bool works = onednn_works();
     TORCH_CHECK(works || choice == "auto",
                 "CODEX_CPU_GEMM=onednn, but PyTorch's oneDNN does not run fp32 products on this CPU (it needs "
                 "AVX-512, and a PyTorch built with oneDNN): use aten");
-    return works && (choice == "onednn" || std::strcmp(auto_gemm_backend(), "onednn") == 0);
+    return works;
   }();
   return flag;
 }
