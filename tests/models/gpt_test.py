@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from codex_ml.models import GPT, GPTConfig, KVCache
+from codex_ml.models import GPT, GPTConfig, GPTConfigError, KVCache
 
 
 def tiny(**overrides) -> GPT:
@@ -84,7 +84,9 @@ def test_config_round_trips_through_a_dict():
     (dict(max_seq_len=0), "max_seq_len must be a positive integer"),
     (dict(init_std=-0.1), "must be positive"),
     (dict(d_model=96, n_head=4), "head dim the attention kernels run"),
+    (dict(ffn_hidden=0), "ffn_hidden must be a positive integer"),
 ])
 def test_bad_configs_fail_at_construction(bad, message):
-    with pytest.raises(ValueError, match=message):
+    # GPTConfigError (a ValueError): the train command prints it as a usage error, not a traceback.
+    with pytest.raises(GPTConfigError, match=message):
         GPTConfig(**bad)

@@ -71,6 +71,18 @@ def test_resume_with_another_model_shape_is_refused(first_run):
     assert Path(tmp_path / "runs" / "first").is_dir()
 
 
+@pytest.mark.parametrize("binding, message", [
+    ("GPTConfig.n_head = 3", "GPTConfig.d_model=64 must be a multiple of n_head=3"),
+    ("Trainer.keep_last = 0", "Trainer.keep_last must be >= 1"),
+])
+def test_a_bad_model_or_trainer_binding_is_a_usage_error(first_run, binding, message):
+    tmp_path, _ = first_run  # the cached data: the error comes once the model and trainer are built
+    proc = _train(tmp_path, "--run_dir=runs/refused", f"--gin_bindings={binding}")
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "runs" / "refused" / "checkpoints").exists()
+
+
 def test_missing_data_source_is_a_clear_error(tmp_path):
     proc = _train(tmp_path, "--run_dir=runs/bad", "--gin_bindings=prepare_data.sources = ['/nonexistent/code']")
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]

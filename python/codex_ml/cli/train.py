@@ -211,6 +211,7 @@ def run() -> int:
 
     from codex_ml.checkpoint import CheckpointError
     from codex_ml.data import DataError
+    from codex_ml.models import GPTConfigError
     from codex_ml.models.hf import HFModelError
     from codex_ml.tokenization import TokenizerError
     from codex_ml.training import ConfigError
@@ -231,7 +232,7 @@ def run() -> int:
         print(f"Run directory: {run_dir}\nGin configuration:\n{gin.config_str()}", flush=True)
     try:
         result = train(run_dir=run_dir, resume=FLAGS.resume, operative_config=gin.operative_config_str)
-    except (ConfigError, CheckpointError, DataError, HFModelError, TokenizerError) as e:
+    except (ConfigError, CheckpointError, DataError, GPTConfigError, HFModelError, TokenizerError) as e:
         # Gin appends "In call to configurable ..." lines: the first paragraph is the message.
         raise UsageError(str(e).split("\n  In call to configurable")[0]) from e
     if rank == 0:

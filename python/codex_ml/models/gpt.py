@@ -19,6 +19,10 @@ from codex_ml import ops
 from codex_ml.ops.attention import HEAD_DIMS
 
 
+class GPTConfigError(ValueError):
+    """A GPTConfig that no GPT can be built from; the message names the field and the fix."""
+
+
 @dataclass
 class GPTConfig:
     """Sizes of the native GPT (vocab_size is set from the tokenizer by the trainer)."""
@@ -36,19 +40,21 @@ class GPTConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
-        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "max_seq_len"):
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "max_seq_len", "ffn_hidden"):
+            if name == "ffn_hidden" and self.ffn_hidden is None:
+                continue
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise GPTConfigError(f"GPTConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
         if not self.init_std > 0 or not self.norm_eps > 0 or not self.rope_theta > 0:
-            raise ValueError(f"GPTConfig init_std, norm_eps and rope_theta must be positive, got {self.init_std}, "
-                             f"{self.norm_eps} and {self.rope_theta}")
+            raise GPTConfigError(f"GPTConfig init_std, norm_eps and rope_theta must be positive, got "
+                                 f"{self.init_std}, {self.norm_eps} and {self.rope_theta}")
         if self.d_model % self.n_head:
-            raise ValueError(f"d_model={self.d_model} must be a multiple of n_head={self.n_head}")
+            raise GPTConfigError(f"GPTConfig.d_model={self.d_model} must be a multiple of n_head={self.n_head}")
         if self.n_head % self.n_kv_head:
-            raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+            raise GPTConfigError(f"GPTConfig.n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
         if self.head_dim not in HEAD_DIMS:  # found here, not at the first forward pass
-            raise ValueError(f"d_model / n_head = {self.head_dim} is not a head dim the attention kernels run "
-                             f"({', '.join(map(str, HEAD_DIMS))}): change d_model or n_head")
+            raise GPTConfigError(f"GPTConfig d_model / n_head = {self.head_dim} is not a head dim the attention "
+                                 f"kernels run ({', '.join(map(str, HEAD_DIMS))}): change d_model or n_head")
         if self.ffn_hidden is None:
             self.ffn_hidden = 64 * math.ceil(8 * self.d_model / 3 / 64)
 

@@ -262,7 +262,10 @@ class Trainer:
         self.ddp = step_model if self.world_size > 1 else None
 
         self.model_config = model_config if model_config is not None else self._model_config_of(model)
-        self.checkpoints = CheckpointManager(self.run_dir, keep_last=keep_last, keep_best=keep_best)
+        try:
+            self.checkpoints = CheckpointManager(self.run_dir, keep_last=keep_last, keep_best=keep_best)
+        except ValueError as e:  # "keep_last must be >= 1 ...": a Trainer binding
+            raise ConfigError(f"Trainer.{e}") from e
         tokenizer = getattr(data, "tokenizer", None)
         self.tokenizer_sha256 = getattr(tokenizer, "sha256", None)
         self.tokenizer_path = getattr(tokenizer, "model_path", None)
