@@ -26,7 +26,10 @@ def cuda_library(name, srcs, hdrs = [], copts = [], **kwargs):
                 NVCC or "false",
                 "-O3 -std=c++17 -Xcompiler -fPIC -I. --expt-relaxed-constexpr",
                 " ".join(CUDA_ARCH_FLAGS + copts),
-                "-c $(location %s) -o $@" % src,
+                "-c $(location %s) -o $@.nvcc.o" % src,
+                # nvcc names its temporary files tmpxft_<pid>_<counter> and leaves that name in the object's
+                # symbol table; the counter depends on which nvcc runs overlap. Strip it: same sources, same bytes.
+                "&& objcopy --wildcard --strip-symbol='tmpxft_*' $@.nvcc.o $@ && rm $@.nvcc.o",
             ]),
             target_compatible_with = CUDA_COMPATIBLE,
             tags = ["cuda"],

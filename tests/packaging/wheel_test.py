@@ -90,6 +90,10 @@ def venv() -> Path:
     (site / "locked_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(root / "bin" / "python"), "install", "--no-deps",
                     "--no-index", "--quiet", str(WHEEL)], check=True, env=_clean_env(home), cwd=home)
+    # --no-deps above: the locked environment must satisfy every Requires-Dist of the wheel (names and pins).
+    check = subprocess.run([sys.executable, "-m", "pip", "--python", str(root / "bin" / "python"), "check"],
+                           capture_output=True, text=True, env=_clean_env(home), cwd=home)
+    assert check.returncode == 0, check.stdout + check.stderr
     return root
 
 
@@ -149,6 +153,16 @@ def test_zip_is_reproducible():
         infos = wheel.infolist()
     assert [i.filename for i in infos] == sorted(i.filename for i in infos)
     assert {i.date_time for i in infos} == {(2020, 1, 1, 0, 0, 0)}
+
+
+def test_compiled_libraries_hold_nothing_of_the_build_that_made_them():
+    """What would make two builds of one tree differ: nvcc's temporary file names (tools/cuda.bzl strips
+    them) and absolute paths of the build machine."""
+    libraries = {name: data for name, data in _wheel_files().items() if name.endswith(".so")}
+    assert f"{CPU_EXTENSION.replace('.', '/')}.so" in libraries
+    for name, data in libraries.items():
+        assert b"tmpxft_" not in data, name
+        assert b"/execroot/" not in data and b"/sandbox/" not in data, name
 
 
 def test_same_inputs_give_the_same_bytes(work):
