@@ -8,6 +8,7 @@ benchmarks from that tree, and collects every GPU test; this test runs it so, fr
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -53,7 +54,8 @@ def test_logs_are_packed_for_the_device_tool(dry_run):
 def test_tree_is_assembled_from_sources(dry_run):
     _, out = dry_run
     env = (out / "env.txt").read_text()
-    assert "codex_ml 0.1.0 from " in env  # _version.py written from tools/version.bzl
+    version = re.search(r'^VERSION = "(.+)"$', (ROOT / "tools" / "version.bzl").read_text(), re.M).group(1)
+    assert f"codex_ml {version} from " in env  # _version.py written from tools/version.bzl
     assert str(ROOT) not in env  # imported from the script's tree, not from Bazel's runfiles
 
 
