@@ -62,7 +62,7 @@ def render() -> str:
             lines.append("| --- | --- |")
             lines.extend(f"| `{p.name}` | {_default(p)} |" for p in params)
         else:
-            lines.append("No parameters.")
+            lines.append("No parameters to bind: the caller passes its arguments.")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

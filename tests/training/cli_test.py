@@ -23,6 +23,9 @@ def _train(*args, cwd):
         ("Trainer.max_steps = 'ten'", "Trainer.max_steps = 'ten' has the wrong type: expected int"),
         ("Trainer.learning_rate = [1]", "Trainer.learning_rate = \\[1\\] has the wrong type: expected float"),
         ("Trainer.max_steps = = 3", "Invalid gin configuration"),
+        ("prepare_data.cache_dir = '/tmp/x'", "prepare_data.cache_dir cannot be bound: train passes it itself.*"
+         "Bind train.cache_dir instead"),
+        ("GPT.config = None", "GPT.config cannot be bound: train passes it itself"),
     ],
 )
 def test_bad_bindings_exit_2_with_a_clear_message(tmp_path, binding, expected):

@@ -97,6 +97,11 @@ def _explain_gin_error(error: Exception) -> str:
         valid = list(_parameters(owner)) if owner else []
         return (f"{param.group(1)} has no parameter {param.group(2)!r}{where}.{_suggest(param.group(2), valid)} "
                 "Run with --gin_help to list every configurable and its parameters.")
+    denied = re.search(r"Configurable '([^']+)' has denylisted kwarg '([^']+)'", text)
+    if denied:
+        hint = " Bind train.cache_dir instead." if denied.group(2) == "cache_dir" else ""
+        return (f"{denied.group(1)}.{denied.group(2)} cannot be bound: train passes it itself{where}.{hint} "
+                "Run with --gin_help to list the parameters that can be bound.")
     return f"Invalid gin configuration: {first_line}{where}"
 
 
