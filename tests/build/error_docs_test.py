@@ -1,11 +1,11 @@
 """docs/troubleshooting.md names every error a user can meet from codex_ml's Python code.
 
-Each `raise E(message)`, `parser.error(message)`, `warnings.warn(message)` and `log.warning(message)` in the
-codex_ml package (python/codex_ml, with the kernels' Python that Bazel places in codex_ml/kernels) is found
-from the syntax tree. How its message starts (its first words, with a placeholder for each f-string field or
-%s) must appear in the page, so that a user who searches the page for the words of their error finds it.
-Messages with no words of their own (a re-raise of another error's text, or a prefix such as "Trainer: "
-before one) are checked where that text is written.
+Found from the syntax tree of the codex_ml package (python/codex_ml, with the kernels' Python that Bazel
+places in codex_ml/kernels): each `raise E(message)`, `parser.error(message)`, `warnings.warn(message)`,
+`log.warning(message)`, and each string an `_explain_*` function returns. How the message starts (its first
+words, a placeholder for each f-string field or %s) must appear in the page, so that a user who searches the
+page for the words of their error finds it. Messages with no words of their own (a re-raise of another
+error's text, or a prefix such as "Trainer: " before one) are checked where that text is written.
 """
 
 from __future__ import annotations
@@ -51,6 +51,11 @@ def _template(node: ast.expr) -> str | None:
     return None
 
 
+def _template_of(node: ast.expr) -> str | None:
+    template = _template(node)
+    return re.sub(FIELD + "+", FIELD, template) if template is not None else None  # adjacent fields: one
+
+
 def _start(template: str) -> str:
     """How the message starts: its first START_WORDS words, without filled-in values or punctuation at either
     end; "" if it has fewer than MIN_WORDS words of its own."""
@@ -85,13 +90,18 @@ def messages() -> list[tuple[str, int, str]]:
         rel = path.relative_to(PACKAGE).as_posix()
         nodes = list(ast.walk(ast.parse(path.read_text(), str(path))))
         raised = {id(node.exc) for node in nodes if isinstance(node, ast.Raise)}
+        # A function named _explain_* returns the text of an error raised elsewhere (the CLI's gin errors).
+        explained = {id(n) for f in nodes if isinstance(f, ast.FunctionDef) and f.name.startswith("_explain")
+                     for n in ast.walk(f) if isinstance(n, ast.Return)}
         for node in nodes:
             arg = None
             if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and node.exc.args:
                 arg = node.exc.args[0]
+            elif id(node) in explained:
+                arg = node.value
             elif isinstance(node, ast.Call) and id(node) not in raised:  # `raise error(...)` counts once
                 arg = _message_arg(node)
-            template = _template(arg) if arg is not None else None
+            template = _template_of(arg) if arg is not None else None
             start = _start(template) if template is not None else ""
             if start:
                 found.append((rel, node.lineno, start))
@@ -112,18 +122,20 @@ def test_finds_the_messages():
     assert "Checkpoint X has no X: it is partial (interrupted while" in starts
     assert "Removing partial checkpoint X left by an interrupted run" in starts
     assert "source X does not exist: give a file, a" in starts
+    assert "Unknown configurable X.X Run with --gin_help to list every" in starts  # from _explain_gin_error
 
 
 def test_start_of_a_message():
     def start(source: str) -> str:
-        return _shown(_start(_template(ast.parse(source).body[0].value)))
+        return _shown(_start(_template_of(ast.parse(source).body[0].value)))
 
     assert start('f"Checkpoint {p}: {name} is corrupt ({why}). " + f"Delete {p}."') == \
         "Checkpoint X: X is corrupt (X). Delete"
     assert start('"%s: no such file, %d tried" % (a, b)') == "no such file, X tried"
     assert start('"one two three four five six seven eight nine ten"') == "one two three four five six seven eight"
     assert start('f"Trainer: {e}"') == ""
-    assert _template(ast.parse("message").body[0].value) is None  # a variable: checked where it is written
+    assert start('f"no file {a}{b} here"') == "no file X here"
+    assert _template_of(ast.parse("message").body[0].value) is None  # a variable: checked where it is written
 
 
 def test_pattern_matches_placeholders_and_nothing_else():
