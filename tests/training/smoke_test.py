@@ -16,8 +16,8 @@ import pytest
 from codex_ml.checkpoint import latest_valid_checkpoint, verify_checkpoint
 
 
-def _train(tmp_path, *args):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+def _train(tmp_path, *args, path_first=()):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([*map(str, path_first), *sys.path]))
     env.pop("BUILD_WORKING_DIRECTORY", None)
     command = [sys.executable, "-m", "codex_ml.cli.train", "--gin_file=configs/smoke.gin",
                f"--gin_bindings=train.cache_dir = '{tmp_path / 'cache'}'", "--gin_bindings=Trainer.mlflow = False",
@@ -81,6 +81,18 @@ def test_a_bad_model_or_trainer_binding_is_a_usage_error(first_run, binding, mes
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "runs" / "refused" / "checkpoints").exists()
+
+
+def test_mlflow_that_cannot_be_imported_is_a_usage_error(first_run):
+    tmp_path, _ = first_run
+    blocked = tmp_path / "blocked"
+    (blocked / "mlflow").mkdir(parents=True)
+    (blocked / "mlflow" / "__init__.py").write_text("raise ImportError('mlflow is blocked by the test')\n")
+    proc = _train(tmp_path, "--run_dir=runs/no_mlflow", "--gin_bindings=Trainer.mlflow = True", path_first=[blocked])
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "MLflow logging is on but mlflow cannot be imported (mlflow is blocked by the test)" in proc.stderr
+    assert "Trainer.mlflow = False" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs" / "no_mlflow" / "metrics.ndjson").exists()
 
 
 def test_missing_data_source_is_a_clear_error(tmp_path):

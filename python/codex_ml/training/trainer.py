@@ -233,6 +233,12 @@ class Trainer:
         self.system_metrics_every = system_metrics_every
         self.operative_config = operative_config
         self.mlflow, self.tracking_uri = mlflow, tracking_uri
+        if mlflow:  # found now, before anything is written, rather than when fit() opens the logger
+            try:
+                import mlflow as _  # noqa: F401
+            except ImportError as e:
+                raise ConfigError(f"MLflow logging is on but mlflow cannot be imported ({e}): install mlflow, or "
+                                  "turn it off (Trainer.mlflow = False).") from e
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
         if keep_freed_memory and self.device.type == "cpu":
