@@ -132,13 +132,26 @@ def test_bad_input_gets_a_clear_error(make, message):
     q, k, v = torch.randn(1, 4, 9, 64), torch.randn(1, 2, 9, 64), torch.randn(1, 2, 9, 64)
     with pytest.raises(ValueError, match=message):
         attention(*make(q, k, v))
-    with pytest.raises(ValueError, match="window"):
-        attention(q, k, v, window=0)
+    for window in (0, 2.5, True):  # 2.5 would be truncated to 2 by the kernels
+        with pytest.raises(ValueError, match="window must be a positive whole number"):
+            attention(q, k, v, window=window)
     for scale in (0.0, -0.5, float("nan")):
         with pytest.raises(ValueError, match="scale must be a finite positive"):
             attention(q, k, v, scale=scale)
     with pytest.raises(ValueError, match="impl='cuda' needs CUDA tensors"):
         attention(q, k, v, impl="cuda")
+
+
+@pytest.mark.parametrize("impl", ["cpu", "torch", "triton"])
+def test_no_positions_give_an_empty_output(impl):
+    """T = 0 (an empty prompt, a fully trimmed batch): an empty result with a gradient path, not a crash
+    (PyTorch's CPU attention kernel dies with SIGFPE on it, which no try/except can catch)."""
+    q = torch.randn(2, 4, 0, 64, requires_grad=True)
+    k, v = torch.randn(2, 2, 0, 64), torch.randn(2, 2, 0, 64)
+    out = attention(q, k, v, impl=impl)
+    assert out.shape == (2, 4, 0, 64) and out.dtype == q.dtype
+    out.sum().backward()
+    assert q.grad is not None and q.grad.shape == q.shape
 
 
 @pytest.mark.parametrize("impl", ["cpu", "torch", "triton"])

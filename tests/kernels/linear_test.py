@@ -146,6 +146,18 @@ def test_bad_inputs_get_a_clear_error():
         linear(x, w, impl="triton")
     with pytest.raises(ValueError, match="unknown implementation"):
         linear(x, w, impl="mkl")
+    with pytest.raises(ValueError, match="linear takes floating-point tensors, got x of dtype torch.bool"):
+        linear(x > 0, w)
+    with pytest.raises(ValueError, match="weight is torch.bfloat16 but x is torch.float32: pass them in one dtype"):
+        linear(x, w.bfloat16())
+    with pytest.raises(ValueError, match="bias is on meta but x is on cpu"):
+        linear(x, w, torch.randn(5, device="meta"))
+
+
+def test_autocast_still_takes_mixed_dtypes_as_f_linear_does():
+    x, w = torch.randn(3, 4), torch.randn(5, 4).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(linear(x, w), F.linear(x, w))
 
 
 def test_opcheck():

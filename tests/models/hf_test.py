@@ -155,6 +155,8 @@ def test_bad_folders_and_settings(llama_dir, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(HFModelError, match="no CUDA device"):
             load_hf_model(llama_dir, device="cuda")
+    with pytest.raises(HFModelError, match="HFModelConfig.attention = 'bogus' is not an attention"):
+        load_hf_model(llama_dir, attention="bogus")
     with pytest.raises(HFModelError, match="HFModelConfig.path is not set"):
         HFCausalLM(HFModelConfig())
     bf16 = load_hf_model(llama_dir, dtype="bfloat16")

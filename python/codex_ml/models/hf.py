@@ -110,8 +110,14 @@ def load_hf_model(path: str | os.PathLike, *, dtype: str = "float32", device: st
         raise HFModelError(f"{path}/config.json cannot be read by transformers ({e}).") from e
     if attention == ATTENTION_NAME:
         register_codex_attention()
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype, local_files_only=True,
-                                                 attn_implementation=attention)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype, local_files_only=True,
+                                                     attn_implementation=attention)
+    except ValueError as e:
+        if "attn_implementation" not in str(e):
+            raise
+        raise HFModelError(f"HFModelConfig.attention = {attention!r} is not an attention transformers can run for "
+                           f"this model: use '{ATTENTION_NAME}', 'sdpa' or 'eager' ({e}).") from e
     return model.to(dev)
 
 

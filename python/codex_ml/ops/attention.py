@@ -46,8 +46,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None
         if x.dtype != q.dtype or x.device != q.device:
             raise ValueError(f"{name} is {x.dtype} on {x.device} but q is {q.dtype} on {q.device}: "
                              "pass q, k and v with one dtype on one device")
-    if window is not None and window < 1:
-        raise ValueError(f"window must be a positive number of positions, got {window}")
+    # An integer: a fractional window would be truncated by the kernels, away from the documented j > i - window.
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+        raise ValueError(f"window must be a positive whole number of positions, got {window!r}")
 
 
 def _mask(t_q: torch.Tensor, t_k: torch.Tensor, causal: bool, window: int) -> torch.Tensor | None:
@@ -267,6 +268,8 @@ def attention(
     if chosen == "cuda" and q.dtype == torch.float32:
         raise ValueError("attention impl='cuda' runs bf16/fp16 tensor cores only: pass bf16/fp16 tensors or use "
                          "impl='triton' for fp32")
+    if q.shape[2] == 0:  # no positions; PyTorch's CPU attention kernel would divide by zero (SIGFPE)
+        return q * 0.0
     if window is not None and window >= q.shape[2]:
         window = None  # a window of T or more masks nothing
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)

@@ -31,6 +31,16 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ValueError(f"bias has shape {tuple(bias.shape)}; expected [{weight.shape[0]}] for weight "
                          f"{tuple(weight.shape)}")
+    tensors = [("x", x), ("weight", weight)] + ([("bias", bias)] if bias is not None else [])
+    for name, t in tensors:
+        if not t.is_floating_point():
+            raise ValueError(f"linear takes floating-point tensors, got {name} of dtype {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: move them to one device")
+        # Under autocast F.linear casts the operands itself; outside it they must agree, as for F.linear.
+        if t.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"{name} is {t.dtype} but x is {x.dtype}: pass them in one dtype (or run under "
+                             "torch.autocast)")
 
 
 @torch.library.custom_op("codex_ml::linear", mutates_args=())
