@@ -157,6 +157,14 @@ def test_all_targets_ignored_gives_zero_loss_and_gradients(impl, reduction):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_cross_entropy_of_all_ignored_targets_is_zero_not_nan(impl):
+    logits = torch.randn(7, 33, requires_grad=True)
+    loss = cross_entropy(logits, torch.full((7,), -100), impl=impl)
+    loss.backward()
+    assert loss.item() == 0 and torch.all(logits.grad == 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_huge_logits_stay_finite_and_right(impl):
     torch.manual_seed(3)
     loss, ref, grads, ref_grads = run_case(17, 8, 300, impl=impl, scale=3e3)  # logits ~1e4

@@ -508,6 +508,8 @@ def cross_entropy(
 
     One chunked pass computes the loss and, when a gradient is needed for "mean"/"sum", the gradient
     too (in fp32 per chunk, stored in the logits' dtype), so the backward pass is a single scaling.
+    As in linear_cross_entropy, a "mean" over a batch whose targets are all ignore_index is 0 with zero
+    gradients (F.cross_entropy gives NaN).
     """
     if logits.dim() != 2:
         raise ValueError(f"cross_entropy expects logits [N, V], got shape {tuple(logits.shape)}")
