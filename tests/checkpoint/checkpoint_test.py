@@ -206,3 +206,28 @@ def test_a_checkpoint_moved_aside_by_an_interrupted_resave_is_restored(run_dir):
     path.rename(aside)  # as a crash between the two renames of a re-save leaves it
     manager.remove_stale_temporaries()
     assert not aside.exists() and verify_checkpoint(path)
+
+
+@pytest.mark.parametrize("manifest", [
+    {"files": "model.safetensors"}, {"files": ["model.safetensors"]}, {"files": {"model.safetensors": 1}},
+    {"format": 1}, ["files"],
+])
+def test_a_manifest_without_a_files_mapping_is_corrupt(run_dir, manifest):
+    """A hand-edited manifest: "files" must map each file name to its SHA-256 (it raised AttributeError)."""
+    path = _save(CheckpointManager(run_dir), 1)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r'manifest.json is corrupt \(no "files" mapping of file name to '
+                                              r'SHA-256\)'):
+        verify_checkpoint(path)
+    assert latest_valid_checkpoint(run_dir, report=lambda _: None) is None
+
+
+def test_a_directory_that_was_never_a_checkpoint_is_not_called_partial(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"empty is empty: not a checkpoint\. Give a checkpoint directory"):
+        verify_checkpoint(tmp_path / "empty")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    with pytest.raises(CheckpointError, match="other has neither manifest.json nor model.safetensors: not a "
+                                              "checkpoint"):
+        verify_checkpoint(tmp_path / "other")

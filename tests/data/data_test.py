@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -348,3 +349,40 @@ def test_sources_must_be_a_non_empty_list(tmp):
 def test_google_key_ending_in_a_dash_is_found():
     assert find_secret("k = 'AIza" + "B" * 34 + "-'") == "google_api_key"
     assert find_secret("k = 'AIza" + "B" * 34 + "x'") == "google_api_key"
+
+
+@pytest.mark.parametrize("setting, match", [
+    ({"shard_tokens": 0}, "prepare_data.shard_tokens must be a positive integer, got 0"),
+    ({"shard_tokens": -1}, "prepare_data.shard_tokens must be a positive integer, got -1"),
+    ({"num_threads": 0}, "prepare_data.num_threads must be a positive integer"),
+    ({"tokenizer_threads": 0}, "prepare_data.tokenizer_threads must be an integer from 1 to 1024"),
+    ({"max_documents": 0}, "prepare_data.max_documents must be None or a positive integer"),
+    ({"max_documents": -5}, "prepare_data.max_documents must be None or a positive integer"),
+    ({"character_coverage": 0.0}, "prepare_data.character_coverage must be a number from 0.98 to 1"),
+    ({"character_coverage": 2.0}, "prepare_data.character_coverage must be a number from 0.98 to 1"),
+    ({"splits": (0.0, 0.5, 0.5)}, "prepare_data.splits = (0.0, 0.5, 0.5) gives the train split nothing"),
+    ({"splits": (float("nan"), 0.5, 0.5)}, "splits must be three non-negative fractions"),
+])
+def test_bad_settings_are_named_before_anything_is_written(tmp, setting, match):
+    """Each names prepare_data.<setting>; none leaves anything in the cache (shard_tokens=-1 used to commit a
+    shard set without shards, then fail on its empty train split)."""
+    with pytest.raises(DataError, match=re.escape(match)):
+        prepare(tmp, make_corpus(tmp / "src", n=5), **setting)
+    assert not (tmp / "cache").exists()
+
+
+def test_a_train_fraction_too_small_for_the_corpus_is_named(tmp):
+    with pytest.raises(DataError, match=r"the train split is empty: prepare_data.splits = \(0.01, 0.5, 0.49\) gives "
+                                        "none of the 5 documents"):
+        prepare(tmp, make_corpus(tmp / "src", n=5), splits=(0.01, 0.5, 0.49))
+    assert not (tmp / "cache").exists()
+
+
+def test_jsonl_lone_surrogates_follow_the_non_utf8_policy(tmp):
+    """json.loads turns the escape "\\ud800" into a lone surrogate, which UTF-8 cannot encode."""
+    (tmp / "s.jsonl").write_text('{"text": "a = 1 \\ud800"}\n{"text": "b = 2"}\n')
+    assert [d.text for d in read_corpus([str(tmp / "s.jsonl")]).documents] == ["b = 2"]
+    replaced = read_corpus([str(tmp / "s.jsonl")], non_utf8="replace")
+    assert sorted(d.text.rstrip("\ufffd") for d in replaced.documents) == ["a = 1 ", "b = 2"]
+    with pytest.raises(DataError, match=r"s.jsonl:1: not valid UTF-8"):
+        read_corpus([str(tmp / "s.jsonl")], non_utf8="error")

@@ -134,3 +134,16 @@ def test_bad_inputs(tmp_path, capsys):
     assert err.startswith("export: error:") and "\n" not in err
     assert main([f"--checkpoint={ckpt}", f"--out={tmp_path / 'cli'}"]) == 0
     assert (tmp_path / "cli" / "model.safetensors").is_file()
+
+
+def test_out_under_a_file_and_a_checkpoint_that_is_an_empty_directory(tmp_path, capsys):
+    ckpt, _ = make_checkpoint(tmp_path / "ckpt", True, 300)
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(ExportError, match=r"cannot create .*afile/sub: .*afile is a file, not a directory"):
+        export_hf(ckpt, tmp_path / "afile" / "sub")
+    assert (tmp_path / "afile").read_text() == "mine"
+    (tmp_path / "empty").mkdir()
+    assert main([f"--checkpoint={tmp_path / 'empty'}", f"--out={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert "empty is empty: not a checkpoint" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "ckpt", "empty"]

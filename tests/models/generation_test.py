@@ -1,6 +1,7 @@
 """Generation: KV cache vs none, sampling options, stop strings, streaming, the secret filter, loading of
 native checkpoints, Hugging Face folders and LoRA adapters, bad input, and the CLI."""
 
+import hashlib
 import json
 import os
 import random
@@ -19,7 +20,7 @@ from codex_ml.data.secrets import find_secret
 from codex_ml.models import GPT, GPTConfig
 from codex_ml.models.generation import GenerationError, SamplingConfig, _SecretFilter, generate, load_model, stream
 from codex_ml.models.hf import apply_lora, load_hf_model, save_adapter
-from codex_ml.tokenization import Tokenizer
+from codex_ml.tokenization import Tokenizer, TokenizerError
 
 CODE = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.path.join('a', 'b'))\n",
         "class Point:\n    def __init__(self, x):\n        self.x = x\n"] * 10
@@ -310,3 +311,58 @@ def test_native_devices(tmp_path, tokenizer):
     if not torch.cuda.is_available():
         with pytest.raises(GenerationError, match="no CUDA device"):
             load_model(tmp_path / "run", device="cuda")
+
+
+def test_a_corrupt_model_config_is_named_before_it_is_read(tmp_path, tokenizer):
+    """model_config.json is verified against the manifest before it is parsed (it raised JSONDecodeError or
+    AttributeError); one that matches an edited manifest but is not a JSON object is named too."""
+    _, path = save_native(tmp_path, tokenizer)
+    for text in ('{"n_layer": ', "[1, 2]"):
+        (path / "model_config.json").write_text(text)
+        with pytest.raises(CheckpointError, match="model_config.json is corrupt"):
+            load_model(path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["model_config.json"] = hashlib.sha256(b"[1, 2]").hexdigest()
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="model_config.json is not a JSON object"):
+        load_model(path)
+
+
+def test_bad_prompt_and_seed_raise_when_the_stream_is_made(tokenizer):
+    model = native_model(tokenizer, max_seq_len=16)
+    with pytest.raises(GenerationError, match="shorten the prompt"):
+        stream(model, tokenizer, "x = 1\n" * 20)  # no next(): a caller that echoes the prompt first echoes nothing
+    with pytest.raises(TokenizerError, match="not valid UTF-8"):
+        stream(model, tokenizer, "a\udcffb")
+    for seed in (-1, 2**63, 10**23):
+        with pytest.raises(GenerationError, match=r"seed must be an integer from 0 to 2\*\*63 - 1"):
+            SamplingConfig(seed=seed)
+    assert generate(model, tokenizer, "x", SamplingConfig(max_new_tokens=2, temperature=1.0, seed=2**63 - 1))
+
+
+def test_hf_tokenizer_names_text_that_is_not_utf8(tmp_path):
+    from codex_ml.tokenization import HFTokenizer
+
+    hf_folder(tmp_path / "hf")
+    tok = HFTokenizer(tmp_path / "hf")
+    with pytest.raises(TokenizerError, match="the text is not valid UTF-8"):
+        tok.encode("def \udcff")
+    with pytest.raises(TokenizerError, match="text 0 is not valid UTF-8"):
+        tok.encode_many(["def \udcff"])
+
+
+def test_cli_bad_input_is_one_line_and_prints_nothing(tmp_path, tokenizer):
+    save_native(tmp_path, tokenizer)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    base = [sys.executable, "-m", "codex_ml.cli.generate", f"--checkpoint={tmp_path / 'run'}", "--max_new_tokens=4"]
+    cases = [
+        ([b"--prompt=a\xffb"], None, "--prompt is not valid UTF-8"),
+        (["--prompt=-"], b"a\xffb", "the prompt on standard input is not valid UTF-8"),
+        (["--prompt=x", "--seed=99999999999999999999999", "--temperature=1"], None, "seed must be an integer"),
+        (["--prompt=" + "x = 1\n" * 100], None, "shorten the prompt"),  # raised after the model loads
+    ]
+    for extra, stdin, message in cases:
+        proc = subprocess.run(base + extra, env=env, input=stdin, capture_output=True, timeout=120)
+        err = proc.stderr.decode()
+        assert proc.returncode == 2 and proc.stdout == b"", (extra, err)
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, (extra, err)

@@ -1,5 +1,7 @@
 """load_native: round trip of a checkpoint, run directories, and clear errors on bad checkpoints."""
 
+import hashlib
+import json
 import os
 
 import pytest
@@ -47,3 +49,15 @@ def test_checkpoint_made_with_another_tokenizer_is_refused(tmp_path):
                           tokenizer_path=tok_a.model_path, manifest_extra={"tokenizer_sha256": tok_b.sha256})
     with pytest.raises(CheckpointError, match="differs from the tokenizer it was trained with"):
         load_native(bad)
+
+
+def test_a_model_config_that_is_not_an_object_is_named(tmp_path):
+    """One that matches a hand-edited manifest (verification passes) but is a list: it raised AttributeError."""
+    model = GPT(GPTConfig(vocab_size=50, n_layer=1, n_head=2, n_kv_head=1, d_model=32, max_seq_len=16))
+    path = save(tmp_path / "ckpt", model)
+    (path / "model_config.json").write_text("[1, 2]")
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["model_config.json"] = hashlib.sha256(b"[1, 2]").hexdigest()
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="model_config.json is not a JSON object"):
+        load_native(path)

@@ -1,5 +1,6 @@
 """The SentencePiece tokenizer keeps code byte for byte and has fixed special ids."""
 
+import io
 import sysconfig
 from pathlib import Path
 
@@ -146,3 +147,53 @@ def test_command_line_train_encode_decode(tmp_path, capsys):
 def test_the_one_character_that_does_not_round_trip(tokenizer):
     """SentencePiece's space marker U+2581 comes back as a space (documented in tokenizer.py)."""
     assert tokenizer.decode(tokenizer.encode("a\u2581b")) == "a b"
+
+
+def test_text_that_is_not_utf8_is_named(tokenizer):
+    """A non-UTF-8 command-line argument reaches Python as lone surrogates, which SentencePiece's binding cannot
+    take (it raised a pybind11 RuntimeError, or TypeError for a batch)."""
+    with pytest.raises(TokenizerError, match=r"the text is not valid UTF-8 \(surrogates not allowed at character 1\)"):
+        tokenizer.encode("a\udcffb")
+    with pytest.raises(TokenizerError, match="text 1 is not valid UTF-8"):
+        tokenizer.encode_many(["ok", "a\ud800"])
+    assert tokenizer.encode_many(["ok"]) == [tokenizer.encode("ok")]
+
+
+def test_paths_that_cannot_be_a_model_file(tokenizer, tmp_path):
+    with pytest.raises(TokenizerError, match="is a directory: give the model file's path"):
+        Tokenizer.load(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(TokenizerError, match=r"cannot write .*afile/x.model: .*afile is a file, not a directory"):
+        Tokenizer.train(["x = 1\n"], tmp_path / "afile" / "x.model", vocab_size=260)
+    with pytest.raises(TokenizerError, match="character_coverage must be from 0.98 to 1"):
+        Tokenizer.train(["x = 1\n"], tmp_path / "c.model", character_coverage=0.5)
+    with pytest.raises(TokenizerError, match="num_threads must be an integer from 1 to 1024, got 0"):
+        Tokenizer.train(["x = 1\n"], tmp_path / "t.model", num_threads=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_command_line_bad_input_is_one_line(tokenizer, tmp_path, capsys, monkeypatch):
+    from codex_ml.cli.tokenizer import main
+
+    def error(argv, stdin=None):
+        if stdin is not None:
+            monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+        assert main(argv) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith("tokenize: error: ") and err.count("\n") == 1, err
+        return err
+
+    model = f"--model={tokenizer.model_path}"
+    assert "the input is not valid UTF-8" in error(["encode", model, "a\udcffb"])
+    assert "standard input is not valid UTF-8 (invalid start byte at byte 1)" in error(["encode", model], b"a\xffb")
+    for ids in ("\u0663", "1_0", "+3"):  # Arabic-Indic three; int() accepts all of these
+        assert "decode expects whitespace-separated integer ids" in error(["decode", model, ids])
+    assert "outside the vocabulary" in error(["decode", model, "-1"])
+    assert "is a directory: give the model file's path" in error(["encode", f"--model={tmp_path}", "x"])
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "src.py").write_text("def f(x):\n    return x\n" * 20)
+    assert "afile is a file, not a directory" in error(["train", f"--output={tmp_path / 'afile' / 't.model'}",
+                                                        "--vocab_size=260", str(tmp_path / "src.py")])
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("x = 1\r\n".encode())))
+    assert main(["encode", model]) == 0  # standard input is encoded byte for byte, \r included
+    assert capsys.readouterr().out.split() == [str(i) for i in tokenizer.encode("x = 1\r\n")]

@@ -218,12 +218,21 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"Checkpoint {path} does not exist or is not a directory.")
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
+        if not (path / MODEL_FILE).exists():  # never a checkpoint: "partial" would send the user looking for a crash
+            what = "is empty" if not any(path.iterdir()) else f"has neither {MANIFEST} nor {MODEL_FILE}"
+            raise CheckpointError(f"Checkpoint {path} {what}: not a checkpoint. Give a checkpoint directory "
+                                  f"(RUN/{CHECKPOINTS_SUBDIR}/step_N) or a run directory.")
         raise CheckpointError(f"Checkpoint {path} has no {MANIFEST}: it is partial (interrupted while written).")
     try:
         manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"Checkpoint {path}: {MANIFEST} is corrupt ({e}).") from e
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        # A hand-edited manifest: anything but {name: digest} would fail below with a traceback.
+        valid = isinstance(files, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in files.items())
+        problem = None if valid else 'no "files" mapping of file name to SHA-256'
+    except ValueError as e:  # (UnicodeDecodeError too)
+        problem = str(e)
+    if problem is not None:
+        raise CheckpointError(f"Checkpoint {path}: {MANIFEST} is corrupt ({problem}).")
     if MODEL_FILE not in files:
         raise CheckpointError(f"Checkpoint {path}: the manifest lists no {MODEL_FILE}.")
     for name, digest in files.items():

@@ -45,15 +45,21 @@ def main(argv: list[str] | None = None) -> int:
     from codex_ml.models.generation import GenerationError, SamplingConfig, load_model, stream
     from codex_ml.models.hf import HFModelError
     from codex_ml.tokenization import TokenizerError
+    from codex_ml.tokenization.tokenizer import check_utf8
 
     try:
-        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        # Checked before the model loads. Standard input is read as bytes: a text stream would raise
+        # UnicodeDecodeError, or pass lone surrogates on, for input that is not UTF-8.
+        if args.prompt == "-":
+            prompt = check_utf8(sys.stdin.buffer.read(), "the prompt on standard input")
+        else:
+            prompt = check_utf8(args.prompt, "--prompt")
         config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, stop=tuple(args.stop), seed=args.seed, use_cache=args.cache,
                                 filter_secrets=args.filter_secrets)
         model, tokenizer = load_model(args.checkpoint, adapter=args.adapter, device=args.device, dtype=args.dtype)
         info: dict = {}
-        pieces = stream(model, tokenizer, prompt, config, result=info)
+        pieces = stream(model, tokenizer, prompt, config, result=info)  # raises for a bad prompt, before the echo
         if args.json:
             text = "".join(pieces)
             print(json.dumps({"prompt": prompt, "text": text, **info}))

@@ -9,11 +9,13 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from codex_ml.cli.common import enter_working_directory
 from codex_ml.data import DataError, read_corpus
 from codex_ml.tokenization import Tokenizer, TokenizerError
+from codex_ml.tokenization.tokenizer import check_utf8
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,14 +48,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"trained on {len(corpus.documents)} documents: {args.output} (sha256 {tok.sha256})")
             return 0
         tok = Tokenizer.load(args.model)
-        data = args.input if args.input is not None else sys.stdin.read()
+        # Bytes, decoded here: a text stream would raise UnicodeDecodeError (or pass surrogates) on non-UTF-8 input.
+        data = check_utf8(args.input if args.input is not None else sys.stdin.buffer.read(),
+                          "the input" if args.input is not None else "standard input")
         if args.command == "encode":
             print(" ".join(map(str, tok.encode(data))))
         else:
-            try:
-                ids = [int(x) for x in data.split()]
-            except ValueError:
-                raise TokenizerError("decode expects whitespace-separated integer ids") from None
+            words = data.split()
+            # ASCII digits only: int() also takes "1_0" and other scripts' digits ("٣").
+            if not all(re.fullmatch(r"-?[0-9]+", w) for w in words):
+                raise TokenizerError("decode expects whitespace-separated integer ids")
+            ids = [int(w) for w in words]
             bad = [i for i in ids if not 0 <= i < tok.vocab_size]
             if bad:
                 raise TokenizerError(f"id {bad[0]} is outside the vocabulary [0, {tok.vocab_size})")

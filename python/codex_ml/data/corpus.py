@@ -41,6 +41,12 @@ class Document:
         return int(self.sha256[-12:], 16) / float(1 << 48)
 
 
+def check_splits(fractions: Sequence[float]) -> None:
+    """Raises DataError unless `fractions` are three non-negative numbers summing to 1 (NaN fails too)."""
+    if len(fractions) != 3 or not all(f >= 0 for f in fractions) or not abs(sum(fractions) - 1.0) <= 1e-6:
+        raise DataError(f"splits must be three non-negative fractions summing to 1, got {fractions}")
+
+
 @dataclass
 class Corpus:
     documents: list[Document]  # in content-hash order
@@ -50,8 +56,7 @@ class Corpus:
 
     def split(self, fractions: tuple[float, float, float]) -> dict[str, list[Document]]:
         """Assigns each document to train/val/test by its content hash."""
-        if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
-            raise DataError(f"splits must be three non-negative fractions summing to 1, got {fractions}")
+        check_splits(fractions)
         bounds = (fractions[0], fractions[0] + fractions[1])
         out: dict[str, list[Document]] = {s: [] for s in SPLITS}
         for doc in self.documents:
@@ -117,7 +122,15 @@ def _jsonl_texts(path: Path, raw: bytes, field_name: str, policy: str, stats: Co
             raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
         if not isinstance(record, dict) or not isinstance(record.get(field_name), str):
             raise DataError(f"{path}:{lineno}: no string field {field_name!r} (use {path}#FIELD)")
-        texts.append((record[field_name], f"{path}:{lineno}"))
+        text = record[field_name]
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate escape ("\ud800"): not UTF-8 text, so the policy applies
+            text = _decode(text.encode("utf-8", "surrogatepass"), policy, f"{path}:{lineno}")
+            if text is None:
+                stats["skipped_non_utf8"] += 1
+                continue
+        texts.append((text, f"{path}:{lineno}"))
     return texts
 
 

@@ -13,9 +13,41 @@ import numpy as np
 import sentencepiece
 
 from codex_ml.data.batches import BatchIterator
-from codex_ml.data.corpus import SPLITS, DataError, read_corpus
+from codex_ml.data.corpus import SPLITS, DataError, check_splits, read_corpus
 from codex_ml.data.shards import MANIFEST, load_manifest, load_split, token_dtype, write_shards
 from codex_ml.tokenization import Tokenizer, load_tokenizer
+from codex_ml.tokenization.tokenizer import MAX_THREADS, MIN_CHARACTER_COVERAGE
+
+
+def _in_range(value: object, kind: type | tuple[type, ...], low: float, high: float = float("inf")) -> bool:
+    """`value` is a `kind` (never a bool) in [low, high] (NaN is not)."""
+    return isinstance(value, kind) and not isinstance(value, bool) and low <= value <= high
+
+
+def _check_settings(*, shard_tokens: int, num_threads: int, tokenizer_threads: int, max_documents: int | None,
+                    character_coverage: float, splits: Sequence[float]) -> None:
+    """Raises DataError naming the first bad setting, before the corpus is read or anything is written (a
+    shard_tokens < 1 would otherwise commit a shard set without shards to the cache)."""
+    checks = (
+        ("shard_tokens", _in_range(shard_tokens, int, 1), shard_tokens, "a positive integer",
+         "it is the most tokens one shard file holds; the default is 1 << 26"),
+        ("num_threads", _in_range(num_threads, int, 1), num_threads, "a positive integer",
+         "it is how many threads tokenize; the default is 2"),
+        ("tokenizer_threads", _in_range(tokenizer_threads, int, 1, MAX_THREADS), tokenizer_threads,
+         f"an integer from 1 to {MAX_THREADS}", "it is how many threads train the tokenizer; the default is 2"),
+        ("max_documents", max_documents is None or _in_range(max_documents, int, 1), max_documents,
+         "None or a positive integer", "None keeps every document"),
+        # SentencePiece refuses anything outside this range with an internal error.
+        ("character_coverage", _in_range(character_coverage, (int, float), MIN_CHARACTER_COVERAGE, 1),
+         character_coverage, f"a number from {MIN_CHARACTER_COVERAGE} to 1", "1.0 (the default) keeps every character"),
+    )
+    for name, ok, value, rule, fix in checks:
+        if not ok:
+            raise DataError(f"prepare_data.{name} must be {rule}, got {value!r}: {fix}")
+    check_splits(splits)
+    if splits[0] == 0:
+        raise DataError(f"prepare_data.splits = {tuple(splits)} gives the train split nothing: the tokenizer and the "
+                        "model train on it; give it most documents, e.g. (0.98, 0.01, 0.01)")
 
 
 def _key(payload: dict) -> str:
@@ -76,10 +108,15 @@ def prepare_data(
     `Tokenizer.train` (ignored when tokenizer_path is given); byte_fallback=False loses the exact round
     trip of characters the vocabulary lacks.
     """
+    _check_settings(shard_tokens=shard_tokens, num_threads=num_threads, tokenizer_threads=tokenizer_threads,
+                    max_documents=max_documents, character_coverage=character_coverage, splits=tuple(splits))
     cache_dir = Path(cache_dir)
     start = time.time()
     corpus = read_corpus(sources, non_utf8=non_utf8, filter_secrets=filter_secrets, max_documents=max_documents)
     by_split = corpus.split(tuple(splits))
+    if not by_split["train"]:  # a small corpus and a small train fraction
+        raise DataError(f"the train split is empty: prepare_data.splits = {tuple(splits)} gives none of the "
+                        f"{len(corpus.documents)} documents to it; raise its fraction or add documents")
     policies = {"non_utf8": non_utf8, "filter_secrets": filter_secrets, "dedup": "exact content sha256",
                 "split": "content sha256", "splits": list(splits), "max_documents": max_documents}
     corpus_digest = hashlib.sha256("".join(d.sha256 for d in corpus.documents).encode()).hexdigest()

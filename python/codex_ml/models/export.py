@@ -36,7 +36,7 @@ import torch
 from codex_ml.checkpoint.core import MANIFEST, CheckpointError, latest_valid_checkpoint
 from codex_ml.models.gpt import GPT
 from codex_ml.models.native import load_native
-from codex_ml.tokenization.tokenizer import SPECIAL_IDS, Tokenizer, TokenizerError, file_sha256
+from codex_ml.tokenization.tokenizer import SPECIAL_IDS, Tokenizer, TokenizerError, blocking_file, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +182,9 @@ def _check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ExportError(f"{out_dir} already exists and is not an empty directory: choose another --out, "
                           "or delete it to export again.")
+    blocker = blocking_file(out_dir)
+    if blocker is not None:  # mkdir would only say "File exists" (or "Not a directory")
+        raise ExportError(f"cannot create {out_dir}: {blocker} is a file, not a directory; choose another --out.")
 
 
 def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32") -> Path:

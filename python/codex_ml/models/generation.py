@@ -14,7 +14,6 @@ secret is never printed in part before it is recognized.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -55,6 +54,8 @@ class SamplingConfig:
             raise GenerationError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}.")
         if not 0.0 < self.top_p <= 1.0:
             raise GenerationError(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p}.")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:  # torch.Generator overflows past 64 bits
+            raise GenerationError(f"seed must be an integer from 0 to 2**63 - 1, got {self.seed}.")
         stops = (self.stop,) if isinstance(self.stop, str) else self.stop  # one string is one stop string
         self.stop = tuple(s for s in stops if s)
 
@@ -191,7 +192,11 @@ def _decode_new(tokenizer: Any, prompt_ids: list[int], new_ids: list[int], promp
 def stream(model: torch.nn.Module, tokenizer: Any, prompt: str, config: SamplingConfig | None = None,
            result: dict | None = None) -> Iterator[str]:
     """Yields the continuation of `prompt` piece by piece as tokens come. If `result` is a dict, it receives
-    the Generation fields when the stream ends."""
+    the Generation fields when the stream ends.
+
+    A bad prompt (not UTF-8, too long for the context) raises here, when stream() is called, not at the first
+    next(): a caller that prints the prompt before the continuation prints nothing for an error.
+    """
     config = config or SamplingConfig()
     prompt_ids = list(tokenizer.encode(prompt))
     if not prompt_ids:
@@ -200,6 +205,11 @@ def stream(model: torch.nn.Module, tokenizer: Any, prompt: str, config: Sampling
     if limit is not None and len(prompt_ids) >= limit:
         raise GenerationError(f"The prompt is {len(prompt_ids)} tokens and the model's context is {limit}: shorten "
                               "the prompt to leave room for new tokens.")
+    return _stream(model, tokenizer, prompt_ids, limit, config, result)
+
+
+def _stream(model: torch.nn.Module, tokenizer: Any, prompt_ids: list[int], limit: int | None,
+            config: SamplingConfig, result: dict | None) -> Iterator[str]:
     prompt_text = tokenizer.decode(prompt_ids)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     decoder = _Decoder(model, config.use_cache)
@@ -266,7 +276,7 @@ def load_model(path: str | os.PathLike, *, adapter: str | os.PathLike | None = N
     - a Hugging Face model folder (config.json + *.safetensors + tokenizer), optionally with `adapter`, a
       LoRA adapter folder.
     """
-    from codex_ml.models.native import ARCHITECTURE, load_native
+    from codex_ml.models.native import ARCHITECTURE, load_native, read_model_config
 
     path = Path(path)
     if not path.exists():
@@ -286,16 +296,17 @@ def load_model(path: str | os.PathLike, *, adapter: str | os.PathLike | None = N
             verify_checkpoint(checkpoint)  # a checkpoint interrupted while written: says it is partial
         raise GenerationError(f"{path} is neither a checkpoint (no manifest.json), a run directory (no "
                               "checkpoints/) nor a Hugging Face folder (no config.json).")
-    config_file = checkpoint / "model_config.json"
-    architecture = json.loads(config_file.read_text()).get("architecture") if config_file.is_file() else None
+    manifest = verify_checkpoint(checkpoint)  # before any of its files is read: a corrupt one is named
+    has_config = "model_config.json" in manifest["files"]
+    architecture = read_model_config(checkpoint).get("architecture") if has_config else None
     if architecture == "codex_ml.HFCausalLM":
-        return _load_hf_run_checkpoint(checkpoint, device)
+        return _load_hf_run_checkpoint(checkpoint, device, manifest)
     if architecture not in (None, ARCHITECTURE):
         raise CheckpointError(f"Checkpoint {checkpoint} holds architecture {architecture!r}, which codex_ml "
                               "cannot generate with.")
     from codex_ml.models.hf import resolve_device  # (hf.py imports transformers only when a model is loaded)
 
-    model, tokenizer = load_native(checkpoint, device=resolve_device(device, GenerationError))
+    model, tokenizer = load_native(checkpoint, device=resolve_device(device, GenerationError), manifest=manifest)
     if tokenizer is None:
         raise CheckpointError(f"Checkpoint {checkpoint} has no tokenizer.model, so its ids cannot be decoded.")
     return model, tokenizer
@@ -316,11 +327,12 @@ def _load_hf(folder: Path, adapter: str | os.PathLike | None, device: str, dtype
     return model.eval(), _hf_tokenizer(folder)
 
 
-def _load_hf_run_checkpoint(checkpoint: Path, device: str) -> tuple[Any, Any]:
+def _load_hf_run_checkpoint(checkpoint: Path, device: str, manifest: dict) -> tuple[Any, Any]:
+    """manifest: verify_checkpoint(checkpoint), just checked by the caller."""
     from codex_ml.models.hf import HFCausalLM, HFModelConfig
+    from codex_ml.models.native import read_model_config
 
-    manifest = verify_checkpoint(checkpoint)
-    saved = json.loads((checkpoint / "model_config.json").read_text())
+    saved = read_model_config(checkpoint)
     fields = {f.name for f in dataclasses.fields(HFModelConfig)}
     config = HFModelConfig(**{k: v for k, v in saved.items() if k in fields})
     config.device = device

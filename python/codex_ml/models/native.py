@@ -12,10 +12,25 @@ from codex_ml.models.gpt import GPT
 ARCHITECTURE = "codex_ml.GPT"
 
 
-def load_native(path: str | os.PathLike, device: str = "cpu"):
+def read_model_config(path: Path) -> dict:
+    """model_config.json of a verified checkpoint. Verified, it is what save_checkpoint wrote, unless the manifest
+    was edited along with it: that is reported, not a traceback."""
+    try:
+        config = json.loads((path / "model_config.json").read_text())
+    except ValueError:  # (UnicodeDecodeError too)
+        config = None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"Checkpoint {path}: model_config.json is not a JSON object, so the checkpoint was "
+                              "edited or not written by codex_ml.")
+    return config
+
+
+def load_native(path: str | os.PathLike, device: str = "cpu", *, manifest: dict | None = None):
     """(GPT, Tokenizer | None) of a checkpoint directory, or of the newest valid checkpoint of a run directory.
 
-    Raises CheckpointError naming a missing or corrupt file, another architecture or another tokenizer.
+    manifest: what verify_checkpoint(path) returned, where the caller has just verified this checkpoint (it is
+    not verified twice). Raises CheckpointError naming a missing or corrupt file, another architecture or another
+    tokenizer.
     """
     path = Path(path)
     if not (path / "manifest.json").exists() and (path / "checkpoints").is_dir():
@@ -23,10 +38,10 @@ def load_native(path: str | os.PathLike, device: str = "cpu"):
         if newest is None:
             raise CheckpointError(f"Run directory {path} holds no valid checkpoint under checkpoints/.")
         path = newest
-    manifest = verify_checkpoint(path)
+    manifest = manifest if manifest is not None else verify_checkpoint(path)
     if "model_config.json" not in manifest["files"]:
         raise CheckpointError(f"Checkpoint {path}: no model_config.json, so it is not a native model checkpoint.")
-    config = json.loads((path / "model_config.json").read_text())
+    config = read_model_config(path)
     if config.get("architecture") != ARCHITECTURE:
         raise CheckpointError(f"Checkpoint {path} holds architecture {config.get('architecture')!r}, "
                               f"not {ARCHITECTURE!r}: use codex_ml.models.hf for Hugging Face folders.")

@@ -11,7 +11,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from codex_ml.tokenization.tokenizer import TokenizerError
+from codex_ml.tokenization.tokenizer import TokenizerError, check_utf8
 
 # The files that define a tokenizer in a Hugging Face folder (whichever exist are hashed, in this order).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json",
@@ -52,11 +52,21 @@ class HFTokenizer:
         return cls(folder)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text` (no special tokens added)."""
-        return self._tok.encode(text, add_special_tokens=False)
+        """Token ids of `text` (no special tokens added). TokenizerError if it is not UTF-8 (lone surrogates)."""
+        try:
+            return self._tok.encode(text, add_special_tokens=False)
+        except TypeError:  # how the tokenizers binding refuses a lone surrogate: say so
+            check_utf8(text, "the text")
+            raise
 
     def encode_many(self, texts: Sequence[str], num_threads: int = 2) -> list[list[int]]:
-        return self._tok(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+        texts = list(texts)
+        try:
+            return self._tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+        except TypeError:  # a lone surrogate, as in encode()
+            for i, text in enumerate(texts):
+                check_utf8(text, f"text {i}")
+            raise
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of `ids`; special tokens dropped."""

@@ -20,10 +20,35 @@ import torch
 
 # Fixed ids, written into the model itself (pad_id/unk_id/bos_id/eos_id of the trainer spec).
 SPECIAL_IDS = {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
+# SentencePiece's training refuses values outside these with an internal error.
+MIN_CHARACTER_COVERAGE = 0.98
+MAX_THREADS = 1024
 
 
 class TokenizerError(ValueError):
     """A tokenizer could not be trained or loaded; the message says why and what to do."""
+
+
+def check_utf8(text: str | bytes, what: str) -> str:
+    """`text` as a str (bytes decoded), or TokenizerError naming `what` where it is not UTF-8. A str fails when it
+    holds lone surrogates: Python's stand-ins for the bytes of a command-line argument that is not UTF-8."""
+    try:
+        if isinstance(text, bytes):
+            return text.decode("utf-8")
+        text.encode("utf-8")
+        return text
+    except UnicodeError as err:
+        unit = "byte" if isinstance(text, bytes) else "character"
+        raise TokenizerError(f"{what} is not valid UTF-8 ({err.reason} at {unit} {err.start}): give UTF-8 text "
+                             "(convert it first, e.g. with iconv -t UTF-8)") from None
+
+
+def blocking_file(path: Path) -> Path | None:
+    """The nearest existing ancestor of `path` when it is a file (so `path` cannot be created), else None."""
+    for parent in path.absolute().parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
 
 
 def file_sha256(path: str | Path) -> str:
@@ -39,6 +64,9 @@ class Tokenizer:
 
     def __init__(self, model_path: str | Path):
         self.model_path = Path(model_path)
+        if self.model_path.is_dir():
+            raise TokenizerError(f"{self.model_path} is a directory: give the model file's path, e.g. "
+                                 f"{self.model_path}/tokenizer.model")
         if not self.model_path.is_file():
             raise TokenizerError(f"tokenizer model {self.model_path} does not exist: train one or give the right path")
         self._sp = spm.SentencePieceProcessor()
@@ -82,10 +110,19 @@ class Tokenizer:
                                  "tokenizer.model")
         if model_path.exists() and not overwrite:
             raise TokenizerError(f"{model_path} already exists: choose another path, or delete it to retrain")
+        blocker = blocking_file(model_path)
+        if blocker is not None:  # checked before training, which can take minutes
+            raise TokenizerError(f"cannot write {model_path}: {blocker} is a file, not a directory; choose another "
+                                 "path")
         if not isinstance(vocab_size, int) or vocab_size < 1:
             raise TokenizerError(f"vocab_size must be a positive integer, got {vocab_size!r}")
         if model_type not in ("bpe", "unigram"):
             raise TokenizerError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
+        if not MIN_CHARACTER_COVERAGE <= character_coverage <= 1:
+            raise TokenizerError(f"character_coverage must be from {MIN_CHARACTER_COVERAGE} to 1 (SentencePiece's "
+                                 f"range; 1.0 keeps every character), got {character_coverage!r}")
+        if not isinstance(num_threads, int) or not 1 <= num_threads <= MAX_THREADS:
+            raise TokenizerError(f"num_threads must be an integer from 1 to {MAX_THREADS}, got {num_threads!r}")
         lines = [line for text in texts for line in text.split("\n") if line.strip()]
         if not lines:
             raise TokenizerError("cannot train a tokenizer on an empty corpus: no non-blank lines in the documents")
@@ -133,12 +170,22 @@ class Tokenizer:
         return cls(model_path)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text` (no bos/eos)."""
-        return self._sp.EncodeAsIds(text)
+        """Token ids of `text` (no bos/eos). TokenizerError if it is not UTF-8 (holds lone surrogates)."""
+        try:
+            return self._sp.EncodeAsIds(text)
+        except RuntimeError:  # SentencePiece's binding cannot pass a lone surrogate to C++: say so
+            check_utf8(text, "the text")
+            raise
 
     def encode_many(self, texts: Sequence[str], num_threads: int = 2) -> list[list[int]]:
         """Token ids of many texts, encoded on `num_threads` threads."""
-        return self._sp.Encode(list(texts), out_type=int, num_threads=num_threads)
+        texts = list(texts)
+        try:
+            return self._sp.Encode(texts, out_type=int, num_threads=num_threads)
+        except TypeError:  # a lone surrogate, as in encode()
+            for i, text in enumerate(texts):
+                check_utf8(text, f"text {i}")
+            raise
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of `ids`; special ids (pad, bos, eos) are dropped."""
