@@ -5,8 +5,10 @@ separate processes; the stand-in data sends the signal to its own process when t
 a given batch, so the stop lands at a known point of the real loop.
 """
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from standins import make_trainer
+from standins import TinyConfig, TinyLM, make_trainer
 
-from codex_ml.checkpoint import latest_valid_checkpoint, list_checkpoints, load_model_state
+from codex_ml.checkpoint import CheckpointError, latest_valid_checkpoint, list_checkpoints, load_model_state
 from codex_ml.training.trainer import ConfigError
 
 HERE = Path(__file__).absolute().parent
@@ -116,3 +118,95 @@ def test_resume_from_a_run_directory_takes_its_newest_valid_checkpoint(tmp_path)
     resumed.fit(resume=str(first))
     assert resumed.step == 5
     assert (tmp_path / "second" / "checkpoints").is_dir()
+
+
+@pytest.fixture(scope="module")
+def earlier_run(tmp_path_factory):
+    """A finished run with checkpoints at steps 2 and 4, metrics files, an MLflow store and its operative config."""
+    run_dir = tmp_path_factory.mktemp("earlier") / "run"
+    make_trainer(run_dir, max_steps=4, checkpoint_every=2, mlflow=True, operative_config="the earlier run").fit()
+    assert [step for step, _ in list_checkpoints(run_dir)] == [2, 4]
+    return run_dir
+
+
+def _contents(run_dir):
+    """Every file's SHA-256 and every directory, by relative path."""
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(Path(run_dir).rglob("*"))}
+
+
+def _corrupt_every_optimizer_state(run_dir):
+    for _, path in list_checkpoints(run_dir):  # the weights stay intact: the checkpoints are worth keeping
+        data = bytearray((path / "optimizer.pt").read_bytes())
+        data[200] ^= 0xFF
+        (path / "optimizer.pt").write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, options, resume, error, message", [
+    (_corrupt_every_optimizer_state, {}, "auto", CheckpointError,
+     r"--resume=auto: .*/run holds 2 checkpoint\(s\) but none verifies .*Fix or restore one \(e.g. from a backup\), "
+     r"or start afresh in another --run_dir"),
+    (_corrupt_every_optimizer_state, {}, "{tmp}/run", CheckpointError,
+     r"--resume=.*/run: no checkpoint in this run directory verifies \(the reasons are printed above\). Fix or "
+     r"restore one, or resume from another checkpoint"),
+    (None, {}, "never", ConfigError,
+     r"--resume=never: .*/run holds checkpoints of an earlier run \(newest step 4\), which starting afresh would "
+     r"overwrite. Choose another --run_dir, or delete .*/run/checkpoints to start over there"),
+    (None, {"model": TinyLM(TinyConfig(d_model=8))}, "auto", ConfigError,
+     r"another configuration .*Use the configuration of that run, or start afresh in another --run_dir\.$"),
+    (None, {}, "{tmp}/nope", CheckpointError, r"Checkpoint .*/nope does not exist or is not a directory"),
+    (None, {"seed": 1}, "auto", ConfigError,
+     r"it was trained with train.seed = 0 and this run has train.seed = 1; its data position is valid only with "
+     r"those values. Keep train.seed = 0, or start afresh in another --run_dir"),
+    (None, {"batch_size": 2, "seq_len": 8}, "auto", ConfigError,
+     r"trained with Trainer.batch_size = 4, Trainer.seq_len = 16 and this run has Trainer.batch_size = 2, "
+     r"Trainer.seq_len = 8;"),
+], ids=["none_verifies", "run_dir_none_verifies", "never_over_checkpoints", "other_model", "missing_path",
+        "other_seed", "other_batch"])
+def test_a_refused_resume_changes_nothing_in_the_run_directory(tmp_path, earlier_run, damage, options, resume, error,
+                                                               message):
+    """Refusals come before anything is written: the earlier run's operative_config.gin, metrics, MLflow store and
+    checkpoints stay byte-identical, and starting afresh never replaces checkpoints that exist."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(earlier_run, run_dir)
+    if damage:
+        damage(run_dir)
+    before = _contents(run_dir)
+    trainer = make_trainer(run_dir, **{"max_steps": 6, "mlflow": True, "operative_config": "the refused run",
+                                       **options})
+    with pytest.raises(error, match=message):
+        trainer.fit(resume=resume.format(tmp=tmp_path))
+    assert _contents(run_dir) == before
+
+
+def test_auto_resume_after_an_interrupted_first_save_starts_afresh(tmp_path):
+    """A first save killed midway leaves only a temporary directory: nothing to keep, so the run starts normally."""
+    partial = tmp_path / "checkpoints" / ".tmp-step_00000002-4242"
+    partial.mkdir(parents=True)
+    (partial / "model.safetensors").write_bytes(b"half written")
+    result = make_trainer(tmp_path, max_steps=2, eval_batches=0).fit(resume="auto")
+    assert result.status == "finished" and min(result.train_losses) == 1
+    assert not partial.exists() and [step for step, _ in list_checkpoints(tmp_path)] == [2]
+
+
+def test_auto_resume_restores_a_checkpoint_moved_aside_by_an_interrupted_re_save(tmp_path, earlier_run):
+    """Killed between moving step 4 aside and renaming its re-save into place: step 4 goes back, then is resumed."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(earlier_run, run_dir)
+    checkpoints = run_dir / "checkpoints"
+    shutil.rmtree(checkpoints / "step_00000002")
+    os.rename(checkpoints / "step_00000004", checkpoints / ".tmp-old-step_00000004-4242")
+    result = make_trainer(run_dir, max_steps=6).fit(resume="auto")
+    assert min(result.train_losses) == 5 and result.step == 6
+
+
+def test_resuming_at_or_past_max_steps_says_so(tmp_path, earlier_run):
+    run_dir = tmp_path / "run"
+    shutil.copytree(earlier_run, run_dir)
+    messages = []
+    trainer = make_trainer(run_dir, max_steps=2)
+    trainer._say = messages.append
+    result = trainer.fit(resume="auto")
+    assert result.status == "finished" and result.step == 4 and not result.train_losses
+    assert ("Nothing to train: the checkpoint is at step 4 and Trainer.max_steps = 2; raise Trainer.max_steps to train "
+            "further.") in messages

@@ -1,10 +1,11 @@
 """End to end: configs/smoke.gin through the real command line, data pipeline and model.
 
 One run trains from nothing (tokenizer, shards, model) and prints a sample; a second run in another
-run directory reuses the cached tokenizer and shards; resuming the first run with another model shape
-is refused with exit code 2.
+run directory reuses the cached tokenizer and shards; resuming the first run with another model shape,
+or starting afresh over it, is refused with exit code 2 and leaves its files as they were.
 """
 
+import hashlib
 import json
 import os
 import subprocess
@@ -16,9 +17,15 @@ import pytest
 from codex_ml.checkpoint import latest_valid_checkpoint, verify_checkpoint
 
 
-def _train(tmp_path, *args, path_first=()):
+def _train(tmp_path, *args, path_first=(), env_extra=None):
+    """env_extra: variables to set, or to remove where the value is None."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([*map(str, path_first), *sys.path]))
     env.pop("BUILD_WORKING_DIRECTORY", None)
+    for name, value in (env_extra or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     command = [sys.executable, "-m", "codex_ml.cli.train", "--gin_file=configs/smoke.gin",
                f"--gin_bindings=train.cache_dir = '{tmp_path / 'cache'}'", "--gin_bindings=Trainer.mlflow = False",
                *args]
@@ -61,19 +68,34 @@ def test_second_run_reuses_cached_tokenizer_and_shards(first_run):
     assert before and {p: after.get(p) for p in before} == before  # nothing rebuilt or rewritten
 
 
-def test_resume_with_another_model_shape_is_refused(first_run):
+def _contents(run_dir):
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(Path(run_dir).rglob("*"))}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gin_bindings=GPTConfig.n_layer = 3"], "another configuration (n_layer: checkpoint 2 vs now 3)"),
+    (["--resume=never"], "holds checkpoints of an earlier run (newest step 40), which starting afresh would overwrite"),
+])
+def test_resume_with_another_model_shape_or_never_is_refused_and_changes_nothing(first_run, args, message):
     tmp_path, _ = first_run
-    proc = _train(tmp_path, "--run_dir=runs/first", "--gin_bindings=Trainer.max_steps = 100",
-                  "--gin_bindings=GPTConfig.n_layer = 3")
+    run_dir = tmp_path / "runs" / "first"
+    before = _contents(run_dir)
+    proc = _train(tmp_path, "--run_dir=runs/first", "--gin_bindings=Trainer.max_steps = 100", *args)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "another configuration" in proc.stderr and "n_layer" in proc.stderr
+    assert message in proc.stderr and "another --run_dir" in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    assert Path(tmp_path / "runs" / "first").is_dir()
+    assert _contents(run_dir) == before  # operative_config.gin included: it records the run that was accepted
 
 
 @pytest.mark.parametrize("binding, message", [
     ("GPTConfig.n_head = 3", "GPTConfig.d_model=64 must be a multiple of n_head=3"),
     ("Trainer.keep_last = 0", "Trainer.keep_last must be >= 1"),
+    ("Trainer.betas = (0.9,)", "Trainer.betas = (0.9,) must be two numbers in [0, 1)"),
+    ("Trainer.clip_grad_norm = -1.0", "Trainer.clip_grad_norm = -1.0 must be None or a number >= 0"),
+    ("Trainer.device = 'cuda:7'", "Trainer.device='cuda:7' but "),
+    ("train.seed = -1", "The seed (train.seed) must be an integer in [0, 2**63), got -1"),
+    ("train.model_config = @HFModelConfig()", "train.model_fn = @GPT needs train.model_config = @GPTConfig()"),
 ])
 def test_a_bad_model_or_trainer_binding_is_a_usage_error(first_run, binding, message):
     tmp_path, _ = first_run  # the cached data: the error comes once the model and trainer are built
@@ -81,6 +103,15 @@ def test_a_bad_model_or_trainer_binding_is_a_usage_error(first_run, binding, mes
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "runs" / "refused" / "checkpoints").exists()
+
+
+def test_world_size_without_torchrun_is_a_usage_error(first_run):
+    tmp_path, _ = first_run
+    env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": None, "MASTER_PORT": None}
+    proc = _train(tmp_path, "--run_dir=runs/no_torchrun", env_extra=env)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "launch multi-process training with torchrun" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs" / "no_torchrun" / "checkpoints").exists()
 
 
 def test_mlflow_that_cannot_be_imported_is_a_usage_error(first_run):

@@ -274,3 +274,109 @@ def test_evaluate_takes_no_batch_beyond_those_it_uses():
                     for _ in range(6)])
     evaluate(Uniform(), batches, num_batches=2, metrics=["loss"])
     assert len(list(batches)) == 4
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"clip_grad_norm": -1.0}, r"Trainer.clip_grad_norm = -1.0 must be None or a number >= 0"),
+    ({"clip_grad_norm": float("nan")}, r"Trainer.clip_grad_norm = nan must be None"),
+    ({"min_lr_ratio": -2.0}, r"Trainer.min_lr_ratio = -2.0 must be a number in \[0, 1\]"),
+    ({"min_lr_ratio": 5.0}, r"Trainer.min_lr_ratio = 5.0 must be"),
+    ({"learning_rate": -1.0}, r"Trainer.learning_rate = -1.0 must be a finite number >= 0"),
+    ({"learning_rate": float("inf")}, r"Trainer.learning_rate = inf must be"),
+    ({"optimizer": "adafactor", "learning_rate": -1.0}, r"Trainer.learning_rate = -1.0"),
+    ({"betas": (0.9,)}, r"Trainer.betas = \(0.9,\) must be two numbers in \[0, 1\)"),
+    ({"betas": (0.9, 0.95, 0.99)}, r"Trainer.betas = \(0.9, 0.95, 0.99\) must be two"),
+    ({"betas": (1.5, 0.9)}, r"Trainer.betas = \(1.5, 0.9\) must be two"),
+    ({"optimizer": "sgd", "momentum": -1.0}, r"Trainer.momentum = -1.0 must be a number in \[0, 1\)"),
+    ({"weight_decay": -0.1}, r"Trainer.weight_decay = -0.1 must be a finite number >= 0"),
+    ({"eval_every": -1}, r"Trainer.eval_every = -1 must be an integer >= 0 \(0: evaluate at the end only\)"),
+    ({"checkpoint_every": -2}, r"Trainer.checkpoint_every = -2 must be an integer >= 0"),
+    ({"system_metrics_every": -1}, r"Trainer.system_metrics_every = -1 must be an integer >= 0"),
+    ({"eval_batches": -1}, r"Trainer.eval_batches = -1 must be an integer >= 0 \(0: no evaluation\)"),
+    ({"max_consecutive_nonfinite": -1}, r"Trainer.max_consecutive_nonfinite = -1 must be an integer >= 0"),
+    ({"peak_flops_per_device": 0.0}, r"Trainer.peak_flops_per_device = 0.0 must be None"),
+    ({"metrics": ()}, r"Trainer.metrics is empty but evaluation is on"),
+    ({"device": "foo"}, r"Trainer.device='foo' is not a device: use cpu, cuda, cuda:N or auto"),
+    ({"device": "cuda:7"}, r"Trainer.device='cuda:7' but "),  # no CUDA here, or fewer than 8 devices
+    ({"seed": -1}, r"The seed \(train.seed\) must be an integer in \[0, 2\*\*63\), got -1"),
+    ({"seed": 2**63}, r"The seed \(train.seed\) must be an integer in \[0, 2\*\*63\), got 9223372036854775808"),
+])
+def test_nonsense_numbers_and_devices_are_config_errors_before_anything_is_written(tmp_path, options, message):
+    """Each of these used to train silently in the wrong direction (negative clip norm or learning rate), to be
+    ignored, or to fail with torch's or numpy's own text (or a traceback) at the first step."""
+    with pytest.raises(ConfigError, match=message):
+        make_trainer(tmp_path / "run", **options)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_edges_of_the_valid_ranges_are_accepted(tmp_path):
+    for options in ({"clip_grad_norm": 0.0}, {"clip_grad_norm": None}, {"min_lr_ratio": 0.0}, {"min_lr_ratio": 1.0},
+                    {"learning_rate": 0.0}, {"betas": [0.0, 0.999]}, {"optimizer": "sgd", "momentum": 0.0},
+                    {"weight_decay": 0.0}, {"eval_every": 0, "checkpoint_every": 0, "system_metrics_every": 0,
+                                            "max_consecutive_nonfinite": 0}, {"eval_batches": 0, "metrics": ()},
+                    {"seed": 2**63 - 1}):
+        make_trainer(tmp_path / "run", **options)
+
+
+def test_a_cuda_index_beyond_the_devices_is_a_config_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"Trainer.device='cuda:3' but this machine has 1 CUDA device\(s\): use "
+                                          r"cuda:0 to cuda:0, or auto"):
+        make_trainer(tmp_path, device="cuda:3")
+
+
+def test_world_size_without_torchrun_is_a_config_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(ConfigError, match=r"WORLD_SIZE=2 and RANK=0 are set but MASTER_ADDR and MASTER_PORT not: "
+                                          r"launch multi-process training with torchrun"):
+        make_trainer(tmp_path)
+
+
+def test_a_val_split_too_small_for_a_batch_is_a_data_error_before_training(tmp_path):
+    import numpy as np
+
+    from codex_ml.data import BatchIterator, DataError
+
+    class TinyValSplit(StandinData):
+        def batches(self, split, **kwargs):
+            if split == "val":  # the real iterator over a val split of 10 tokens
+                return BatchIterator(np.arange(10), split="val", **kwargs)
+            return super().batches(split, **kwargs)
+
+    with pytest.raises(DataError, match=r"Evaluation is on \(Trainer.eval_batches = 2\) but split 'val' has 10 tokens: "
+                                        r"too few for one batch.*or set Trainer.eval_batches = 0 to train without"):
+        make_trainer(tmp_path / "run", data=TinyValSplit())
+    assert not (tmp_path / "run").exists()
+    assert make_trainer(tmp_path / "run", data=TinyValSplit(), eval_batches=0, max_steps=2).fit().step == 2
+
+
+def test_the_max_seq_len_of_a_model_without_one_in_its_config_is_enforced(tmp_path):
+    model = TinyLM(TinyConfig())
+    model.max_seq_len = 8  # as HFCausalLM has it (from max_position_embeddings); its HFModelConfig has none
+    with pytest.raises(ConfigError, match=r"Trainer.seq_len = 16 exceeds the model's max_seq_len = 8"):
+        make_trainer(tmp_path, model=model)
+
+
+def test_train_checks_the_seed_and_the_model_config_type_before_preparing_data(tmp_path):
+    from codex_ml.models.gpt import GPT, GPTConfig
+    from codex_ml.models.hf import HFCausalLM, HFModelConfig
+    from codex_ml.training.experiment import train
+
+    def no_data(**kwargs):
+        raise AssertionError("the data was prepared before the configuration was checked")
+
+    with pytest.raises(ConfigError, match=r"The seed \(train.seed\) must be an integer in \[0, 2\*\*63\), got -1"):
+        train(tmp_path, seed=-1, data_fn=no_data, model_fn=GPT, model_config=GPTConfig())
+    with pytest.raises(ConfigError, match=r"must be an integer in \[0, 2\*\*63\), got 1180591620717411303424"):
+        train(tmp_path, seed=2**70, data_fn=no_data, model_fn=GPT, model_config=GPTConfig())
+    with pytest.raises(ConfigError, match=r"train.model_fn = @GPT needs train.model_config = @GPTConfig\(\), but it "
+                                          r"is a HFModelConfig: bind a matching pair"):
+        train(tmp_path, data_fn=no_data, model_fn=GPT, model_config=HFModelConfig())
+    with pytest.raises(ConfigError, match=r"train.model_fn = @HFCausalLM needs train.model_config = "
+                                          r"@HFModelConfig\(\), but it is a GPTConfig"):
+        train(tmp_path, data_fn=no_data, model_fn=HFCausalLM, model_config=GPTConfig())
+    assert not any(tmp_path.iterdir())

@@ -10,7 +10,12 @@ from typing import Any
 
 import torch
 
-from codex_ml.training.trainer import ConfigError, Trainer, TrainResult, seed_everything
+from codex_ml.models.gpt import GPT, GPTConfig
+from codex_ml.models.hf import HFCausalLM, HFModelConfig
+from codex_ml.training.trainer import ConfigError, Trainer, TrainResult, check_seed, seed_everything
+
+# Each model class and the config type it takes: a mix-up would fail deep inside the model with an AttributeError.
+_MODEL_CONFIGS = ((GPT, GPTConfig), (HFCausalLM, HFModelConfig))
 
 
 @torch.no_grad()
@@ -73,6 +78,14 @@ def train(
         if value is None:
             raise ConfigError(f"train.{name} is not set: bind it in the gin file, e.g. `train.{name} = {example}` "
                               "(configs/default.gin shows a complete configuration).")
+    check_seed(seed)  # these before the data is prepared, which can take long
+    for model_cls, config_cls in _MODEL_CONFIGS:
+        if isinstance(model_fn, type) and issubclass(model_fn, model_cls) and not isinstance(model_config, config_cls):
+            raise ConfigError(
+                f"train.model_fn = @{model_cls.__name__} needs train.model_config = @{config_cls.__name__}(), but it "
+                f"is a {type(model_config).__name__}: bind a matching pair (GPT with GPTConfig as in "
+                "configs/default.gin, HFCausalLM with HFModelConfig as in configs/lora.gin)."
+            )
     rank = int(os.environ.get("RANK", 0))
     say = print if rank == 0 else (lambda *args, **kwargs: None)
     data = data_fn(cache_dir=str(Path(cache_dir).expanduser()), log=say)

@@ -29,7 +29,9 @@ from codex_ml.checkpoint import (
     load_state_file,
     verify_checkpoint,
 )
+from codex_ml.data import DataError
 from codex_ml.eval import evaluate, get_metric
+from codex_ml.models.hf import resolve_device
 from codex_ml.tracking import MetricsLogger, Progress, SystemMonitor, peak_flops
 from codex_ml.training.optim import LRSchedule, build_optimizer
 from codex_ml.training.signals import GracefulStop
@@ -57,6 +59,20 @@ class TrainResult:
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_seed(seed: Any) -> None:
+    """NumPy's generators take no negative seed and torch's no more than 64 bits (each rank adds its rank)."""
+    if not _is_int(seed) or not 0 <= seed < 2**63:
+        raise ConfigError(f"The seed (train.seed) must be an integer in [0, 2**63), got {seed!r}.")
 
 
 def seed_everything(seed: int) -> None:
@@ -98,8 +114,15 @@ def _distributed_env() -> tuple[int, int, int]:
 
 def init_distributed() -> None:
     """Joins the torchrun process group (nccl on GPU, gloo on CPU) when WORLD_SIZE > 1; a no-op otherwise."""
-    _, local_rank, world_size = _distributed_env()
+    rank, local_rank, world_size = _distributed_env()
     if world_size > 1 and not dist.is_initialized():
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+        if missing:  # torchrun sets them; without them init_process_group fails with a bare ValueError
+            raise ConfigError(
+                f"WORLD_SIZE={world_size} and RANK={rank} are set but {' and '.join(missing)} not: launch "
+                f"multi-process training with torchrun (torchrun --nproc_per_node={world_size} -m "
+                "codex_ml.cli.train ...), or unset WORLD_SIZE and RANK to train in one process."
+            )
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -201,12 +224,52 @@ class Trainer:
                             ("grad_accum_steps", grad_accum_steps), ("log_every", log_every)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"Trainer.{name} must be a positive integer, got {value!r}.")
+        for name, value, zero in (("eval_every", eval_every, "evaluate at the end only"),
+                                  ("eval_batches", eval_batches, "no evaluation"),
+                                  ("checkpoint_every", checkpoint_every, "checkpoint at the end only"),
+                                  ("system_metrics_every", system_metrics_every, "no system metrics"),
+                                  ("max_consecutive_nonfinite", max_consecutive_nonfinite,
+                                   "stop at the first non-finite step")):
+            if not _is_int(value) or value < 0:  # a negative value would act like its absolute value, or as 0
+                raise ConfigError(f"Trainer.{name} = {value!r} must be an integer >= 0 (0: {zero}).")
+        check_seed(seed)
+        # Checked here with the binding named, rather than by torch at the first step with its own text (or not at
+        # all: a negative clip norm or learning rate silently turns descent into ascent).
+        if not _is_finite_number(learning_rate) or learning_rate < 0:
+            raise ConfigError(f"Trainer.learning_rate = {learning_rate!r} must be a finite number >= 0 (the peak "
+                              "learning rate), e.g. 3e-4.")
+        if not _is_finite_number(min_lr_ratio) or not 0 <= min_lr_ratio <= 1:
+            raise ConfigError(f"Trainer.min_lr_ratio = {min_lr_ratio!r} must be a number in [0, 1]: the final "
+                              "learning rate as a fraction of Trainer.learning_rate.")
+        if not _is_finite_number(weight_decay) or weight_decay < 0:
+            raise ConfigError(f"Trainer.weight_decay = {weight_decay!r} must be a finite number >= 0 (0: no "
+                              "weight decay).")
+        if not (isinstance(betas, (list, tuple)) and len(betas) == 2
+                and all(_is_finite_number(b) and 0 <= b < 1 for b in betas)):
+            raise ConfigError(f"Trainer.betas = {betas!r} must be two numbers in [0, 1) (AdamW's beta1 and beta2), "
+                              "e.g. (0.9, 0.95).")
+        if not _is_finite_number(momentum) or not 0 <= momentum < 1:
+            raise ConfigError(f"Trainer.momentum = {momentum!r} must be a number in [0, 1) (SGD's momentum; 0: "
+                              "none).")
+        if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float))
+                                               and not isinstance(clip_grad_norm, bool) and clip_grad_norm >= 0):
+            raise ConfigError(f"Trainer.clip_grad_norm = {clip_grad_norm!r} must be None or a number >= 0 (0 or "
+                              "None: no clipping); a negative norm would reverse the gradients.")
+        if peak_flops_per_device is not None and not (_is_finite_number(peak_flops_per_device)
+                                                      and peak_flops_per_device > 0):
+            raise ConfigError(f"Trainer.peak_flops_per_device = {peak_flops_per_device!r} must be None (looked up "
+                              "from the GPU's name) or the FLOP/s of one device, > 0.")
+        if eval_batches > 0 and not metrics:
+            raise ConfigError("Trainer.metrics is empty but evaluation is on: name at least one metric, e.g. "
+                              "('loss',), or set Trainer.eval_batches = 0.")
         for name in metrics:  # checked now: evaluate() would otherwise fail only at the first evaluation
             try:
                 get_metric(name)
             except ValueError as e:
                 raise ConfigError(f"Trainer.metrics: {e}") from e
         max_len = getattr(getattr(model, "config", None), "max_seq_len", None)
+        if max_len is None:  # HFCausalLM keeps it on the model (its HFModelConfig has none)
+            max_len = getattr(model, "max_seq_len", None)
         if isinstance(max_len, int) and seq_len > max_len:
             raise ConfigError(f"Trainer.seq_len = {seq_len} exceeds the model's max_seq_len = {max_len}; lower "
                               "seq_len or raise the model's max_seq_len.")
@@ -219,7 +282,13 @@ class Trainer:
             )
         if device == "auto":
             device = f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        try:
+            self.device = resolve_device(device, error=ConfigError)
+        except ConfigError as e:  # "device='cuda' but no CUDA device is available: ...": a Trainer binding
+            raise ConfigError(f"Trainer.{e}") from e
+        if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"Trainer.device={device!r} but this machine has {torch.cuda.device_count()} CUDA "
+                              f"device(s): use cuda:0 to cuda:{torch.cuda.device_count() - 1}, or auto.")
         if precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("Trainer.precision = 'fp16' needs a GPU (it uses a loss scaler); use 'bf16' on the CPU.")
         self.is_main = self.rank == 0
@@ -239,6 +308,14 @@ class Trainer:
             except ImportError as e:
                 raise ConfigError(f"MLflow logging is on but mlflow cannot be imported ({e}): install mlflow, or "
                                   "turn it off (Trainer.mlflow = False).") from e
+        if eval_batches > 0:  # found now rather than at the first evaluation, after the training it would lose
+            try:
+                next(iter(self._batches("val")))
+            except (DataError, StopIteration) as e:
+                reason = str(e) or "the val split gives no batch"
+                raise DataError(f"Evaluation is on (Trainer.eval_batches = {eval_batches}) but {reason}; or give the "
+                                "val split a larger share (prepare_data.splits), or set Trainer.eval_batches = 0 to "
+                                "train without evaluation.") from e
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
         if keep_freed_memory and self.device.type == "cpu":
@@ -367,21 +444,39 @@ class Trainer:
         return path
 
     def _resolve_resume(self, resume: str | os.PathLike | None) -> Path | None:
-        if resume is None or str(resume) == "never":
-            return None
+        """The checkpoint to resume from, or None to start afresh; refuses where starting afresh would overwrite
+        the checkpoints already in run_dir (save_checkpoint replaces a directory of the same step)."""
+        never = resume is None or str(resume) == "never"
         path = None
         if self.is_main:
+            existing = list_checkpoints(self.run_dir)  # step_* directories (an interrupted save leaves a .tmp-*)
+            if never and existing:
+                raise ConfigError(
+                    f"--resume=never: {self.run_dir} holds checkpoints of an earlier run (newest step "
+                    f"{existing[-1][0]}), which starting afresh would overwrite. Choose another --run_dir, or "
+                    f"delete {self.run_dir / 'checkpoints'} to start over there."
+                )
             if str(resume) == "auto":
                 path = latest_valid_checkpoint(self.run_dir, report=self._say)
-            else:
+                if path is None and existing:
+                    raise CheckpointError(
+                        f"--resume=auto: {self.run_dir} holds {len(existing)} checkpoint(s) but none verifies (the "
+                        "reasons are printed above), and starting afresh would overwrite them. Fix or restore one "
+                        "(e.g. from a backup), or start afresh in another --run_dir."
+                    )
+            elif not never:
                 path = Path(resume)
                 if path.is_dir() and not (path / "manifest.json").exists() and list_checkpoints(path):
                     # A run directory (or its checkpoints/): its newest checkpoint that verifies.
                     found = latest_valid_checkpoint(path, report=self._say)
                     if found is None:
-                        raise CheckpointError(f"--resume={path}: no checkpoint in this run directory verifies.")
+                        raise CheckpointError(f"--resume={path}: no checkpoint in this run directory verifies (the "
+                                              "reasons are printed above). Fix or restore one, or resume from "
+                                              "another checkpoint.")
                     path = found
                 verify_checkpoint(path)
+        if never:
+            return None
         if self.world_size > 1:
             box = [str(path) if path else None]
             dist.broadcast_object_list(box, src=0)
@@ -389,7 +484,8 @@ class Trainer:
         return path
 
     def _check_compatible(self, path: Path) -> None:
-        """Refuses a checkpoint of another model shape, tokenizer or process count, with the difference named."""
+        """Refuses a checkpoint of another model shape, tokenizer, optimizer, data layout or process count, with the
+        difference named."""
         manifest = json.loads((path / "manifest.json").read_text())
         saved_config_file = path / "model_config.json"
         if self.model_config is not None and saved_config_file.is_file():
@@ -398,22 +494,34 @@ class Trainer:
                 raise ConfigError(
                     f"Cannot resume from {path}: it holds a model of another configuration "
                     f"({_describe_difference(saved, self.model_config)}). Use the configuration of that run, "
-                    "or start afresh with --resume=never or another --run_dir."
+                    "or start afresh in another --run_dir."
                 )
         saved_tok = manifest.get("tokenizer_sha256")
         if saved_tok and self.tokenizer_sha256 and saved_tok != self.tokenizer_sha256:
             raise ConfigError(
                 f"Cannot resume from {path}: it was trained with another tokenizer (SHA-256 {saved_tok[:12]}... vs "
                 f"{self.tokenizer_sha256[:12]}... now). Point the data config at that run's tokenizer.model, or "
-                "start afresh with --resume=never or another --run_dir."
+                "start afresh in another --run_dir."
             )
         state_file = path / "trainer_state.json"
-        saved_optimizer = json.loads(state_file.read_text()).get("optimizer") if state_file.is_file() else None
+        state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+        saved_optimizer = state.get("optimizer")
         if saved_optimizer is not None and saved_optimizer != self.optimizer_name:
             raise ConfigError(
                 f"Cannot resume from {path}: it was trained with Trainer.optimizer = {saved_optimizer!r} and this "
                 f"run has {self.optimizer_name!r}, whose state is another. Resume with "
-                f"Trainer.optimizer = {saved_optimizer!r}, or start afresh with --resume=never or another --run_dir."
+                f"Trainer.optimizer = {saved_optimizer!r}, or start afresh in another --run_dir."
+            )
+        # The data iterator's saved position fits only the same layout; checked here to name the bindings.
+        layout = [(binding, state[key], now) for key, binding, now in (
+            ("seed", "train.seed", self.seed), ("batch_size", "Trainer.batch_size", self.batch_size),
+            ("seq_len", "Trainer.seq_len", self.seq_len)) if key in state and state[key] != now]
+        if layout:
+            saved = ", ".join(f"{binding} = {value!r}" for binding, value, _ in layout)
+            now = ", ".join(f"{binding} = {value!r}" for binding, _, value in layout)
+            raise ConfigError(
+                f"Cannot resume from {path}: it was trained with {saved} and this run has {now}; its data position "
+                f"is valid only with those values. Keep {saved}, or start afresh in another --run_dir."
             )
         saved_world = manifest.get("world_size", 1)
         if saved_world != self.world_size:
@@ -435,7 +543,7 @@ class Trainer:
             raise ConfigError(
                 f"Cannot resume from {path}: its optimizer state does not fit Trainer.optimizer = "
                 f"{self.optimizer_name!r} ({type(e).__name__}: {e}). Resume with the optimizer of that run, or "
-                "start afresh with --resume=never or another --run_dir."
+                "start afresh in another --run_dir."
             ) from e
         if self.scaler is not None and (path / "scaler.pt").is_file():
             self.scaler.load_state_dict(load_state_file(path, "scaler"))
@@ -447,6 +555,9 @@ class Trainer:
         train_iter.load_state_dict(load_state_file(path, "data_state")["ranks"][self.rank])
         _set_rng_state(load_state_file(path, "rng")["ranks"][self.rank])
         self._say(f"Resumed from {path} at step {self.step} ({self.tokens:,} tokens).")
+        if self.step >= self.max_steps:
+            self._say(f"Nothing to train: the checkpoint is at step {self.step} and Trainer.max_steps = "
+                      f"{self.max_steps}; raise Trainer.max_steps to train further.")
 
     # -------------------------------------------------------------------------------------------- loop
     def evaluate(self) -> dict[str, float]:
@@ -498,25 +609,28 @@ class Trainer:
 
     def fit(self, resume: str | os.PathLike | None = "auto") -> TrainResult:
         """Trains up to max_steps. `resume`: "auto" (newest valid checkpoint in run_dir, if any), "never", or a
-        checkpoint path. Returns when done, on SIGTERM/SIGINT (after a checkpoint), or on a non-finite loss
-        with nan_policy="stop" (the last good checkpoint stays the newest)."""
+        checkpoint path; neither starts afresh over checkpoints already in run_dir (a refusal changes nothing
+        there). Returns when done, on SIGTERM/SIGINT (after a checkpoint), or on a non-finite loss with
+        nan_policy="stop" (the last good checkpoint stays the newest)."""
         self._progress = None
+        seed_everything(self.seed + self.rank)
+        train_iter = self._batches("train")
+        if self.is_main:  # a complete checkpoint moved aside by an interrupted re-save goes back before resolving
+            self.checkpoints.remove_stale_temporaries()
+        checkpoint = self._resolve_resume(resume)
+        if checkpoint is not None:
+            self._load_checkpoint(checkpoint, train_iter)
+        # Only once the resume is accepted is anything written: a refusal leaves the run directory as it was.
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.checkpoints.remove_stale_temporaries()
             (self.run_dir / "operative_config.gin").write_text(self._config_text())
             self._logger = MetricsLogger(self.run_dir, mlflow=self.mlflow, tracking_uri=self.tracking_uri)
             gpu = None
             if self.device.type == "cuda":  # "cuda" without an index is the current device
                 gpu = self.device.index if self.device.index is not None else torch.cuda.current_device()
             self._monitor = SystemMonitor(gpu)
-        seed_everything(self.seed + self.rank)
-        train_iter = self._batches("train")
         status = "failed"
         try:
-            checkpoint = self._resolve_resume(resume)
-            if checkpoint is not None:
-                self._load_checkpoint(checkpoint, train_iter)
             if self.is_main:
                 self._logger.log_params({"world_size": self.world_size, "seed": self.seed, "device": str(self.device),
                                          "start_step": self.step})
