@@ -201,8 +201,10 @@ def test_load_native_run_and_errors(tmp_path, tokenizer):
         load_model(tmp_path / "missing")
     with pytest.raises(GenerationError, match="neither a checkpoint"):
         load_model(tmp_path)
-    with pytest.raises(GenerationError, match="--adapter"):
+    with pytest.raises(GenerationError, match="--adapter applies to Hugging Face model folders"):
         load_model(path, adapter=tmp_path)
+    with pytest.raises(GenerationError, match="--dtype=bfloat16 applies to Hugging Face model folders"):
+        load_model(path, dtype="bfloat16")  # it was silently ignored
     (path / "model.safetensors").write_bytes(b"truncated")  # a corrupted checkpoint
     with pytest.raises(CheckpointError, match="corrupt"):
         load_model(path)

@@ -148,13 +148,19 @@ def test_bad_folders_and_settings(llama_dir, tmp_path):
     (partial / "config.json").write_text((llama_dir / "config.json").read_text())
     with pytest.raises(HFModelError, match="partial"):
         load_hf_model(partial)
-    with pytest.raises(HFModelError, match="float16"):
+    with pytest.raises(HFModelError, match="float16' is not supported on the CPU"):
         load_hf_model(llama_dir, dtype="float16", device="cpu")
     with pytest.raises(HFModelError, match="not one of"):
         load_hf_model(llama_dir, dtype="fp8")
     if not torch.cuda.is_available():
         with pytest.raises(HFModelError, match="no CUDA device"):
             load_hf_model(llama_dir, device="cuda")
+    model = load_hf_model(llama_dir, attention="eager")
+    for option, message in ((dict(r=0), "lora_r = 0 must be a positive integer"),
+                            (dict(alpha=-1.0), "lora_alpha = -1.0 must be a finite number > 0"),
+                            (dict(dropout=1.5), "lora_dropout = 1.5 must be a number in \\[0, 1\\)")):
+        with pytest.raises(HFModelError, match=message):  # peft's own errors blamed the target modules
+            apply_lora(model, **option)
     with pytest.raises(HFModelError, match="HFModelConfig.attention = 'bogus' is not an attention"):
         load_hf_model(llama_dir, attention="bogus")
     with pytest.raises(HFModelError, match="HFModelConfig.path is not set"):

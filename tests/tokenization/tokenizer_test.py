@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from codex_ml.tokenization import SPECIAL_IDS, Tokenizer, TokenizerError
+from codex_ml.tokenization import SPECIAL_IDS, Tokenizer, TokenizerError, load_tokenizer
 
 NASTY = [
     "",
@@ -170,6 +170,9 @@ def test_paths_that_cannot_be_a_model_file(tokenizer, tmp_path):
     with pytest.raises(TokenizerError, match="num_threads must be an integer from 1 to 1024, got 0"):
         Tokenizer.train(["x = 1\n"], tmp_path / "t.model", num_threads=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    # load_tokenizer takes a model file or a model folder (MODEL_DIR): a missing path names both.
+    with pytest.raises(TokenizerError, match="path .*nope does not exist: give a SentencePiece model file or a"):
+        load_tokenizer(tmp_path / "nope")
 
 
 def test_command_line_bad_input_is_one_line(tokenizer, tmp_path, capsys, monkeypatch):

@@ -102,7 +102,7 @@ def test_a_bad_model_or_trainer_binding_is_a_usage_error(first_run, binding, mes
     proc = _train(tmp_path, "--run_dir=runs/refused", f"--gin_bindings={binding}")
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert not (tmp_path / "runs" / "refused" / "checkpoints").exists()
+    assert not (tmp_path / "runs" / "refused").exists()  # the CLI removes the empty run directory it made
 
 
 def test_world_size_without_torchrun_is_a_usage_error(first_run):
@@ -112,6 +112,10 @@ def test_world_size_without_torchrun_is_a_usage_error(first_run):
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "launch multi-process training with torchrun" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "runs" / "no_torchrun" / "checkpoints").exists()
+    # Without --run_dir the processes first agree on a default one, which needs the process group too.
+    proc = _train(tmp_path, env_extra=env)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "launch multi-process training with torchrun" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_mlflow_that_cannot_be_imported_is_a_usage_error(first_run):

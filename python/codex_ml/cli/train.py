@@ -230,14 +230,21 @@ def run() -> int:
         raise UsageError("No configuration given: pass --gin_file=configs/default.gin (or configs/smoke.gin for a "
                          "one-minute check), and optionally --gin_bindings. --gin_help lists every setting.")
     parse_gin()
-    run_dir = Path(FLAGS.run_dir or default_run_dir()).expanduser().absolute()
+    errors = (ConfigError, CheckpointError, DataError, GPTConfigError, HFModelError, TokenizerError)
+    try:
+        run_dir = Path(FLAGS.run_dir or default_run_dir()).expanduser().absolute()
+    except ConfigError as e:  # WORLD_SIZE without torchrun, found while agreeing on the default run_dir
+        raise UsageError(str(e)) from e
     rank = int(os.environ.get("RANK", 0))
+    created = not run_dir.exists()
     if rank == 0:
         check_writable(run_dir)
         print(f"Run directory: {run_dir}\nGin configuration:\n{gin.config_str()}", flush=True)
     try:
         result = train(run_dir=run_dir, resume=FLAGS.resume, operative_config=gin.operative_config_str)
-    except (ConfigError, CheckpointError, DataError, GPTConfigError, HFModelError, TokenizerError) as e:
+    except errors as e:
+        if created and rank == 0 and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # made by check_writable for a run that never started: leave no empty run behind
         # Gin appends "In call to configurable ..." lines: the first paragraph is the message.
         raise UsageError(str(e).split("\n  In call to configurable")[0]) from e
     if rank == 0:

@@ -285,7 +285,11 @@ def load_model(path: str | os.PathLike, *, adapter: str | os.PathLike | None = N
     if (path / "config.json").is_file() and not (path / "manifest.json").exists():
         return _load_hf(path, adapter, device, dtype)
     if adapter is not None:
-        raise GenerationError("--adapter applies to Hugging Face model folders; a native checkpoint has none.")
+        raise GenerationError("--adapter applies to Hugging Face model folders; a checkpoint or run directory "
+                              "brings its own adapter, if it has one: leave --adapter unset.")
+    if dtype != "float32":  # rather than ignore it
+        raise GenerationError(f"--dtype={dtype} applies to Hugging Face model folders; a checkpoint or run directory "
+                              "loads in the dtype it was trained with: leave --dtype unset.")
     checkpoint = path
     if not (path / "manifest.json").exists() and (path / "checkpoints").is_dir():
         checkpoint = latest_valid_checkpoint(path)

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -72,8 +73,8 @@ def _check_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in DTYPES:
         raise HFModelError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}.")
     if dtype == "float16" and device.type == "cpu":
-        raise HFModelError("dtype='float16' is not supported for training on the CPU (no fp16 matmul kernels "
-                           "worth using there): use 'bfloat16' or 'float32', or a CUDA device.")
+        raise HFModelError("dtype='float16' is not supported on the CPU (no fp16 matmul kernels worth using "
+                           "there): use 'bfloat16' or 'float32', or a CUDA device.")
     if dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise HFModelError("dtype='bfloat16' needs a GPU of compute capability 8.0 or newer: use 'float16'.")
     return DTYPES[dtype]
@@ -300,6 +301,14 @@ def apply_lora(model: nn.Module, *, r: int = 8, alpha: float = 16.0, dropout: fl
         except (RuntimeError, ValueError, KeyError) as e:
             raise HFModelError(f"The adapter {peft_path} does not fit this base model ({str(e)[:300]}): load the "
                                "base model it was made for.") from e
+    # Checked here: peft's own errors for these name the target modules instead.
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise HFModelError(f"HFModelConfig.lora_r = {r!r} must be a positive integer (the adapters' rank), e.g. 8.")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 < alpha < math.inf:
+        raise HFModelError(f"HFModelConfig.lora_alpha = {alpha!r} must be a finite number > 0 (the update scales by "
+                           "alpha / r), e.g. 16.")
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        raise HFModelError(f"HFModelConfig.lora_dropout = {dropout!r} must be a number in [0, 1), e.g. 0.05.")
     model_type = getattr(model.config, "model_type", None)
     targets = list(target_modules) if target_modules else DEFAULT_LORA_TARGETS.get(model_type)
     if not targets:

@@ -82,6 +82,9 @@ def load_tokenizer(path: str | os.PathLike):
         raise TokenizerError("The tokenizer path is empty: give a SentencePiece model file or a Hugging Face model "
                              "folder (with configs/lora.gin, bind MODEL_DIR).")
     path = Path(path)
+    if not path.exists():  # say both forms: the path may have been meant as a model folder (MODEL_DIR)
+        raise TokenizerError(f"The tokenizer path {path} does not exist: give a SentencePiece model file or a "
+                             "Hugging Face model folder that holds its tokenizer.")
     if not path.is_dir():
         return Tokenizer.load(path)
     try:
