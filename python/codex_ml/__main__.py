@@ -15,6 +15,7 @@ import importlib
 import sys
 
 import codex_ml
+from codex_ml.cli.common import ArgumentParser
 from codex_ml.cli.entry_points import CONSOLE_SCRIPTS
 
 COMMANDS = {script.removeprefix("codex-"): target for script, target in CONSOLE_SCRIPTS.items()}
@@ -23,7 +24,7 @@ COMMANDS = {script.removeprefix("codex-"): target for script, target in CONSOLE_
 def main(argv: list[str] | None = None) -> int:
     """Prints the version or runs a subcommand; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m codex_ml", description=__doc__,
+    parser = ArgumentParser(prog="python -m codex_ml", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"codex_ml {codex_ml.__version__}")
     parser.add_argument("command", choices=sorted(COMMANDS), help="the console script to run")

@@ -54,6 +54,17 @@ def test_gin_help_lists_configurables_and_parameters(tmp_path):
     assert "Trainer.max_steps = 100" in proc.stdout and "train.sample_prompt = 'def '" in proc.stdout
 
 
+@pytest.mark.parametrize("module", ["codex_ml", "codex_ml.cli.generate", "codex_ml.cli.tokenizer",
+                                    "codex_ml.models.export", "codex_ml.cli.bench"])
+def test_the_other_commands_usage_errors_are_one_line(tmp_path, module):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([sys.executable, "-m", module, "--bogus"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and "--help" in lines[0], proc.stderr  # no usage block first
+
+
 def test_unknown_flag_exits_2_and_help_shows_this_commands_flags(tmp_path):
     proc = _train("--bogus", cwd=tmp_path)
     assert proc.returncode == 2 and "Unknown command line flag 'bogus'" in proc.stderr, proc.stderr

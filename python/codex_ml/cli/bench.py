@@ -16,6 +16,8 @@ import importlib
 import pkgutil
 import sys
 
+from codex_ml.cli.common import ArgumentParser
+
 PREFIX = "bench_"
 
 
@@ -31,7 +33,7 @@ def available() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Runs the benchmark named by the first argument with the remaining arguments; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="codex-bench", description=__doc__,
+    parser = ArgumentParser(prog="codex-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", nargs="?", help="the benchmark to run (see --list)")
     parser.add_argument("--list", action="store_true", help="print the available benchmarks and exit")

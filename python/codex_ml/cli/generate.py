@@ -15,11 +15,11 @@ import argparse
 import json
 import sys
 
-from codex_ml.cli.common import enter_working_directory
+from codex_ml.cli.common import ArgumentParser, enter_working_directory
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="generate", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = ArgumentParser(prog="generate", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory, or HF model folder")
     p.add_argument("--adapter", help="a LoRA adapter folder (for a Hugging Face --checkpoint)")
     p.add_argument("--prompt", required=True, help="the prompt text, or - to read it from standard input")

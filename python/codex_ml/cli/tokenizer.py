@@ -12,14 +12,14 @@ import argparse
 import re
 import sys
 
-from codex_ml.cli.common import enter_working_directory
+from codex_ml.cli.common import ArgumentParser, enter_working_directory
 from codex_ml.data import DataError, read_corpus
 from codex_ml.tokenization import Tokenizer, TokenizerError
 from codex_ml.tokenization.tokenizer import check_utf8
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tokenize", description=__doc__,
+    parser = ArgumentParser(prog="tokenize", description=__doc__,
                                      formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a SentencePiece model on sources")

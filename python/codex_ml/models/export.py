@@ -22,7 +22,6 @@ they agreed in codex_ml_export.json ("tokenizer_ids_match"), with a warning when
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 
 from codex_ml.checkpoint.core import MANIFEST, CheckpointError, latest_valid_checkpoint
+from codex_ml.cli.common import ArgumentParser
 from codex_ml.models.gpt import GPT
 from codex_ml.models.native import load_native
 from codex_ml.tokenization.tokenizer import SPECIAL_IDS, Tokenizer, TokenizerError, blocking_file, file_sha256
@@ -239,7 +239,7 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, dtyp
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="codex_ml.models.export",
+    parser = ArgumentParser(prog="codex_ml.models.export",
                                      description="Export a native checkpoint as a Hugging Face Llama folder.")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint directory or a run directory")
     parser.add_argument("--out", required=True, help="the folder to create (absent or empty)")
