@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     """Prints the version or runs a subcommand; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
     parser = ArgumentParser(prog="python -m codex_ml", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"codex_ml {codex_ml.__version__}")
     parser.add_argument("command", choices=sorted(COMMANDS), help="the console script to run")
     # The command's own flags are not ours: hand everything after the command name over untouched.

@@ -51,16 +51,11 @@ def _template(node: ast.expr) -> str | None:
     return None
 
 
-def _template_of(node: ast.expr) -> str | None:
-    template = _template(node)
-    return re.sub(FIELD + "+", FIELD, template) if template is not None else None  # adjacent fields: one
-
-
 def _start(template: str) -> str:
     """How the message starts: its first START_WORDS words, without filled-in values or punctuation at either
     end; "" if it has fewer than MIN_WORDS words of its own."""
     tokens, words = [], 0
-    for token in template.split():
+    for token in re.sub(FIELD + "+", FIELD, template).split():  # adjacent fields read as one
         tokens.append(token)
         words += bool(re.search(r"[A-Za-z0-9]", token.replace(FIELD, "")))
         if words == START_WORDS:
@@ -101,7 +96,7 @@ def messages() -> list[tuple[str, int, str]]:
                 arg = node.value
             elif isinstance(node, ast.Call) and id(node) not in raised:  # `raise error(...)` counts once
                 arg = _message_arg(node)
-            template = _template_of(arg) if arg is not None else None
+            template = _template(arg) if arg is not None else None
             start = _start(template) if template is not None else ""
             if start:
                 found.append((rel, node.lineno, start))
@@ -127,7 +122,7 @@ def test_finds_the_messages():
 
 def test_start_of_a_message():
     def start(source: str) -> str:
-        return _shown(_start(_template_of(ast.parse(source).body[0].value)))
+        return _shown(_start(_template(ast.parse(source).body[0].value)))
 
     assert start('f"Checkpoint {p}: {name} is corrupt ({why}). " + f"Delete {p}."') == \
         "Checkpoint X: X is corrupt (X). Delete"
@@ -135,7 +130,7 @@ def test_start_of_a_message():
     assert start('"one two three four five six seven eight nine ten"') == "one two three four five six seven eight"
     assert start('f"Trainer: {e}"') == ""
     assert start('f"no file {a}{b} here"') == "no file X here"
-    assert _template_of(ast.parse("message").body[0].value) is None  # a variable: checked where it is written
+    assert _template(ast.parse("message").body[0].value) is None  # a variable: checked where it is written
 
 
 def test_pattern_matches_placeholders_and_nothing_else():

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the benchmark named by the first argument with the remaining arguments; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
     parser = ArgumentParser(prog="codex-bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", nargs="?", help="the benchmark to run (see --list)")
     parser.add_argument("--list", action="store_true", help="print the available benchmarks and exit")
     # Everything after NAME belongs to the benchmark (parse_known_args would also take its --json etc. apart).

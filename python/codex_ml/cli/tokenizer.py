@@ -20,7 +20,7 @@ from codex_ml.tokenization.tokenizer import check_utf8
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="tokenize", description=__doc__,
-                                     formatter_class=argparse.RawTextHelpFormatter)
+                            formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a SentencePiece model on sources")
     train.add_argument("--output", required=True, help="where to write the model file")

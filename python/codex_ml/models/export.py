@@ -240,7 +240,7 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, dtyp
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="codex_ml.models.export",
-                                     description="Export a native checkpoint as a Hugging Face Llama folder.")
+                            description="Export a native checkpoint as a Hugging Face Llama folder.")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint directory or a run directory")
     parser.add_argument("--out", required=True, help="the folder to create (absent or empty)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the stored weights")

@@ -11,7 +11,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from codex_ml.tokenization.tokenizer import TokenizerError, check_utf8
+from codex_ml.tokenization.tokenizer import TokenizerError, check_texts_utf8, check_utf8
 
 # The files that define a tokenizer in a Hugging Face folder (whichever exist are hashed, in this order).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json",
@@ -64,8 +64,7 @@ class HFTokenizer:
         try:
             return self._tok(texts, add_special_tokens=False)["input_ids"] if texts else []
         except TypeError:  # a lone surrogate, as in encode()
-            for i, text in enumerate(texts):
-                check_utf8(text, f"text {i}")
+            check_texts_utf8(texts)
             raise
 
     def decode(self, ids: Sequence[int]) -> str:

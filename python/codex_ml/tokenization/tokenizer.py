@@ -43,6 +43,12 @@ def check_utf8(text: str | bytes, what: str) -> str:
                              "(convert it first, e.g. with iconv -t UTF-8)") from None
 
 
+def check_texts_utf8(texts: Sequence[str]) -> None:
+    """TokenizerError naming the first of `texts` that is not UTF-8 (for after a binding refused the batch)."""
+    for i, text in enumerate(texts):
+        check_utf8(text, f"text {i}")
+
+
 def blocking_file(path: Path) -> Path | None:
     """The nearest existing ancestor of `path` when it is a file (so `path` cannot be created), else None."""
     for parent in path.absolute().parents:
@@ -183,8 +189,7 @@ class Tokenizer:
         try:
             return self._sp.Encode(texts, out_type=int, num_threads=num_threads)
         except TypeError:  # a lone surrogate, as in encode()
-            for i, text in enumerate(texts):
-                check_utf8(text, f"text {i}")
+            check_texts_utf8(texts)
             raise
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -14,6 +14,17 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+def import_mlflow() -> Any:
+    """The mlflow module, or RuntimeError saying how to install it or turn it off."""
+    try:
+        import mlflow
+    except ImportError as e:
+        raise RuntimeError(f"MLflow logging is on but mlflow cannot be imported ({e}): install mlflow, or turn it "
+                           "off (Trainer.mlflow = False); metrics.ndjson and metrics.csv are written either "
+                           "way.") from e
+    return mlflow
+
+
 class MetricsLogger:
     """Writes one NDJSON object per (step, split) and the same values to a long-format CSV; mirrors to MLflow.
 
@@ -51,12 +62,10 @@ class MetricsLogger:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         os.environ.setdefault("DO_NOT_TRACK", "true")
         try:
-            import mlflow
-        except ImportError as e:
+            mlflow = import_mlflow()
+        except RuntimeError:
             self.close()
-            raise RuntimeError(f"MLflow logging is on but mlflow cannot be imported ({e}): install mlflow, or turn "
-                               "it off (Trainer.mlflow = False); metrics.ndjson and metrics.csv are written either "
-                               "way.") from e
+            raise
         uri = tracking_uri or f"sqlite:///{(self.run_dir / 'mlflow.db').resolve()}"
 
         def start() -> None:

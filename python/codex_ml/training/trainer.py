@@ -32,7 +32,7 @@ from codex_ml.checkpoint import (
 from codex_ml.data import DataError
 from codex_ml.eval import evaluate, get_metric
 from codex_ml.models.hf import resolve_device
-from codex_ml.tracking import MetricsLogger, Progress, SystemMonitor, peak_flops
+from codex_ml.tracking import MetricsLogger, Progress, SystemMonitor, import_mlflow, peak_flops
 from codex_ml.training.optim import LRSchedule, build_optimizer
 from codex_ml.training.signals import GracefulStop
 
@@ -304,10 +304,9 @@ class Trainer:
         self.mlflow, self.tracking_uri = mlflow, tracking_uri
         if mlflow:  # found now, before anything is written, rather than when fit() opens the logger
             try:
-                import mlflow as _  # noqa: F401
-            except ImportError as e:
-                raise ConfigError(f"MLflow logging is on but mlflow cannot be imported ({e}): install mlflow, or "
-                                  "turn it off (Trainer.mlflow = False).") from e
+                import_mlflow()
+            except RuntimeError as e:
+                raise ConfigError(str(e)) from e
         if eval_batches > 0:  # found now rather than at the first evaluation, after the training it would lose
             try:
                 next(iter(self._batches("val")))
