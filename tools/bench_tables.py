@@ -28,8 +28,9 @@ from pathlib import Path
 
 RESULTS = Path("benchmarks") / "results"
 PAGES = ("README.md", "docs/benchmarks.md")
-MARKER = re.compile(r"<!-- bench:(?P<name>[A-Za-z0-9_.-]+)(?::(?P<view>\w+))? -->\n(?P<body>.*?)<!-- /bench -->",
-                    re.DOTALL)
+# A marker may be indented (inside a list item): the table is then indented as much.
+MARKER = re.compile(r"^(?P<indent>[ \t]*)<!-- bench:(?P<name>[A-Za-z0-9_.-]+)(?::(?P<view>\w+))? -->\n"
+                    r"(?P<body>.*?)^[ \t]*<!-- /bench -->", re.DOTALL | re.MULTILINE)
 # The command that writes each bench's result file (run from the repository root).
 COMMANDS = {
     "bench_train": "tools/bazel run //python:bench_train --",
@@ -245,10 +246,12 @@ def render_page(root: Path, text: str) -> tuple[str, list[str]]:
 
     def replace(match: re.Match) -> str:
         label = match["name"] + (f":{match['view']}" if match["view"] else "")
-        body = render(root, match["name"], match["view"])
+        indent = match["indent"]
+        body = "".join(indent + line if line.strip() else line
+                       for line in render(root, match["name"], match["view"]).splitlines(keepends=True))
         if body != match["body"]:
             changed.append(label)
-        return f"<!-- bench:{label} -->\n{body}<!-- /bench -->"
+        return f"{indent}<!-- bench:{label} -->\n{body}{indent}<!-- /bench -->"
 
     return MARKER.sub(replace, text), changed
 

@@ -91,6 +91,19 @@ def test_rewrite_then_check_passes(root: Path):
            "--json=$PWD/benchmarks/results/bench_attention-gpu.json`" in benchmarks
 
 
+def test_an_indented_marker_indents_its_table(root: Path):
+    (root / "README.md").write_text("- item:\n  <!-- bench:bench_train-cpu:headline -->\n  <!-- /bench -->\n- next\n")
+    assert bench_tables.main(["--root", str(root)]) == 0
+    lines = (root / "README.md").read_text().splitlines()
+    assert lines[1:4] == ["  <!-- bench:bench_train-cpu:headline -->",
+                          "  - as shipped: 1.30x the HF Trainer's tokens/s at 0.50x its peak memory, 1.25x the plain "
+                          "loop's tokens/s;",
+                          "  - same process settings: 1.20x the HF Trainer's tokens/s at 0.55x its peak memory, "
+                          "1.25x the plain loop's tokens/s."]
+    assert lines[4] == "" and lines[5].startswith("  _Measured ") and lines[6:] == ["  <!-- /bench -->", "- next"]
+    assert _check(root) == 0
+
+
 def test_a_changed_figure_fails_the_check(root: Path, capsys):
     bench_tables.main(["--root", str(root)])
     rows = _train_rows()
