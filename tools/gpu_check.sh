@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# GPU check, for a lent GPU machine (no Bazel there; its own python3 with torch and triton).
+# GPU check, for a machine with an NVIDIA GPU (no Bazel needed there; its own python3 with torch and triton).
 # Builds the CUDA libraries with nvcc (same flags as tools/cuda.bzl), assembles codex_ml the way
 # Bazel does (python/codex_ml + kernels/ under codex_ml.kernels, _version.py from tools/version.bzl),
 # runs the GPU tests and the kernel benchmarks, and prints a short table last. Full logs and JSON
 # go to GPU_CHECK_OUT (default /tmp/gpu_check: a later call on the same warm machine adds to them, and
-# its summary covers both), packed into $OUT/gpu_check.tgz. Wheels in .whl/ are installed first
-# (tools/gpu_wheels.sh fetches liger-kernel there, for the comparisons; carry .whl with the run).
+# its summary covers both), packed into $OUT/gpu_check.tgz when OUT is set. Wheels in .whl/ are installed first
+# (tools/gpu_wheels.sh fetches liger-kernel there, for the comparisons, on a machine with network access).
 #   usage: tools/gpu_check.sh [quick|gpu [stage ...]]   (default gpu: the benchmark presets' GPU sizes;
 #          stages: tests bench_linear_cross_entropy bench_attention tune_attention bench_layers bench_train,
 #          default all)
 #   env:   PYTHON (default python3), NVCC (default nvcc, else /usr/local/cuda/bin/nvcc; "none" skips the CUDA
-#          build), GPU_CHECK_DEADLINE (seconds for the whole run, default 540: the device tool stops a command
-#          at 600 s; each stage gets what is left, a stage with under 45 s left is skipped, the summary always
+#          build), GPU_CHECK_DEADLINE (seconds for the whole run, default 540, so that it fits a 10-minute job
+#          limit; each stage gets what is left, a stage with under 45 s left is skipped, the summary always
 #          runs), GPU_CHECK_ARCHS (default 90: sm_90 code and compute_90 PTX; sm_80 is checked by the CPU suite)
 # Without a CUDA device it makes a dry run: the same assembly, every module of the op API, the
 # kernels and the benchmarks imported, the GPU tests collected (they skip), no benchmark run.
@@ -34,9 +34,9 @@ stage_limit() {
 SECONDS_TOTAL=0
 start_time=$(date +%s)
 elapsed() { SECONDS_TOTAL=$(( $(date +%s) - start_time )); }
-# Logs and JSON rows go to GPU_CHECK_OUT. The device tool brings back at most 8 files from $OUT: there the
-# script keeps one archive of them, gpu_check.tgz, rewritten after every stage (a run stopped at its time
-# limit still returns what it did), and summary.txt at the end.
+# Logs and JSON rows go to GPU_CHECK_OUT. When OUT names a directory (one a batch job collects), the script keeps
+# there one archive of them, gpu_check.tgz, rewritten after every stage (a run stopped at its time limit still
+# leaves what it did), and summary.txt at the end: two files, however many stages ran.
 out="${GPU_CHECK_OUT:-/tmp/gpu_check}"
 mkdir -p "${out}"
 rm -f "${out}/skipped.txt"
@@ -101,7 +101,7 @@ else
   done
   if (( build_status == 0 )); then
     mkdir -p "${cache}" && cp "${tree}"/codex_ml/kernels/lib*.so "${cache}/"
-    # Also in the archive that comes back: placed in .gpu_build/ and carried, a later session skips the build.
+    # Also in the archive: unpacked into .gpu_build/ of a later checkout, they spare that run the build.
     mkdir -p "${out}/${cache}" && cp "${cache}"/*.so "${out}/${cache}/"
   fi
 fi
@@ -158,10 +158,10 @@ PY
 fi
 
 # Stages (all by default; name some to rerun only those): tests, each benchmark, bench_train. Each has a time
-# limit, so that one that hangs leaves the rest of the lease to the others.
+# limit, so that one that hangs leaves the rest of the deadline to the others.
 stages=("${@:2}")
-# By default in the order of what the issues need most, so that a deadline cuts the least needed: correctness,
-# the loss and attention targets, the end-to-end run, then the tile sizes and the layer ops.
+# By default in order of importance, so that a deadline cuts the least needed: correctness, the loss and
+# attention benchmarks, the end-to-end run, then the tile sizes and the layer ops.
 (( ${#stages[@]} )) || stages=(tests bench_linear_cross_entropy bench_attention bench_train tune_attention bench_layers)
 test_status=0
 for stage in "${stages[@]}"; do
@@ -198,7 +198,7 @@ for stage in "${stages[@]}"; do
       echo "== tune_attention"
       timeout "${limit}" "${py}" tools/tune_attention.py --json="${out}/tune_attention.json" > "${out}/tune_attention.log" 2>&1 \
         || { echo "FAILED tune_attention"; tail -20 "${out}/tune_attention.log"; } ;;
-    bench_train)  # issue 8 end to end: codex_ml's Trainer vs the HF Trainer vs a plain loop, 40 steps
+    bench_train)  # end to end: codex_ml's Trainer vs the HF Trainer vs a plain loop, 40 steps
       [[ "${preset}" == gpu ]] || continue
       echo "== bench_train (--preset=gpu --steps=40)"
       timeout "${limit}" "${py}" -m codex_ml.cli.bench_train --preset=gpu --steps=40 --json="${out}/bench_train.json" \

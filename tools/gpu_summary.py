@@ -1,8 +1,9 @@
-"""The short table tools/gpu_check.sh prints last: the issues' target figures, read from the benchmarks' JSON rows.
+"""The short table tools/gpu_check.sh prints last: the GPU kernels' ratios against their targets, from the
+benchmarks' JSON files.
 
     python3 tools/gpu_summary.py OUT_DIR     (OUT_DIR holds bench_*.json, as tools/gpu_check.sh writes them)
 
-Ratios only compare rows measured in the same run. Each section says which target it answers.
+Ratios only compare rows measured in the same run. Each section names the target its ratios are held to.
 """
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ from pathlib import Path
 
 
 def _load(out: Path, name: str) -> list[dict]:
+    """The rows of OUT_DIR/name.json: a result file ({"meta": ..., "rows": [...]}) or a plain list of rows."""
     path = out / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else []
+    if not path.exists():
+        return []
+    content = json.loads(path.read_text())
+    return content["rows"] if isinstance(content, dict) else content
 
 
 def _table(header: list[str], rows: list[list[str]]) -> None:
@@ -33,7 +38,7 @@ def loss_section(rows: list[dict]) -> None:
         return
     first = rows[0]
     print(f"linear_cross_entropy N={first['N']} H={first['H']} V={first['V']} {first['dtype']} "
-          "(issue 3: time <= 0.85x ref, memory <= 0.05x ref, time <= 1.00x liger)")
+          "(target: time <= 0.85x ref, memory <= 0.05x ref, time <= 1.00x liger)")
     liger = {r["pass"]: r["time_ms"] for r in rows if r["impl"] == "liger"}
     table = []
     for r in rows:
@@ -53,7 +58,7 @@ def attention_section(rows: list[dict]) -> None:
         print(f"bf16 matmul peak measured: {peak:.0f} TFLOP/s")
     target = [r for r in rows if r["T"] == 4096 and r["D"] == 128 and r["causal"] and r["B"] * r["H"] >= 128]
     shown = target or rows
-    print("attention, causal, T=4096, D=128 (issue 4: triton fwd >= 1.0x SDPA and >= 450 TFLOP/s, bwd >= 0.8x SDPA)"
+    print("attention, causal, T=4096, D=128 (target: triton fwd >= 1.0x SDPA and >= 450 TFLOP/s, bwd >= 0.8x SDPA)"
           if target else "attention (every row)")
     _table(["impl", "B", "H", "pass", "time_ms", "TFLOP/s", "SDPA/ours"],
            [[r["impl"], str(r["B"]), str(r["H"]), r["pass"], f"{r['time_ms']:.3f}", f"{r['tflops']:.0f}",
@@ -99,16 +104,18 @@ def train_section(rows: list[dict]) -> None:
     first = rows[0]
     print(f"bench_train {first['params'] / 1e6:.1f}M params, {first['batch']}x{first['seq_len']} tokens, "
           f"{first['steps']} steps, {first['device']} {first['precision']} "
-          "(issue 8: >= 1.3x hf_trainer tokens/s, <= 0.7x its memory, >= 1.1x plain_torch, equal loss)")
-    hf = next((r for r in rows if r["impl"] == "hf_trainer"), None)
+          "(target: >= 1.3x hf_trainer tokens/s, <= 0.7x its memory, >= 1.1x plain_torch, equal loss)")
     table = []
-    for r in rows:
-        mem_key = "peak_gpu_mb" if r.get("peak_gpu_mb") is not None else "peak_rss_mb"
-        vs_hf = r["tokens_per_s"] / hf["tokens_per_s"] if hf else None
-        mem_vs_hf = r[mem_key] / hf[mem_key] if hf and hf.get(mem_key) else None
-        table.append([r["impl"], f"{r['tokens_per_s']:.0f}", _x(vs_hf), f"{r[mem_key]:.0f} ({mem_key})",
-                      _x(mem_vs_hf), f"{r['final_loss']:.4f}"])
-    _table(["impl", "tokens/s", "vs hf", "peak memory MB", "vs hf", "final loss"], table)
+    for settings in dict.fromkeys(r.get("settings") for r in rows):  # each settings group against its own rows
+        group = [r for r in rows if r.get("settings") == settings]
+        hf = next((r for r in group if r["impl"] == "hf_trainer"), None)
+        for r in group:
+            mem_key = "peak_gpu_mb" if r.get("peak_gpu_mb") is not None else "peak_rss_mb"
+            vs_hf = r["tokens_per_s"] / hf["tokens_per_s"] if hf else None
+            mem_vs_hf = r[mem_key] / hf[mem_key] if hf and hf.get(mem_key) else None
+            table.append([settings or "as_shipped", r["impl"], f"{r['tokens_per_s']:.0f}", _x(vs_hf),
+                          f"{r[mem_key]:.0f} ({mem_key})", _x(mem_vs_hf), f"{r['final_loss']:.4f}"])
+    _table(["settings", "impl", "tokens/s", "vs hf", "peak memory MB", "vs hf", "final loss"], table)
 
 
 def main(argv: list[str]) -> int:

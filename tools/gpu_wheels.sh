@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Fetches (from PyPI, on this machine) the wheels tools/gpu_check.sh installs on a lent GPU machine, which
-# reaches no package index: liger-kernel, for the loss benchmark's comparison only (no dependency of
-# codex_ml). They land in .whl/ (git-ignored); pass carry=[".whl"] with the device run.
+# Fetches (from PyPI, on a machine with network access) the wheels tools/gpu_check.sh installs on a GPU machine
+# that may reach no package index: liger-kernel, for the benchmarks' comparisons only (no dependency of
+# codex_ml). They land in .whl/ (git-ignored); copy .whl/ with the checkout to the GPU machine.
 #   usage: tools/gpu_wheels.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -2,12 +2,12 @@
 
     python3 tools/tune_attention.py [--quick] [--json=PATH]     (tools/gpu_check.sh runs it as stage tune_attention)
 
-At issue 4's shape (B=8, H=32, T=4096, D=128, bf16, causal), forward and backward apart, each candidate is first
-checked against torch's scaled_dot_product_attention on the same inputs (a fast but wrong config must not win),
-then timed (median of repeats, CUDA events) beside SDPA in the same run. Rows: pass, block_m, block_n, num_warps,
-num_stages, default (the config _config picks now), time_ms, tflops, sdpa_time_ms, ratio (SDPA's time / ours),
-rel_err (max abs error over max abs of SDPA's result, worst of the outputs), status ("ok", "wrong" above 2e-2,
-"does not fit" where the kernel needs more shared memory or registers than the GPU has, or the error).
+At the attention target's shape (B=8, H=32, T=4096, D=128, bf16, causal), forward and backward apart, each candidate
+is first checked against torch's scaled_dot_product_attention on the same inputs (a fast but wrong config must not
+win), then timed (median of repeats, CUDA events) beside SDPA in the same run. Rows: pass, block_m, block_n,
+num_warps, num_stages, default (the config _config picks now), time_ms, tflops, sdpa_time_ms, ratio (SDPA's time /
+ours), rel_err (max abs error over max abs of SDPA's result, worst of the outputs), status ("ok", "wrong" above
+2e-2, "does not fit" where the kernel needs more shared memory or registers than the GPU has, or the error).
 --quick: two configs at a tiny fp32 shape, in the Triton interpreter on the CPU (TRITON_INTERPRET=1), to test
 this script without a GPU.
 """

@@ -1,0 +1,159 @@
+"""The figure tables of README.md and docs/benchmarks.md are what tools/bench_tables.py renders from the committed
+result files in benchmarks/results/, and the renderer computes each ratio from the rows of one file."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+RUNFILES = Path(os.environ["RUNFILES_DIR"]) / "codex_ml"
+_spec = importlib.util.spec_from_file_location("bench_tables", RUNFILES / "tools" / "bench_tables.py")
+bench_tables = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_tables)
+
+META = {"bench": "bench_train", "preset": "cpu", "argv": ["--preset=cpu"], "commit": "0123abc",
+        "date": "2026-12-02T09:30:00Z", "machine": {"cpu": "Test CPU", "cores": 2, "gpu": None, "hostname_hash": None},
+        "load_avg": [1.25, 1.75], "versions": {"python": "3.11.7", "torch": "2.13.0+cpu"}}
+
+
+def _train_row(impl: str, settings: str, tokens_per_s: float, rss: float) -> dict:
+    return {"impl": impl, "settings": settings, "tokens_per_s": tokens_per_s, "tokens_per_s_median": tokens_per_s,
+            "peak_rss_mb": rss, "final_loss": 5.235}
+
+
+def _write(root: Path, name: str, meta: dict, rows: list[dict]) -> Path:
+    path = root / "benchmarks" / "results" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "rows": rows}))
+    return path
+
+
+def _train_rows() -> list[dict]:
+    return [_train_row("codex_ml", "as_shipped", 1300.0, 1000.0),
+            _train_row("hf_trainer", "as_shipped", 1000.0, 2000.0),
+            _train_row("plain_torch", "as_shipped", 1040.0, 2100.0),
+            _train_row("codex_ml", "same_settings", 1200.0, 1100.0),
+            _train_row("hf_trainer", "same_settings", 1000.0, 2000.0),
+            _train_row("plain_torch", "same_settings", 960.0, 2100.0)]
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    _write(tmp_path, "bench_train-cpu", META, _train_rows())
+    (tmp_path / "README.md").write_text(
+        "# x\n\n<!-- bench:bench_train-cpu:headline -->\n<!-- /bench -->\n\nprose stays\n")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "benchmarks.md").write_text(
+        "<!-- bench:bench_train-cpu -->\nold text\n<!-- /bench -->\n"
+        "<!-- bench:bench_attention-gpu -->\n<!-- /bench -->\n")
+    return tmp_path
+
+
+def _check(root: Path) -> int:
+    return bench_tables.main(["--check", "--root", str(root)])
+
+
+def test_committed_tables_match_the_result_files(capsys):
+    """The real pages and benchmarks/results/: run `python3 tools/bench_tables.py` when this fails."""
+    assert _check(RUNFILES) == 0, capsys.readouterr().err
+
+
+def test_the_pages_carry_the_tables():
+    readme = (RUNFILES / "README.md").read_text()
+    benchmarks = (RUNFILES / "docs" / "benchmarks.md").read_text()
+    assert "<!-- bench:bench_train-cpu:headline -->" in readme
+    for name in ("bench_train-cpu", "bench_linear_cross_entropy-cpu", "bench_attention-cpu", "bench_layers-cpu"):
+        assert f"<!-- bench:{name} -->" in benchmarks
+
+
+def test_rewrite_then_check_passes(root: Path):
+    assert _check(root) == 1
+    assert bench_tables.main(["--root", str(root)]) == 0
+    assert _check(root) == 0
+    readme = (root / "README.md").read_text()
+    assert "prose stays" in readme
+    # Both settings, each ratio from its own group of rows of the one file.
+    assert "- as shipped: 1.30x the HF Trainer's tokens/s at 0.50x its peak memory, 1.25x the plain loop's " \
+           "tokens/s;" in readme
+    assert "- same process settings: 1.20x the HF Trainer's tokens/s at 0.55x its peak memory, 1.25x the plain " \
+           "loop's tokens/s." in readme
+    assert "_Measured 2026-12-02T09:30:00Z on Test CPU, 2 cores, no GPU; commit 0123abc; load average 1.2 → 1.8" \
+        in readme
+    benchmarks = (root / "docs" / "benchmarks.md").read_text()
+    assert "old text" not in benchmarks
+    assert "| same process settings | codex_ml | 1,200 | 1,200 | 1,100 | 5.2350 | 1.20x | 0.55x | 1.25x |" \
+        in benchmarks
+    assert "_No result file yet: run `tools/bazel run //kernels:bench_attention -- --preset=gpu " \
+           "--json=$PWD/benchmarks/results/bench_attention-gpu.json`" in benchmarks
+
+
+def test_an_indented_marker_indents_its_table(root: Path):
+    (root / "README.md").write_text("- item:\n  <!-- bench:bench_train-cpu:headline -->\n  <!-- /bench -->\n- next\n")
+    assert bench_tables.main(["--root", str(root)]) == 0
+    lines = (root / "README.md").read_text().splitlines()
+    assert lines[1:4] == ["  <!-- bench:bench_train-cpu:headline -->",
+                          "  - as shipped: 1.30x the HF Trainer's tokens/s at 0.50x its peak memory, 1.25x the plain "
+                          "loop's tokens/s;",
+                          "  - same process settings: 1.20x the HF Trainer's tokens/s at 0.55x its peak memory, "
+                          "1.25x the plain loop's tokens/s."]
+    assert lines[4] == "" and lines[5].startswith("  _Measured ") and lines[6:] == ["  <!-- /bench -->", "- next"]
+    assert _check(root) == 0
+
+
+def test_a_changed_figure_fails_the_check(root: Path, capsys):
+    bench_tables.main(["--root", str(root)])
+    rows = _train_rows()
+    rows[1]["tokens_per_s"] = 1100.0  # the HF Trainer, as shipped
+    _write(root, "bench_train-cpu", META, rows)
+    assert _check(root) == 1
+    err = capsys.readouterr().err
+    assert "README.md: table bench:bench_train-cpu:headline differs" in err
+    assert "docs/benchmarks.md: table bench:bench_train-cpu differs" in err
+
+
+def test_a_hand_edited_table_fails_the_check(root: Path):
+    bench_tables.main(["--root", str(root)])
+    page = root / "docs" / "benchmarks.md"
+    page.write_text(page.read_text().replace("1.30x", "1.40x"))
+    assert _check(root) == 1
+
+
+def test_a_new_result_file_fails_the_check_until_rendered(root: Path):
+    bench_tables.main(["--root", str(root)])
+    _write(root, "bench_attention-gpu", {**META, "bench": "bench_attention", "preset": "gpu"}, [
+        {"kernel": "attention", "impl": "triton", "B": 1, "H": 8, "T": 2048, "D": 64, "dtype": "bfloat16",
+         "causal": True, "pass": "fwd", "time_ms": 2.0, "ref_time_ms": 2.5, "tflops": 100.0, "peak_mem_mb": 1.0,
+         "ref_peak_mem_mb": 1.0}])
+    assert _check(root) == 1
+    bench_tables.main(["--root", str(root)])
+    assert "| triton | 1 × 8 × 2048 × 64 | bfloat16 | yes | fwd | 2.00 | 2.50 | 0.80x |" in \
+        (root / "docs" / "benchmarks.md").read_text()
+
+
+def test_kernel_ratios_come_from_each_row():
+    rows = [{"impl": "cpu", "N": 8, "H": 4, "V": 16, "dtype": "float32", "pass": "fwd", "time_ms": 3.0,
+             "ref_time_ms": 4.0, "floor_time_ms": 2.5, "compiled_ref_time_ms": None, "peak_mem_mb": 32.0,
+             "ref_peak_mem_mb": 2048.0}]
+    table = bench_tables.linear_cross_entropy_table({"meta": META, "rows": rows})
+    assert "| cpu | 8 × 4 × 16 | float32 | fwd | 3.00 | 4.00 | – | 2.50 | 0.75x | 1.20x | 32.0 | 2,048 |" in table
+    layers = bench_tables.layers_table({"meta": META, "rows": [
+        {"kernel": "rms_norm", "impl": "cpu", "shape": "[4, 512, 384]", "dtype": "float32", "pass": "fwd+bwd",
+         "time_ms": 3.5, "ref_time_ms": 17.5, "peak_mem_mb": 5.9, "ref_peak_mem_mb": 17.8}]})
+    assert "| rms_norm | cpu | `[4, 512, 384]` | float32 | fwd+bwd | 3.50 | 17.5 | 0.20x | 5.90 | 17.8 |" in layers
+
+
+def test_bad_markers_and_files_are_named(root: Path, capsys):
+    (root / "README.md").write_text("<!-- bench:bench_nothing-cpu -->\n<!-- /bench -->\n")
+    assert _check(root) == 2
+    assert "table 'bench_nothing-cpu'" in capsys.readouterr().err
+    (root / "README.md").write_text("<!-- bench:bench_train-cpu:plot -->\n<!-- /bench -->\n")
+    assert _check(root) == 2
+    assert "bench_train has the views headline, table" in capsys.readouterr().err
+    (root / "README.md").write_text("<!-- bench:bench_train-cpu -->\n<!-- /bench -->\n")
+    (root / "benchmarks" / "results" / "bench_train-cpu.json").write_text(json.dumps([{"impl": "codex_ml"}]))
+    assert _check(root) == 2
+    assert "expected an object with 'meta' and 'rows'" in capsys.readouterr().err
