@@ -18,8 +18,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from codex_ml.checkpoint.core import CheckpointError, save_checkpoint  # noqa: E402
+from codex_ml.cli.export import main  # noqa: E402
 from codex_ml.models import GPT, GPTConfig  # noqa: E402
-from codex_ml.models.export import ExportError, export_hf, main  # noqa: E402
+from codex_ml.models.export import ExportError, export_hf  # noqa: E402
 from codex_ml.tokenization import Tokenizer  # noqa: E402
 
 THETA = 5000.0
