@@ -14,8 +14,9 @@ from pathlib import Path
 
 
 def _load(out: Path, name: str) -> list[dict]:
+    """The rows of a result file ({"meta": ..., "rows": [...]}, codex_ml/kernels/bench/record.py)."""
     path = out / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else []
+    return json.loads(path.read_text())["rows"] if path.exists() else []
 
 
 def _table(header: list[str], rows: list[list[str]]) -> None:
@@ -100,15 +101,15 @@ def train_section(rows: list[dict]) -> None:
     print(f"bench_train {first['params'] / 1e6:.1f}M params, {first['batch']}x{first['seq_len']} tokens, "
           f"{first['steps']} steps, {first['device']} {first['precision']} "
           "(issue 8: >= 1.3x hf_trainer tokens/s, <= 0.7x its memory, >= 1.1x plain_torch, equal loss)")
-    hf = next((r for r in rows if r["impl"] == "hf_trainer"), None)
     table = []
-    for r in rows:
+    for r in rows:  # ratios against the HF Trainer under the same settings (as_shipped, same_settings)
+        hf = next((h for h in rows if h["impl"] == "hf_trainer" and h["settings"] == r["settings"]), None)
         mem_key = "peak_gpu_mb" if r.get("peak_gpu_mb") is not None else "peak_rss_mb"
         vs_hf = r["tokens_per_s"] / hf["tokens_per_s"] if hf else None
         mem_vs_hf = r[mem_key] / hf[mem_key] if hf and hf.get(mem_key) else None
-        table.append([r["impl"], f"{r['tokens_per_s']:.0f}", _x(vs_hf), f"{r[mem_key]:.0f} ({mem_key})",
-                      _x(mem_vs_hf), f"{r['final_loss']:.4f}"])
-    _table(["impl", "tokens/s", "vs hf", "peak memory MB", "vs hf", "final loss"], table)
+        table.append([r["impl"], r["settings"], f"{r['tokens_per_s']:.0f}", _x(vs_hf),
+                      f"{r[mem_key]:.0f} ({mem_key})", _x(mem_vs_hf), f"{r['final_loss']:.4f}"])
+    _table(["impl", "settings", "tokens/s", "vs hf", "peak memory MB", "vs hf", "final loss"], table)
 
 
 def main(argv: list[str]) -> int:

@@ -87,6 +87,8 @@ def test_summary_prints_the_targets_ratios(tmp_path):
            "floor_time_ms": 70.0, "compiled_ref_time_ms": None}
     attn = {"kernel": "attention", "B": 8, "H": 32, "T": 4096, "D": 128, "dtype": "bfloat16", "causal": True,
             "peak_mem_mb": 1.0, "ref_peak_mem_mb": 1.0}
+    train = {"params": 1e8, "batch": 16, "seq_len": 1024, "steps": 40, "device": "cuda", "precision": "bf16",
+             "peak_rss_mb": 9.0, "final_loss": 4.0}
     rows = {
         "bench_linear_cross_entropy": [dict(lce, impl="triton", time_ms=80.0), dict(lce, impl="liger", time_ms=64.0)],
         "bench_attention": [
@@ -94,14 +96,14 @@ def test_summary_prints_the_targets_ratios(tmp_path):
             dict(attn, impl="triton", **{"pass": "fwd"}, time_ms=2.0, ref_time_ms=3.0, tflops=500.0),
         ],
         "bench_train": [
-            {"impl": "codex_ml", "params": 1e8, "batch": 16, "seq_len": 1024, "steps": 40, "device": "cuda",
-             "precision": "bf16", "tokens_per_s": 300.0, "peak_rss_mb": 9.0, "peak_gpu_mb": 600.0, "final_loss": 4.0},
-            {"impl": "hf_trainer", "params": 1e8, "batch": 16, "seq_len": 1024, "steps": 40, "device": "cuda",
-             "precision": "bf16", "tokens_per_s": 200.0, "peak_rss_mb": 9.0, "peak_gpu_mb": 1000.0, "final_loss": 4.0},
+            dict(train, impl="codex_ml", settings="as_shipped", tokens_per_s=300.0, peak_gpu_mb=600.0),
+            dict(train, impl="hf_trainer", settings="as_shipped", tokens_per_s=200.0, peak_gpu_mb=1000.0),
+            dict(train, impl="codex_ml", settings="same_settings", tokens_per_s=330.0, peak_gpu_mb=600.0),
+            dict(train, impl="hf_trainer", settings="same_settings", tokens_per_s=300.0, peak_gpu_mb=1000.0),
         ],
     }
-    for name, content in rows.items():
-        (tmp_path / f"{name}.json").write_text(json.dumps(content))
+    for name, content in rows.items():  # result files: the rows and the run's metadata
+        (tmp_path / f"{name}.json").write_text(json.dumps({"meta": {"bench": name}, "rows": content}))
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_summary.py"), str(tmp_path)],
                             capture_output=True, text=True, check=True)
     lines = result.stdout.splitlines()
@@ -110,7 +112,8 @@ def test_summary_prints_the_targets_ratios(tmp_path):
     assert "bf16 matmul peak measured: 790 TFLOP/s" in result.stdout
     triton_attention = next(line for line in lines if line.startswith("triton") and " fwd " in line)
     assert triton_attention.split()[-2:] == ["500", "1.50x"]
-    assert next(line for line in lines if line.startswith("codex_ml")).split()[2] == "1.50x"
+    codex = [line.split() for line in lines if line.startswith("codex_ml")]
+    assert [(c[1], c[3]) for c in codex] == [("as_shipped", "1.50x"), ("same_settings", "1.10x")]
     assert "bench_layers: no rows" in result.stdout
 
 
@@ -120,7 +123,9 @@ def test_tune_attention_runs_in_the_interpreter(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "tune_attention.py"), "--quick", f"--json={out}"],
                             capture_output=True, text=True, env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    rows = json.loads(out.read_text())
+    record = json.loads(out.read_text())
+    rows = record["rows"]
+    assert (record["meta"]["bench"], record["meta"]["preset"]) == ("tune_attention", "quick")
     assert {r["pass"] for r in rows} == {"fwd", "bwd"}
     assert all(r["status"] == "ok" and r["rel_err"] < 1e-4 and r["time_ms"] > 0 for r in rows), rows
     assert sum(r["default"] for r in rows) == 2  # the default config of each pass is among the candidates
