@@ -55,6 +55,7 @@ cp -rL python/codex_ml/. "${tree}/codex_ml/"
 rm -rf "${tree}/codex_ml/kernels" "${tree}/codex_ml/_version.py"
 mkdir -p "${tree}/codex_ml/kernels"
 cp -rL kernels/__init__.py kernels/triton kernels/bench "${tree}/codex_ml/kernels/"
+cp -rL benchmarks "${tree}/benchmarks"  # bench_train: not part of the package
 find "${tree}" -name __pycache__ -prune -exec rm -rf {} +
 version="$(sed -n 's/^VERSION = "\(.*\)"$/\1/p' tools/version.bzl)"
 echo "__version__ = \"${version}\"  # generated from tools/version.bzl" > "${tree}/codex_ml/_version.py"
@@ -142,7 +143,9 @@ import codex_ml.ops
 names = ["codex_ml.ops." + m.name for m in pkgutil.iter_modules(codex_ml.ops.__path__)]
 names += [m.name for m in pkgutil.walk_packages(codex_ml.kernels.__path__, "codex_ml.kernels.")
           if importlib.util.find_spec(m.name).origin.endswith(".py")]  # not the compiled libraries
-names.append("codex_ml.cli.bench_train")
+import benchmarks.train_bench
+names += ["benchmarks.bench_train"] + ["benchmarks.train_bench." + m.name
+                                       for m in pkgutil.iter_modules(benchmarks.train_bench.__path__)]
 for name in names:
     importlib.import_module(name)
 print(f"imported {len(names)} modules")
@@ -201,7 +204,7 @@ for stage in "${stages[@]}"; do
     bench_train)  # end to end: codex_ml's Trainer vs the HF Trainer vs a plain loop, 40 steps
       [[ "${preset}" == gpu ]] || continue
       echo "== bench_train (--preset=gpu --steps=40)"
-      timeout "${limit}" "${py}" -m codex_ml.cli.bench_train --preset=gpu --steps=40 --json="${out}/bench_train.json" \
+      timeout "${limit}" "${py}" -m benchmarks.bench_train --preset=gpu --steps=40 --json="${out}/bench_train.json" \
         > "${out}/bench_train.log" 2>&1 || { echo "FAILED bench_train"; tail -20 "${out}/bench_train.log"; } ;;
     bench_*)
       echo "== ${stage} (--preset=${preset})"

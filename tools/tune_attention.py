@@ -21,7 +21,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from codex_ml.kernels.bench import common
+from codex_ml.kernels.bench import common, record
 from codex_ml.kernels.triton import attention as kernels
 
 TOLERANCE = 2e-2
@@ -45,9 +45,11 @@ def _rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shape in the Triton interpreter (no GPU)")
-    parser.add_argument("--json", default=None, help="write the rows to this JSON file")
+    parser.add_argument("--json", default=None, help="write the result file (codex_ml/kernels/bench/record.py)")
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
+    results = record.ResultFile(args.json, "tune_attention", "quick" if args.quick else "gpu",
+                                sys.argv[1:] if argv is None else argv)
     if args.quick:
         if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             print("--quick runs in the Triton interpreter: set TRITON_INTERPRET=1")
@@ -102,10 +104,10 @@ def main(argv: list[str] | None = None) -> int:
                 name = type(err).__name__
                 row["status"] = "does not fit" if name in ("OutOfResources", "OutOfMemoryError") else f"{name}: {err}"
             rows.append(row)
-            common.write_json(rows, args.json, quiet=True)  # the rows so far: a run stopped at its limit keeps them
+            results.write(rows)  # the rows so far: a run stopped at its limit keeps them
     rows.sort(key=lambda r: (r["pass"] != "fwd", r["time_ms"] is None, r["time_ms"] or 0.0))
     common.print_table(rows)
-    common.write_json(rows, args.json)
+    results.write(rows, quiet=False)
     return 0
 
 

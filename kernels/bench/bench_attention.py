@@ -86,16 +86,17 @@ def run_case(b, h, t, d, dtype, device, causal, impls, repeats) -> list[dict]:
 
 
 def main() -> None:
-    args = common.parse_args(__doc__.splitlines()[0])
+    args = common.parse_args(__doc__)
+    results = common.result_file("bench_attention", args)
     rows = [matmul_peak_row(args.repeats or 10)] if args.preset == "gpu" and torch.cuda.is_available() else []
     for b, h, t, d, dtype, device, causals, impls, repeats in PRESETS[args.preset]:
         if device == "cuda" and not torch.cuda.is_available():
             sys.exit(f"preset {args.preset!r} needs a CUDA GPU and none is available")
         for causal in causals:
             rows += run_case(b, h, t, d, dtype, device, causal, impls, args.repeats or repeats)
-            common.write_json(rows, args.json, quiet=True)  # the rows so far
+            results.write(rows)  # the rows so far
     common.print_table(rows)
-    common.write_json(rows, args.json)
+    results.write(rows, quiet=False)
 
 
 if __name__ == "__main__":

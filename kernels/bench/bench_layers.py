@@ -161,15 +161,16 @@ def run_case(rms_shape, swiglu_shape, rotary_shape, dtypes, device, impls, repea
 
 
 def main() -> None:
-    args = common.parse_args(__doc__.splitlines()[0])
+    args = common.parse_args(__doc__)
+    results = common.result_file("bench_layers", args)
     rows = []
     for rms_shape, swiglu_shape, rotary_shape, dtypes, device, impls, repeats in PRESETS[args.preset]:
         if device == "cuda" and not torch.cuda.is_available():
             sys.exit(f"preset {args.preset!r} needs a CUDA GPU and none is available")
         rows += run_case(rms_shape, swiglu_shape, rotary_shape, dtypes, device, impls, args.repeats or repeats)
-        common.write_json(rows, args.json, quiet=True)  # the rows so far
+        results.write(rows)  # the rows so far
     common.print_table(rows)
-    common.write_json(rows, args.json)
+    results.write(rows, quiet=False)
 
 
 if __name__ == "__main__":

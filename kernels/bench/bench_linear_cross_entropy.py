@@ -137,15 +137,16 @@ def run_case(n: int, h: int, v: int, dtype: torch.dtype, device: str, impls: tup
 
 
 def main() -> None:
-    args = common.parse_args(__doc__.splitlines()[0])
+    args = common.parse_args(__doc__)
+    results = common.result_file("bench_linear_cross_entropy", args)
     rows = []
     for n, h, v, dtype, device, impls, repeats in PRESETS[args.preset]:
         if device == "cuda" and not torch.cuda.is_available():
             sys.exit(f"preset {args.preset!r} needs a CUDA GPU and none is available")
         rows += run_case(n, h, v, dtype, device, impls, args.repeats or repeats)
-        common.write_json(rows, args.json, quiet=True)  # the rows so far
+        results.write(rows)  # the rows so far
     common.print_table(rows)
-    common.write_json(rows, args.json)
+    results.write(rows, quiet=False)
 
 
 if __name__ == "__main__":

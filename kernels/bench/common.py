@@ -1,4 +1,4 @@
-"""Shared helpers of the kernel benchmarks: flags, timing, peak memory, a table and a JSON file.
+"""Shared helpers of the kernel benchmarks: flags, timing, peak memory, a table and the result file (record.py).
 
 Memory is measured as the peak *extra* memory a call needs over what was allocated before it:
 - CUDA: torch.cuda peak allocator statistics (max_memory_allocated after reset_peak_memory_stats,
@@ -14,15 +14,18 @@ Memory is measured as the peak *extra* memory a call needs over what was allocat
 
 from __future__ import annotations
 
-import argparse
 import ctypes
-import json
 import os
 import statistics
+import sys
 import time
 from typing import Callable
 
 import torch
+from absl import flags
+
+from codex_ml.cli.common import enter_working_directory, parse_flags
+from codex_ml.kernels.bench.record import ResultFile
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
@@ -37,21 +40,32 @@ def _fix_mmap_threshold() -> None:
 _fix_mmap_threshold()
 
 
-def parse_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
-    """Flags every benchmark takes: --preset=quick|cpu|gpu, --json=PATH, --repeats=N.
+def define_flags(fv: flags.FlagValues) -> None:
+    """Flags every benchmark takes: --preset=quick|cpu|gpu, --json=PATH, --repeats=N."""
+    flags.DEFINE_enum("preset", "quick", ["quick", "cpu", "gpu"],
+                      "shape set: quick (seconds, for a smoke run), cpu (the CPU figures), gpu (CUDA)", flag_values=fv)
+    flags.DEFINE_string("json", None, "write the result file (record.py: the rows and the run's metadata) here",
+                        flag_values=fv)
+    flags.DEFINE_integer("repeats", None, "timed repeats per case (median reported)", flag_values=fv)
 
-    Under `bazel run` the working directory is first set to BUILD_WORKING_DIRECTORY, so a relative
-    --json path resolves where the user ran bazel.
+
+def parse_args(description: str, argv: list[str] | None = None) -> flags.FlagValues:
+    """The benchmark's flags (define_flags) from argv (default: sys.argv[1:]), parsed as every codex_ml command parses
+    its flags (codex_ml.cli.common).
+
+    Under `bazel run` the working directory is then set to BUILD_WORKING_DIRECTORY, so a relative --json path
+    resolves where the user ran bazel.
     """
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--preset", choices=("quick", "cpu", "gpu"), default="quick",
-                        help="shape set: quick (seconds, for a smoke run), cpu (the CPU figures), gpu (CUDA)")
-    parser.add_argument("--json", default=None, help="write the result rows to this JSON file")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per case (median reported)")
-    args = parser.parse_args(argv)
-    if os.environ.get("BUILD_WORKING_DIRECTORY"):
-        os.chdir(os.environ["BUILD_WORKING_DIRECTORY"])
+    argv = sys.argv[1:] if argv is None else argv
+    prog = os.path.basename(sys.argv[0]).removesuffix(".py")  # bench_NAME, or "codex-bench NAME"
+    args, _ = parse_flags(prog, description, define_flags, argv)
+    enter_working_directory()
     return args
+
+
+def result_file(bench: str, args: flags.FlagValues) -> ResultFile:
+    """The result file of this run (--json; none without it), its metadata taken now."""
+    return ResultFile(args.json, bench, args.preset, sys.argv[1:])
 
 
 def _sync() -> None:
@@ -150,20 +164,6 @@ def print_table(rows: list[dict]) -> None:
     print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
     for c in cells:
         print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
-
-
-def write_json(rows: list[dict], path: str | None, quiet: bool = False) -> None:
-    """Writes rows as a JSON list to path (nothing when path is None), atomically: the benchmarks rewrite it after
-    every case (quiet), so a run stopped at a time limit leaves the rows it measured."""
-    if path is None:
-        return
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with open(path + ".part", "w") as out:
-        json.dump(rows, out, indent=2)
-    os.replace(path + ".part", path)
-    if not quiet:
-        print(f"wrote {len(rows)} rows to {path}")
 
 
 def liger_functional():

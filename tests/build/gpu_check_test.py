@@ -125,7 +125,9 @@ def test_tune_attention_runs_in_the_interpreter(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "tune_attention.py"), "--quick", f"--json={out}"],
                             capture_output=True, text=True, env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    rows = json.loads(out.read_text())
+    record = json.loads(out.read_text())
+    rows = record["rows"]
+    assert (record["meta"]["bench"], record["meta"]["preset"]) == ("tune_attention", "quick")
     assert {r["pass"] for r in rows} == {"fwd", "bwd"}
     assert all(r["status"] == "ok" and r["rel_err"] < 1e-4 and r["time_ms"] > 0 for r in rows), rows
     assert sum(r["default"] for r in rows) == 2  # the default config of each pass is among the candidates

@@ -18,8 +18,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from codex_ml.checkpoint.core import CheckpointError, save_checkpoint  # noqa: E402
+from codex_ml.cli.export import main  # noqa: E402
 from codex_ml.models import GPT, GPTConfig  # noqa: E402
-from codex_ml.models.export import ExportError, export_hf, main  # noqa: E402
+from codex_ml.models.export import ExportError, export_hf  # noqa: E402
 from codex_ml.tokenization import Tokenizer  # noqa: E402
 
 THETA = 5000.0
@@ -147,3 +148,16 @@ def test_out_under_a_file_and_a_checkpoint_that_is_an_empty_directory(tmp_path, 
     err = capsys.readouterr().err
     assert "empty is empty: not a checkpoint" in err and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "ckpt", "empty"]
+
+
+def test_command_line_help_and_usage_errors(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and out.startswith("codex-export:") and "--out:" in out and "--dtype:" in out
+    for argv, message in ((["--checkpoint=x"], "the following arguments are required: --out"),
+                          (["--checkpoint=x", "--out=y", "--dtype=int8"], "flag --dtype=int8: value should be one of")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith(f"export: error: {message}") and err.count("\n") == 1, err

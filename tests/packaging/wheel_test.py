@@ -134,7 +134,7 @@ def test_metadata_tags_and_console_scripts():
     scripts = wheel[f"{DIST_INFO}/entry_points.txt"].decode().splitlines()
     assert scripts[0] == "[console_scripts]"
     assert dict(line.split(" = ") for line in scripts[1:]) == CONSOLE_SCRIPTS
-    assert set(CONSOLE_SCRIPTS) == {"codex-train", "codex-generate", "codex-tokenize", "codex-bench"}
+    assert set(CONSOLE_SCRIPTS) == {"codex-train", "codex-generate", "codex-tokenize", "codex-bench", "codex-export"}
 
 
 def test_record_lists_every_file_with_its_digest():
@@ -281,12 +281,19 @@ print(layers.__file__)
     assert len(extensions) == 2 and all(path.startswith(str(venv)) for path in extensions), result.stdout
 
 
+# A flag each command's --help must list.
+HELP_NAMES = {"codex-bench": "--list", "codex-export": "--out", "codex-generate": "--checkpoint",
+              "codex-tokenize": "--output", "codex-train": "--gin_file"}
+
+
 @pytest.mark.parametrize("script", sorted(CONSOLE_SCRIPTS))
 def test_console_script_is_installed_and_runs(venv, work, script):
     assert (venv / "bin" / script).is_file()
     result = run(venv, script, "--help", cwd=work)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert "--help" in result.stdout or "--gin_file" in result.stdout, result.stdout
+    assert HELP_NAMES[script] in result.stdout, result.stdout
+    bad = run(venv, script, "--bogus", cwd=work)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--help" in bad.stderr, bad.stderr
 
 
 def test_python_m_delegates_to_the_console_scripts(venv, work):

@@ -55,7 +55,7 @@ def test_gin_help_lists_configurables_and_parameters(tmp_path):
 
 
 @pytest.mark.parametrize("module", ["codex_ml", "codex_ml.cli.generate", "codex_ml.cli.tokenizer",
-                                    "codex_ml.models.export", "codex_ml.cli.bench"])
+                                    "codex_ml.cli.export", "codex_ml.cli.bench"])
 def test_the_other_commands_usage_errors_are_one_line(tmp_path, module):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     proc = subprocess.run([sys.executable, "-m", module, "--bogus"], cwd=tmp_path, env=env, capture_output=True,

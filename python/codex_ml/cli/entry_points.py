@@ -7,6 +7,7 @@ returns an exit status (or None), as pip's generated console-script wrappers exp
 
 CONSOLE_SCRIPTS = {
     "codex-bench": "codex_ml.cli.bench:main",
+    "codex-export": "codex_ml.cli.export:main",
     "codex-generate": "codex_ml.cli.generate:main",
     "codex-tokenize": "codex_ml.cli.tokenizer:main",
     "codex-train": "codex_ml.cli.train:console_main",

@@ -6,40 +6,42 @@
 
 --checkpoint is a run directory (its newest valid checkpoint), a checkpoint directory, or a Hugging Face
 model folder (with --adapter, a LoRA adapter folder). Greedy by default (temperature 0). Text matching a
-secret pattern is withheld unless --no-filter_secrets. Exit codes: 0 done, 2 bad input.
+secret pattern is withheld unless --nofilter_secrets. Exit codes: 0 done, 2 bad input.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-from codex_ml.cli.common import ArgumentParser, enter_working_directory
+from absl import flags
+
+from codex_ml.cli.common import enter_working_directory, parse_flags
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="generate", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory, or HF model folder")
-    p.add_argument("--adapter", help="a LoRA adapter folder (for a Hugging Face --checkpoint)")
-    p.add_argument("--prompt", required=True, help="the prompt text, or - to read it from standard input")
-    p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    p.add_argument("--top_k", type=int, default=0, help="sample among the k likeliest tokens (0: off)")
-    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
-    p.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True, help="use the KV cache")
-    p.add_argument("--filter_secrets", action=argparse.BooleanOptionalAction, default=True,
-                   help="withhold text that matches a secret pattern (API keys, private keys, tokens)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (Hugging Face models)")
-    p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
-    return p
+def define_flags(fv: flags.FlagValues) -> None:
+    """generate's flags."""
+    flags.DEFINE_string("checkpoint", None, "run directory, checkpoint directory, or HF model folder", flag_values=fv)
+    flags.DEFINE_string("adapter", None, "a LoRA adapter folder (for a Hugging Face --checkpoint)", flag_values=fv)
+    flags.DEFINE_string("prompt", None, "the prompt text, or - to read it from standard input", flag_values=fv)
+    flags.DEFINE_integer("max_new_tokens", 128, "the most tokens to generate", flag_values=fv)
+    flags.DEFINE_float("temperature", 0.0, "0 is greedy", flag_values=fv)
+    flags.DEFINE_integer("top_k", 0, "sample among the k likeliest tokens (0: off)", flag_values=fv)
+    flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass (1: off)", flag_values=fv)
+    flags.DEFINE_multi_string("stop", [], "stop before this string (repeatable)", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "the sampling seed", flag_values=fv)
+    flags.DEFINE_bool("cache", True, "use the KV cache", flag_values=fv)
+    flags.DEFINE_bool("filter_secrets", True,
+                      "withhold text that matches a secret pattern (API keys, private keys, tokens)", flag_values=fv)
+    flags.DEFINE_string("device", "cpu", "cpu, cuda or auto", flag_values=fv)
+    flags.DEFINE_string("dtype", "float32", "float32, bfloat16 or float16 (Hugging Face models)", flag_values=fv)
+    flags.DEFINE_bool("json", False, "print one JSON object at the end instead of streaming", flag_values=fv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    """Runs the command on `argv` (default: sys.argv[1:]); returns the exit status."""
+    args, _ = parse_flags("generate", __doc__, define_flags, sys.argv[1:] if argv is None else argv,
+                          required=("checkpoint", "prompt"))
     enter_working_directory()
     from codex_ml.checkpoint import CheckpointError
     from codex_ml.models.generation import GenerationError, SamplingConfig, load_model, stream

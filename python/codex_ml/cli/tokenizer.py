@@ -8,39 +8,55 @@
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 
-from codex_ml.cli.common import ArgumentParser, enter_working_directory
+from absl import flags
+
+from codex_ml.cli.common import HELP, enter_working_directory, parse_flags, usage_error
 from codex_ml.data import DataError, read_corpus
 from codex_ml.tokenization import Tokenizer, TokenizerError
 from codex_ml.tokenization.tokenizer import check_utf8
 
 
+def define_train_flags(fv: flags.FlagValues) -> None:
+    """`tokenize train`'s flags; its arguments are the sources."""
+    flags.DEFINE_string("output", None, "where to write the model file", flag_values=fv)
+    flags.DEFINE_integer("vocab_size", 8000, "the vocabulary size", flag_values=fv)
+    flags.DEFINE_enum("model_type", "bpe", ["bpe", "unigram"], "the SentencePiece model type", flag_values=fv)
+    flags.DEFINE_float("character_coverage", 1.0, "the share of characters the vocabulary covers", flag_values=fv)
+    flags.DEFINE_bool("byte_fallback", True, "unknown characters as bytes (needed for an exact round trip)",
+                      flag_values=fv)
+    flags.DEFINE_integer("num_threads", 2, "training threads (part of the recipe)", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "replace an existing --output file", flag_values=fv)
+
+
+def define_codec_flags(fv: flags.FlagValues) -> None:
+    """`tokenize encode`'s and `tokenize decode`'s flags; the argument is the text (encode) or the ids (decode)."""
+    flags.DEFINE_string("model", None, "a model file made by `tokenize train`", flag_values=fv)
+
+
+COMMANDS = {"train": (define_train_flags, ("output",), None), "encode": (define_codec_flags, ("model",), 1),
+            "decode": (define_codec_flags, ("model",), 1)}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="tokenize", description=__doc__,
-                            formatter_class=argparse.RawTextHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a SentencePiece model on sources")
-    train.add_argument("--output", required=True, help="where to write the model file")
-    train.add_argument("--vocab_size", type=int, default=8000)
-    train.add_argument("--model_type", choices=("bpe", "unigram"), default="bpe")
-    train.add_argument("--character_coverage", type=float, default=1.0)
-    train.add_argument("--byte_fallback", action=argparse.BooleanOptionalAction, default=True,
-                       help="unknown characters as bytes (needed for an exact round trip)")
-    train.add_argument("--num_threads", type=int, default=2, help="training threads (part of the recipe)")
-    train.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
-    train.add_argument("sources", nargs="*", help="files, directories or globs (default: the Python stdlib)")
-    for name in ("encode", "decode"):
-        p = sub.add_parser(name, help=f"{name} with a trained model")
-        p.add_argument("--model", required=True, help="a model file made by `tokenize train`")
-        p.add_argument("input", nargs="?", help="text (encode) or ids (decode); default: standard input")
-    args = parser.parse_args(argv)
+    """Runs `tokenize COMMAND [flags] [arguments]` on `argv` (default: sys.argv[1:]); returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] and argv[0] in HELP:
+        sys.stdout.write(__doc__.strip() + "\n\n`tokenize COMMAND --help` lists a command's flags.\n")
+        return 0
+    if not argv:
+        usage_error("tokenize", "the following arguments are required: command (train, encode or decode)")
+    command = argv[0]
+    if command not in COMMANDS:
+        usage_error("tokenize", f"argument command: invalid choice: {command!r} (choose from train, encode, decode)")
+    define, required, max_args = COMMANDS[command]
+    args, rest = parse_flags(f"tokenize {command}", __doc__, define, argv[1:], required=required, max_args=max_args)
     enter_working_directory()
     try:
-        if args.command == "train":
-            corpus = read_corpus(args.sources or None)
+        if command == "train":
+            corpus = read_corpus(rest or None)
             tok = Tokenizer.train((d.text for d in corpus.documents), args.output, vocab_size=args.vocab_size,
                                   model_type=args.model_type, character_coverage=args.character_coverage,
                                   byte_fallback=args.byte_fallback, num_threads=args.num_threads,
@@ -49,9 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         tok = Tokenizer.load(args.model)
         # Bytes, decoded here: a text stream would raise UnicodeDecodeError (or pass surrogates) on non-UTF-8 input.
-        data = check_utf8(args.input if args.input is not None else sys.stdin.buffer.read(),
-                          "the input" if args.input is not None else "standard input")
-        if args.command == "encode":
+        data = check_utf8(rest[0] if rest else sys.stdin.buffer.read(), "the input" if rest else "standard input")
+        if command == "encode":
             print(" ".join(map(str, tok.encode(data))))
         else:
             words = data.split()

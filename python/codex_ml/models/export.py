@@ -17,7 +17,7 @@ between equal-score segmentations differently: runs of whitespace may come out a
 another order (same count, different ids). The export encodes probe texts both ways and records whether
 they agreed in codex_ml_export.json ("tokenizer_ids_match"), with a warning when they did not.
 
-  python -m codex_ml.models.export --checkpoint=PATH --out=DIR [--dtype=float32|bfloat16|float16]
+The command: codex-export (codex_ml/cli/export.py).
 """
 
 from __future__ import annotations
@@ -26,17 +26,15 @@ import json
 import logging
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from codex_ml.checkpoint.core import MANIFEST, CheckpointError, latest_valid_checkpoint
-from codex_ml.cli.common import ArgumentParser
-from codex_ml.models.gpt import GPT
+from codex_ml.checkpoint.core import MANIFEST, latest_valid_checkpoint
+from codex_ml.models.gpt import GPT, GPTConfig
 from codex_ml.models.native import load_native
-from codex_ml.tokenization.tokenizer import SPECIAL_IDS, Tokenizer, TokenizerError, blocking_file, file_sha256
+from codex_ml.tokenization.tokenizer import SPECIAL_IDS, Tokenizer, blocking_file, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +53,15 @@ class ExportError(ValueError):
     """The export cannot proceed (bad dtype, existing output, mismatched tokenizer); the message says the fix."""
 
 
-def hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The model's weights under LlamaForCausalLM names, cast to `dtype`, contiguous, each stored once.
+def llama_weight_names(config: GPTConfig) -> dict[str, str]:
+    """codex_ml GPT parameter name -> LlamaForCausalLM's, for a GPT of `config`.
 
-    A tied lm_head is left out: LlamaForCausalLM with tie_word_embeddings=True ties it to embed_tokens on load.
+    A tied lm_head has no entry: LlamaForCausalLM with tie_word_embeddings=True ties it to embed_tokens on load.
     """
-    c = model.config
-    src = model.state_dict()
     names = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
-    if not c.tie_embeddings:
+    if not config.tie_embeddings:
         names["lm_head.weight"] = "lm_head.weight"
-    for i in range(c.n_layer):
+    for i in range(config.n_layer):
         ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
         names[ours + "attn_norm.weight"] = theirs + "input_layernorm.weight"
         names[ours + "mlp_norm.weight"] = theirs + "post_attention_layernorm.weight"
@@ -73,6 +69,15 @@ def hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, t
             names[f"{ours}attn.{p}_proj.weight"] = f"{theirs}self_attn.{p}_proj.weight"
         for p in ("gate", "up", "down"):
             names[f"{ours}mlp.{p}_proj.weight"] = f"{theirs}mlp.{p}_proj.weight"
+    return names
+
+
+def hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The model's weights under LlamaForCausalLM names (llama_weight_names), cast to `dtype`, contiguous, each
+    stored once."""
+    c = model.config
+    src = model.state_dict()
+    names = llama_weight_names(c)
     leftover = set(src) - set(names) - ({"lm_head.weight"} if c.tie_embeddings else set())
     if leftover:  # a new GPT parameter this mapping does not know would silently be dropped
         raise ExportError(f"GPT parameters without a Llama name: {sorted(leftover)}; extend hf_state_dict.")
@@ -236,26 +241,3 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, dtyp
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="codex_ml.models.export",
-                            description="Export a native checkpoint as a Hugging Face Llama folder.")
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint directory or a run directory")
-    parser.add_argument("--out", required=True, help="the folder to create (absent or empty)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the stored weights")
-    args = parser.parse_args(argv)
-    from codex_ml.cli.common import enter_working_directory
-
-    enter_working_directory()
-    try:
-        out = export_hf(args.checkpoint, args.out, dtype=args.dtype)
-    except (ExportError, CheckpointError, TokenizerError, OSError) as err:
-        print(f"export: error: {err}", file=sys.stderr)
-        return 2
-    print(f"exported {args.checkpoint} -> {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

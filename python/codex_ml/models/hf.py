@@ -83,7 +83,7 @@ def _check_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def _check_folder(path: Path) -> None:
     if not path.is_dir():
         raise HFModelError(f"Hugging Face model folder {path} does not exist: give a local folder made by "
-                           "`save_pretrained` (or `python -m codex_ml.models.export`); nothing is downloaded.")
+                           "`save_pretrained` (or `codex-export`); nothing is downloaded.")
     if not (path / "config.json").is_file():
         raise HFModelError(f"{path} has no config.json, so it is not a Hugging Face model folder.")
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):

@@ -1,0 +1,160 @@
+"""End-to-end training benchmark: codex_ml's Trainer against the Hugging Face Trainer and a plain PyTorch loop.
+
+    tools/bazel run //benchmarks:bench_train -- --preset=cpu --json=runs/bench_train/cpu.json
+
+(`//python:bench_train` is the same target.) One decoder model is trained three ways (train_bench/runners.py):
+- codex_ml:    codex_ml.training.Trainer on codex_ml.models.GPT (attention and loss on codex_ml.ops kernels);
+- hf_trainer:  transformers.Trainer on LlamaForCausalLM of the same shape (SDPA attention, full logits);
+- plain_torch: a nanoGPT-style loop over train_bench/plain_gpt.py (F.scaled_dot_product_attention with
+               enable_gqa, F.cross_entropy on the full [tokens, vocabulary] logits).
+
+Two comparisons in one run (--settings), each with its own ratios:
+- as_shipped: each framework as its users run it. codex_ml sets glibc to keep freed blocks (its Trainer's
+  keep_freed_memory, part of its speed) and its fp32 CPU products (its projections, through codex_ml.ops.linear,
+  and its fused loss) go to oneDNN on AVX-512 CPUs that are not Intel's (kernels/include/cpu_gemm.h; elsewhere to
+  ATen's MKL); the HF Trainer and the plain loop keep glibc's defaults and PyTorch's products (ATen's MKL).
+- same_settings: the process settings identical for all three, so the difference is codex_ml's own kernels and
+  trainer: glibc keeps freed blocks in all three, and all three products go to ATen (MKL): CODEX_CPU_GEMM=aten
+  for codex_ml, since PyTorch's own fp32 layers have no switch to oneDNN that keeps fp32 numerics.
+Each row records what it ran with: `settings`, `allocator` ("keep_freed" or "glibc_default") and `cpu_gemm`
+("onednn" or "aten"; null on CUDA). On CUDA only the allocator part applies (to the CPU side of the process).
+
+Fairness, by construction:
+- Same model math and the same initial weights: the driver initializes one codex_ml GPT (fixed seed) and every
+  implementation loads those weights (renamed for Llama by codex_ml.models.export.llama_weight_names), so the
+  first losses agree to float rounding.
+- Same data: a deterministic synthetic corpus (Zipf-distributed "phrases" repeated with 5% noise, so the loss
+  falls) cut into identical (input_ids, targets) batches, in the same order, for all three. The HF Trainer
+  gets `shift_labels` = targets, so it solves the same next-token problem over all seq_len positions.
+- Same optimizer and schedule: AdamW (weight decay on matrices only, PyTorch's fused kernel), the same
+  lr/betas/weight decay, linear warmup then constant lr, gradient clipping at the same norm, the same number
+  of steps, no gradient accumulation, no evaluation, no MLflow, no checkpoints except the final one the codex_ml
+  Trainer always writes (after the last step: outside the timing, inside its process's peak RSS).
+- Same threads (torch.set_num_threads; each row records the count after training) and precision (fp32 on CPU,
+  bf16 autocast on CUDA). Nothing is compiled.
+- Not the same, on purpose: the plain loop holds its logits through the backward pass, as a nanoGPT-style
+  `logits, loss = model(x, y)` loop does.
+
+Measurements. Each implementation runs, under each settings, in its own fresh Python process
+(train_bench/worker.py). The processes are alive at once but run in lockstep (train_bench/lockstep.py): an
+optimizer step hook hands the turn back to the driver after every step, and the driver lets one process at a
+time run its next step, rotating the order each step. So only one computes at any moment (with all the threads),
+and load from other jobs on a shared machine falls on all of them alike instead of on whichever happened to run
+during it. All six processes are alive at once: the cpu preset needs about 10 GB of memory (one settings: half).
+- tokens_per_s: batch * seq_len * timed steps / their summed durations, over the steps after the first
+  `timing_warmup`. A step's duration runs from the process getting its turn to the end of its optimizer step,
+  so the framework's work between steps (data, logging, zeroing gradients, clipping) is included and start-up,
+  the warmup steps and the final checkpoint are not. tokens_per_s_median and tokens_per_s_best use the median
+  and the shortest timed step: other jobs only add time, so these resist them (step_s holds every timed step's
+  seconds); load_avg_1m (the 1-minute load average when the process started and ended) shows whether there
+  were any.
+- peak_rss_mb: the process's resident-set high-water mark (VmHWM in /proc/self/status) when it exits, i.e.
+  imports, model, optimizer state and training together. Not ru_maxrss: Linux carries that across execve,
+  so a child would report at least its parent's size. train_peak_rss_mb is VmHWM right after the last
+  optimizer step and base_rss_mb the resident set when the worker starts (torch imported, the framework of the
+  implementation not yet: the HF side's transformers and accelerate add about 230 MB to its peak after it).
+- final_loss: the training loss of the last step (the same batch for all three); losses: every step's.
+
+The result file (--json; default runs/bench_train/<preset>.json) is codex_ml.kernels.bench.record's format:
+{"meta": {...}, "rows": [...]}, one row per implementation and settings; a PNG plot is written beside it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from absl import flags
+
+from benchmarks.train_bench.lockstep import run_lockstep
+from benchmarks.train_bench.report import make_rows, print_table, write_plot
+from benchmarks.train_bench.spec import IMPLS, PRESETS, SETTINGS, BenchSpec, gpt_config
+from codex_ml.cli.common import enter_working_directory, parse_flags, usage_error
+from codex_ml.kernels.bench.record import ResultFile
+
+PROG = "bench_train"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    """bench_train's flags."""
+    flags.DEFINE_enum("preset", "quick", list(PRESETS),
+                      "quick (seconds, tiny model), cpu (the CPU target, minutes), gpu (CUDA, bf16)", flag_values=fv)
+    flags.DEFINE_string("json", None, "the result file; default runs/bench_train/<preset>.json", flag_values=fv)
+    flags.DEFINE_string("plot", None, "PNG of loss and throughput; default: --json with .png", flag_values=fv)
+    flags.DEFINE_list("impls", list(IMPLS), "comma-separated subset of " + ", ".join(IMPLS), flag_values=fv)
+    flags.DEFINE_list("settings", list(SETTINGS), "comma-separated subset of " + ", ".join(SETTINGS) +
+                      " (see the description above)", flag_values=fv)
+    flags.DEFINE_integer("steps", None, "override the preset's optimizer steps", flag_values=fv)
+    flags.DEFINE_integer("threads", None, "torch threads in every process", flag_values=fv)
+    flags.DEFINE_string("work_dir", None,
+                        "keep the children's logs and run directories here (default: a temporary directory)",
+                        flag_values=fv)
+
+
+def _subset(flag: str, given: list[str], choices: tuple[str, ...]) -> list[str]:
+    """The chosen names in their canonical order; a usage error for an empty list or an unknown name."""
+    if not given or set(given) - set(choices):
+        usage_error(PROG, f"--{flag} must name some of {', '.join(choices)}, got {','.join(given)!r}")
+    return [c for c in choices if c in given]
+
+
+def resolve_spec(args: flags.FlagValues) -> BenchSpec:
+    """The preset with the command line's overrides; a usage error for a run that cannot be made."""
+    spec = PRESETS[args.preset]
+    if args.steps is not None:
+        spec = replace(spec, steps=args.steps)
+    spec = replace(spec, threads=args.threads or spec.threads or torch.get_num_threads())
+    if spec.timing_warmup < 1 or spec.steps <= spec.timing_warmup:
+        usage_error(PROG, f"--steps must exceed the {spec.timing_warmup} untimed warmup steps")
+    if spec.device.startswith("cuda") and not torch.cuda.is_available():
+        usage_error(PROG, f"--preset={args.preset} needs a CUDA device and none is available")
+    return spec
+
+
+def save_init(spec: BenchSpec, path: Path) -> None:
+    """The shared initial weights: a codex_ml GPT initialized from the seed."""
+    from codex_ml.models.gpt import GPT
+
+    torch.manual_seed(spec.seed)
+    torch.save(GPT(gpt_config(spec)).state_dict(), path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the benchmark on `argv` (default: sys.argv[1:]); returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, _ = parse_flags(PROG, __doc__, define_flags, argv)
+    impls = _subset("impls", args.impls, IMPLS)
+    settings = _subset("settings", args.settings, SETTINGS)
+    spec = resolve_spec(args)
+    enter_working_directory()  # under `bazel run`: outputs where the user ran it
+    json_path = args.json or os.path.join("runs", "bench_train", f"{args.preset}.json")
+    plot_path = args.plot or os.path.splitext(json_path)[0] + ".png"
+    results = ResultFile(json_path, PROG, args.preset, argv)
+    print(f"{PROG} --preset={args.preset}: {spec.n_layer} layers x d_model {spec.d_model}, vocab "
+          f"{spec.vocab_size}, batch {spec.batch} x {spec.seq_len} tokens, {spec.steps} steps "
+          f"({spec.timing_warmup} untimed), {spec.threads} threads, {spec.device} {spec.precision}; "
+          f"{', '.join(impls)} under {', '.join(settings)}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        work = Path(args.work_dir).resolve() if args.work_dir else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        init_path = work / "init.pt"
+        save_init(spec, init_path)
+        measured = run_lockstep([(impl, s) for s in settings for impl in impls], spec, work, init_path)
+    rows = make_rows(spec, measured)
+    for row in rows:
+        if not all(math.isfinite(x) for x in row["losses"]):
+            print(f"warning: {row['impl']} ({row['settings']}) had a non-finite loss", file=sys.stderr)
+    print_table(rows)
+    results.write(rows)
+    write_plot(rows, plot_path)
+    print(f"wrote {json_path} and {plot_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
