@@ -56,7 +56,8 @@ class Trainer:
     """
 
     def __init__(self, config: TrainerConfig, *, model: torch.nn.Module, data: Any, run_dir: str | os.PathLike,
-                 process: ProcessInfo, operative_config: str | Callable[[], str] = "", model_config: dict[str, Any] | None = None):
+                 process: ProcessInfo, operative_config: str | Callable[[], str] = "",
+                 model_config: dict[str, Any] | None = None):
         _check_model_fits(config, model)
         self.config, self.process, self.data, self.run_dir = config, process, data, Path(run_dir)
         self.operative_config = operative_config  # the gin text, or a function that returns it
