@@ -124,6 +124,19 @@ def test_resume_refuses_other_tokenizer(tmp_path):
         make_trainer(tmp_path, data=data, max_steps=4).fit(resume="auto")
 
 
+def test_the_config_is_frozen_and_holds_tuples():
+    import dataclasses
+
+    from codex_ml.training import TrainerConfig
+
+    config = TrainerConfig(betas=[0.8, 0.9], metrics=["loss"])
+    assert config.betas == (0.8, 0.9) and config.metrics == ("loss",)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.max_steps = 5
+    with pytest.raises(ConfigError, match=r"Trainer.max_steps must be a positive integer, got 0"):
+        dataclasses.replace(config, max_steps=0)
+
+
 def test_bad_options_are_rejected_clearly(tmp_path):
     with pytest.raises(ConfigError, match="precision"):
         make_trainer(tmp_path, precision="fp8")

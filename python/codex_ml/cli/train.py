@@ -114,7 +114,7 @@ def _explain_gin_error(error: Exception) -> str:
                 "Run with --gin_help to list every configurable and its parameters.")
     denied = re.search(r"Configurable '([^']+)' has denylisted kwarg '([^']+)'", text)
     if denied:
-        hint = " Bind train.cache_dir instead." if denied.group(2) == "cache_dir" else ""
+        hint = f" Bind train.{denied.group(2)} instead." if denied.group(2) in ("cache_dir", "seed") else ""
         return (f"{denied.group(1)}.{denied.group(2)} cannot be bound: train passes it itself{where}.{hint} "
                 "Run with --gin_help to list the parameters that can be bound.")
     return f"Invalid gin configuration: {first_line}{where}"

@@ -27,6 +27,17 @@ class StepOutcome:
     tokens_per_s: float = 0.0  # timed by the caller
 
 
+def data_parallel(model: torch.nn.Module, process: ProcessInfo) -> torch.nn.Module | None:
+    """The model wrapped for training across processes (DistributedDataParallel: each process keeps a full copy and
+    gradients are averaged), or None for a single process."""
+    if process.world_size == 1:
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = process.device
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 class TrainStep:
     """The model as the step runs it (DDP-wrapped under torchrun, torch.compile'd if asked), its optimizer,
     schedule and fp16 loss scaler. `model` stays the plain module: it is what checkpoints save."""
@@ -37,14 +48,8 @@ class TrainStep:
         self.model = model
         self.autocast_dtype = AUTOCAST_DTYPES[config.precision]
         self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
-        step_model: torch.nn.Module = model
-        self.ddp = None
-        if process.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            device = process.device
-            self.ddp = step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                            else None)
+        self.ddp = data_parallel(model, process)
+        step_model = self.ddp if self.ddp is not None else model
         self.step_model = torch.compile(step_model) if config.compile else step_model
 
     def __call__(self, step: int, batches: Iterator[dict[str, Any]]) -> StepOutcome:
