@@ -42,12 +42,14 @@ def test_native_gpt_training_step_compiles_with_inductor_in_one_graph():
 
 
 def test_trainer_compile_trains_as_eager_does(tmp_path):
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
     options = dict(max_steps=3, batch_size=2, seq_len=16, eval_batches=0, warmup_steps=0, device="cpu")
     eager = make_trainer(tmp_path / "eager", model=_tiny_gpt(), **options).fit()
-    compiled_trainer = make_trainer(tmp_path / "compiled", model=_tiny_gpt(), compile=True, **options)
-    compiled = compiled_trainer.fit()
-    assert isinstance(compiled_trainer.train_step.step_model, torch._dynamo.eval_frame.OptimizedModule)
+    counters.clear()
+    compiled = make_trainer(tmp_path / "compiled", model=_tiny_gpt(), compile=True, **options).fit()
+    assert counters["stats"]["unique_graphs"] >= 1  # the step ran compiled
     assert compiled.status == eager.status == "finished"
     assert sorted(compiled.train_losses) == [1, 2, 3]
     for step, loss in eager.train_losses.items():

@@ -50,7 +50,7 @@ def import_configurables() -> list[types.ModuleType]:
             if info.name.rsplit(".", 1)[-1] == "gin_config"]
 
 
-def _configurable(selector: str):
+def _configurable(selector: str) -> gin.config.Configurable | None:
     """gin's record (name, selector, wrapped function or class, denylist) of a configurable, or None."""
     from gin.config import ParseContext
 
@@ -60,7 +60,7 @@ def _configurable(selector: str):
         return None
 
 
-def configurables() -> list:
+def configurables() -> list[gin.config.Configurable]:
     """Every gin configurable of codex_ml, sorted by selector. gin keeps no public list: these are the names that
     the gin_config modules define or import and that gin resolves to that same function or class."""
     found = {}
@@ -72,7 +72,7 @@ def configurables() -> list:
     return [found[selector] for selector in sorted(found)]
 
 
-def _parameters(configurable) -> dict[str, inspect.Parameter]:
+def _parameters(configurable: gin.config.Configurable) -> dict[str, inspect.Parameter]:
     target = configurable.wrapped
     signature = inspect.signature(target.__init__ if inspect.isclass(target) else target)
     denied = set(configurable.denylist or ())
