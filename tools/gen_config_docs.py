@@ -1,18 +1,15 @@
-"""Writes docs/configuration-reference.md from the gin registry, so the reference cannot go stale.
+"""Writes docs/configuration-reference.md from the gin configurables, so the reference cannot go stale.
 
 Usage: gen_config_docs.py [OUTPUT]   (default: print to stdout). The test
 //tests/build:config_docs_test fails when the committed file differs from what this generates.
 """
 
-import importlib
 import inspect
-import pkgutil
 import sys
 
 import gin
-from gin import config as gin_config
 
-import codex_ml
+from codex_ml.cli.train import configurables
 
 HEADER = """# Configuration reference
 
@@ -23,16 +20,6 @@ current). Every gin configurable of codex_ml, its parameters and their defaults.
 """
 
 
-def import_configurables() -> list[str]:
-    """Imports every codex_ml.*.gin_config module (where configurables are registered)."""
-    names = []
-    for info in pkgutil.walk_packages(codex_ml.__path__, "codex_ml."):
-        if info.name.rsplit(".", 1)[-1] == "gin_config":
-            importlib.import_module(info.name)
-            names.append(info.name)
-    return sorted(names)
-
-
 def _default(param: inspect.Parameter) -> str:
     if param.default is inspect.Parameter.empty:
         return "required"
@@ -40,13 +27,8 @@ def _default(param: inspect.Parameter) -> str:
 
 
 def render() -> str:
-    import_configurables()
     lines = [HEADER]
-    configurables = sorted(
-        (c for _, c in gin_config._REGISTRY.items() if c.module != "gin" and not c.module.startswith("gin.")),
-        key=lambda c: c.selector,
-    )
-    for configurable in configurables:
+    for configurable in configurables():
         target = configurable.wrapped
         fn = target.__init__ if inspect.isclass(target) else target
         own_doc = target.__dict__.get("__doc__") if inspect.isclass(target) else target.__doc__

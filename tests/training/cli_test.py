@@ -26,6 +26,7 @@ def _train(*args, cwd):
         ("prepare_data.cache_dir = '/tmp/x'", "prepare_data.cache_dir cannot be bound: train passes it itself.*"
          "Bind train.cache_dir instead"),
         ("GPT.config = None", "GPT.config cannot be bound: train passes it itself"),
+        ("Trainer.seed = 1", "Trainer.seed cannot be bound: train passes it itself.*Bind train.seed instead"),
     ],
 )
 def test_bad_bindings_exit_2_with_a_clear_message(tmp_path, binding, expected):
@@ -33,6 +34,13 @@ def test_bad_bindings_exit_2_with_a_clear_message(tmp_path, binding, expected):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert re.search(expected, proc.stderr), proc.stderr
+
+
+def test_a_wrong_trainer_setting_is_refused_before_anything_is_prepared_or_written(tmp_path):
+    proc = _train("--gin_bindings=Trainer.precision = 'fp8'", f"--run_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == "error: Trainer.precision = 'fp8' is not one of fp32, bf16, fp16."
+    assert not (tmp_path / "run").exists() and not (tmp_path / ".cache").exists()
 
 
 def test_missing_gin_file_is_named(tmp_path):

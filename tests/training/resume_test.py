@@ -19,7 +19,7 @@ import torch
 from standins import TinyConfig, TinyLM, make_trainer
 
 from codex_ml.checkpoint import CheckpointError, latest_valid_checkpoint, list_checkpoints, load_model_state
-from codex_ml.training.trainer import ConfigError
+from codex_ml.training import ConfigError
 
 HERE = Path(__file__).absolute().parent
 N = 4

@@ -101,16 +101,19 @@ class TinyLM(torch.nn.Module):
         return 6 * sum(p.numel() for p in self.parameters())
 
 
-def make_trainer(run_dir, *, seed=0, dropout=0.1, data=None, model=None, **kwargs):
-    """A Trainer over the stand-ins; the model is built right after seeding, as the experiment does."""
-    from codex_ml.training import Trainer, seed_everything
+def make_trainer(run_dir, *, seed=0, dropout=0.1, data=None, model=None, operative_config="", **settings):
+    """A Trainer over the stand-ins, set up as the command line does: the config (TrainerConfig fields as keyword
+    arguments), then the process, then the model, built right after seeding as the experiment does."""
+    from codex_ml.training import Trainer, TrainerConfig, seed_everything, setup_process
 
+    defaults = dict(batch_size=4, seq_len=16, max_steps=8, learning_rate=1e-2, warmup_steps=2, eval_every=0,
+                    eval_batches=2, checkpoint_every=0, log_every=1, mlflow=False, device="cpu")
+    config = TrainerConfig(seed=seed, **{**defaults, **settings})
+    process = setup_process(config)
     seed_everything(seed)
     model = model or TinyLM(TinyConfig(dropout=dropout))
-    options = dict(batch_size=4, seq_len=16, max_steps=8, learning_rate=1e-2, warmup_steps=2, eval_every=0,
-                   eval_batches=2, checkpoint_every=0, log_every=1, mlflow=False, device="cpu")
-    options.update(kwargs)
-    return Trainer(run_dir, model, data or StandinData(), seed=seed, **options)
+    return Trainer(config, model=model, data=data or StandinData(), run_dir=run_dir, process=process,
+                   operative_config=operative_config)
 
 
 SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT, "SIGKILL": signal.SIGKILL}

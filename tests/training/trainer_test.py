@@ -124,6 +124,19 @@ def test_resume_refuses_other_tokenizer(tmp_path):
         make_trainer(tmp_path, data=data, max_steps=4).fit(resume="auto")
 
 
+def test_the_config_is_frozen_and_holds_tuples():
+    import dataclasses
+
+    from codex_ml.training import TrainerConfig
+
+    config = TrainerConfig(betas=[0.8, 0.9], metrics=["loss"])
+    assert config.betas == (0.8, 0.9) and config.metrics == ("loss",)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.max_steps = 5
+    with pytest.raises(ConfigError, match=r"Trainer.max_steps must be a positive integer, got 0"):
+        dataclasses.replace(config, max_steps=0)
+
+
 def test_bad_options_are_rejected_clearly(tmp_path):
     with pytest.raises(ConfigError, match="precision"):
         make_trainer(tmp_path, precision="fp8")
@@ -210,7 +223,7 @@ def test_keep_freed_cpu_memory_avoids_page_faults_on_reallocation():
     import platform
     import resource
 
-    from codex_ml.training.trainer import keep_freed_cpu_memory
+    from codex_ml.training.setup import keep_freed_cpu_memory
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt settings are glibc's; this C library is " + (platform.libc_ver()[0] or "unknown"))
@@ -364,7 +377,14 @@ def test_the_max_seq_len_of_a_model_without_one_in_its_config_is_enforced(tmp_pa
 def test_train_checks_the_seed_and_the_model_config_type_before_preparing_data(tmp_path):
     from codex_ml.models.gpt import GPT, GPTConfig
     from codex_ml.models.hf import HFCausalLM, HFModelConfig
-    from codex_ml.training.experiment import train
+    from codex_ml.training import TrainerConfig, setup_process
+    from codex_ml.training.experiment import train as train_experiment
+
+    config = TrainerConfig(device="cpu", mlflow=False)
+    process = setup_process(config)
+
+    def train(run_dir, **kwargs):
+        return train_experiment(run_dir, config=config, process=process, **kwargs)
 
     def no_data(**kwargs):
         raise AssertionError("the data was prepared before the configuration was checked")

@@ -25,6 +25,7 @@ import types
 import typing
 from pathlib import Path
 
+import gin
 from absl import app, flags
 
 FLAGS = flags.FLAGS
@@ -41,23 +42,37 @@ class UsageError(Exception):
     """Bad input from the command line or a config file: reported in one paragraph, exit code 2."""
 
 
-def import_configurables() -> None:
+def import_configurables() -> list[types.ModuleType]:
     """Imports every codex_ml.<area>.gin_config module: each area registers its configurables there."""
     import codex_ml
 
-    for info in pkgutil.walk_packages(codex_ml.__path__, "codex_ml."):
-        if info.name.rsplit(".", 1)[-1] == "gin_config":
-            importlib.import_module(info.name)
+    return [importlib.import_module(info.name) for info in pkgutil.walk_packages(codex_ml.__path__, "codex_ml.")
+            if info.name.rsplit(".", 1)[-1] == "gin_config"]
 
 
-def _configurables() -> list:
-    from gin import config as gin_config
+def _configurable(selector: str) -> gin.config.Configurable | None:
+    """gin's record (name, selector, wrapped function or class, denylist) of a configurable, or None."""
+    from gin.config import ParseContext
 
-    return sorted((c for _, c in gin_config._REGISTRY.items() if not c.module.startswith("gin")),
-                  key=lambda c: c.selector)
+    try:
+        return ParseContext().get_configurable(selector)
+    except ValueError:  # a name that matches several configurables
+        return None
 
 
-def _parameters(configurable) -> dict[str, inspect.Parameter]:
+def configurables() -> list[gin.config.Configurable]:
+    """Every gin configurable of codex_ml, sorted by selector. gin keeps no public list: these are the names that
+    the gin_config modules define or import and that gin resolves to that same function or class."""
+    found = {}
+    for module in import_configurables():
+        for name, value in vars(module).items():
+            configurable = None if name.startswith("_") or not callable(value) else _configurable(name)
+            if configurable is not None and any(value is c for c in (configurable.wrapper, configurable.wrapped)):
+                found[configurable.selector] = configurable
+    return [found[selector] for selector in sorted(found)]
+
+
+def _parameters(configurable: gin.config.Configurable) -> dict[str, inspect.Parameter]:
     target = configurable.wrapped
     signature = inspect.signature(target.__init__ if inspect.isclass(target) else target)
     denied = set(configurable.denylist or ())
@@ -68,7 +83,7 @@ def _parameters(configurable) -> dict[str, inspect.Parameter]:
 def gin_help() -> str:
     """Every configurable with its parameters and defaults."""
     lines = []
-    for configurable in _configurables():
+    for configurable in configurables():
         lines.append(f"{configurable.name}  ({configurable.selector})")
         for name, param in _parameters(configurable).items():
             default = "REQUIRED" if param.default is inspect.Parameter.empty else repr(param.default)
@@ -88,18 +103,18 @@ def _explain_gin_error(error: Exception) -> str:
     where = f" ({location[0].lower()}{location[1:]})" if location else ""
     missing = re.search(r"No configurable matching '([^']+)'", text)
     if missing:
-        names = sorted({c.name for c in _configurables()} | {c.selector for c in _configurables()})
+        names = sorted({c.name for c in configurables()} | {c.selector for c in configurables()})
         return (f"Unknown configurable {missing.group(1)!r}{where}.{_suggest(missing.group(1), names)} "
                 "Run with --gin_help to list every configurable and its parameters.")
     param = re.search(r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'", text)
     if param:
-        owner = next((c for c in _configurables() if param.group(1) in (c.name, c.selector)), None)
+        owner = next((c for c in configurables() if param.group(1) in (c.name, c.selector)), None)
         valid = list(_parameters(owner)) if owner else []
         return (f"{param.group(1)} has no parameter {param.group(2)!r}{where}.{_suggest(param.group(2), valid)} "
                 "Run with --gin_help to list every configurable and its parameters.")
     denied = re.search(r"Configurable '([^']+)' has denylisted kwarg '([^']+)'", text)
     if denied:
-        hint = " Bind train.cache_dir instead." if denied.group(2) == "cache_dir" else ""
+        hint = f" Bind train.{denied.group(2)} instead." if denied.group(2) in ("cache_dir", "seed") else ""
         return (f"{denied.group(1)}.{denied.group(2)} cannot be bound: train passes it itself{where}.{hint} "
                 "Run with --gin_help to list the parameters that can be bound.")
     return f"Invalid gin configuration: {first_line}{where}"
@@ -129,12 +144,11 @@ def _matches(value: object, hint: object) -> bool:
     return True
 
 
-def check_binding_types() -> None:
-    """Rejects bound values whose type contradicts the parameter's annotation, naming binding and type."""
-    from gin import config as gin_config
-
-    for (_, selector), params in gin_config._CONFIG.items():
-        configurable = gin_config._REGISTRY.get_match(selector)
+def check_binding_types(config: dict) -> None:
+    """Rejects bound values whose type contradicts the parameter's annotation, naming binding and type. A gin
+    finalize hook: gin calls it with every binding, {(scope, selector): {parameter: value}}, after parsing."""
+    for (_, selector), params in config.items():
+        configurable = _configurable(selector)
         if configurable is None:
             continue
         target = configurable.wrapped
@@ -151,6 +165,9 @@ def check_binding_types() -> None:
                                  "Fix the value in the gin file or --gin_bindings.")
 
 
+gin.config.register_finalize_hook(check_binding_types)
+
+
 def _search_paths() -> list[str]:
     """Extra places to find configs: --gin_search_paths, then the packaged configs (runfiles or source tree)."""
     paths = [str(Path(p).expanduser()) for p in FLAGS.gin_search_paths]
@@ -162,8 +179,6 @@ def _search_paths() -> list[str]:
 
 
 def parse_gin() -> None:
-    import gin
-
     search_paths = _search_paths()
     for path in search_paths:
         gin.add_config_file_search_path(path)
@@ -179,26 +194,30 @@ def parse_gin() -> None:
     logging.disable(logging.ERROR)  # gin logs every search-path miss as an error while it looks for files.
     try:
         gin.parse_config_files_and_bindings(files, FLAGS.gin_bindings)
+    except UsageError:
+        raise
     except Exception as e:  # noqa: BLE001 - gin raises ValueError, SyntaxError, IOError...: all are config errors.
         raise UsageError(_explain_gin_error(e)) from e
     finally:
         logging.disable(logging.NOTSET)
-    check_binding_types()
 
 
-def default_run_dir() -> str:
+def default_run_dir(process) -> str:
+    """runs/<config name>-<timestamp>, the timestamp of rank 0 on every process."""
     name = Path(FLAGS.gin_file[-1]).stem if FLAGS.gin_file else "run"
     run_dir = f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # Every process must use rank 0's timestamp.
+    if process.world_size > 1:
         import torch.distributed as dist
 
-        from codex_ml.training import init_distributed
-
-        init_distributed()
         box = [run_dir]
         dist.broadcast_object_list(box, src=0)
         run_dir = box[0]
     return run_dir
+
+
+def _first_paragraph(error: Exception) -> str:
+    """Gin appends "In call to configurable ..." lines to an error raised inside a configurable."""
+    return str(error).split("\n  In call to configurable")[0]
 
 
 def check_writable(run_dir: Path) -> None:
@@ -212,14 +231,12 @@ def check_writable(run_dir: Path) -> None:
 
 
 def run() -> int:
-    import gin
-
     from codex_ml.checkpoint import CheckpointError
     from codex_ml.data import DataError
     from codex_ml.models import GPTConfigError
     from codex_ml.models.hf import HFModelError
     from codex_ml.tokenization import TokenizerError
-    from codex_ml.training import ConfigError
+    from codex_ml.training import ConfigError, TrainerConfig, setup_process
     from codex_ml.training.gin_config import train
 
     import_configurables()
@@ -230,24 +247,25 @@ def run() -> int:
         raise UsageError("No configuration given: pass --gin_file=configs/default.gin (or configs/smoke.gin for a "
                          "one-minute check), and optionally --gin_bindings. --gin_help lists every setting.")
     parse_gin()
-    errors = (ConfigError, CheckpointError, DataError, GPTConfigError, HFModelError, TokenizerError)
     try:
-        run_dir = Path(FLAGS.run_dir or default_run_dir()).expanduser().absolute()
-    except ConfigError as e:  # WORLD_SIZE without torchrun, found while agreeing on the default run_dir
-        raise UsageError(str(e)) from e
-    rank = int(os.environ.get("RANK", 0))
+        config = TrainerConfig()  # the Trainer.* bindings, validated
+        process = setup_process(config)  # the device, the process group (torchrun), allocator and determinism
+    except ConfigError as e:
+        raise UsageError(_first_paragraph(e)) from e
+    run_dir = Path(FLAGS.run_dir or default_run_dir(process)).expanduser().absolute()
     created = not run_dir.exists()
-    if rank == 0:
+    if process.is_main:
         check_writable(run_dir)
         print(f"Run directory: {run_dir}\nGin configuration:\n{gin.config_str()}", flush=True)
+    errors = (ConfigError, CheckpointError, DataError, GPTConfigError, HFModelError, TokenizerError)
     try:
-        result = train(run_dir=run_dir, resume=FLAGS.resume, operative_config=gin.operative_config_str)
+        result = train(run_dir=run_dir, config=config, process=process, resume=FLAGS.resume,
+                       operative_config=gin.operative_config_str)
     except errors as e:
-        if created and rank == 0 and run_dir.is_dir() and not any(run_dir.iterdir()):
+        if created and process.is_main and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()  # made by check_writable for a run that never started: leave no empty run behind
-        # Gin appends "In call to configurable ..." lines: the first paragraph is the message.
-        raise UsageError(str(e).split("\n  In call to configurable")[0]) from e
-    if rank == 0:
+        raise UsageError(_first_paragraph(e)) from e
+    if process.is_main:
         print(f"Done: {result.status} at step {result.step} ({result.tokens:,} tokens); run directory {run_dir}.")
     return 1 if result.status == "stopped_nonfinite" else 0
 

@@ -12,10 +12,12 @@ import torch
 
 from codex_ml.models.gpt import GPT, GPTConfig
 from codex_ml.models.hf import HFCausalLM, HFModelConfig
-from codex_ml.training.trainer import ConfigError, Trainer, TrainResult, check_seed, seed_everything
+from codex_ml.training.config import ConfigError, TrainerConfig
+from codex_ml.training.setup import ProcessInfo, seed_everything
+from codex_ml.training.trainer import Trainer, TrainResult
 
 # Each model class and the config type it takes: a mix-up would fail deep inside the model with an AttributeError.
-_MODEL_CONFIGS = ((GPT, GPTConfig), (HFCausalLM, HFModelConfig))
+_MODEL_PAIRS = ((GPT, GPTConfig), (HFCausalLM, HFModelConfig))
 
 
 @torch.no_grad()
@@ -49,6 +51,8 @@ def sample_text(model: torch.nn.Module, tokenizer: Any, prompt: str, *, max_new_
 def train(
     run_dir: str | os.PathLike,
     *,
+    config: TrainerConfig,
+    process: ProcessInfo,
     resume: str = "auto",
     operative_config: str | Callable[[], str] = "",
     seed: int = 0,
@@ -63,6 +67,8 @@ def train(
 
     Args:
       run_dir: where metrics, the operative config and checkpoints go.
+      config: the Trainer's settings (its seed is replaced by `seed`).
+      process: what setup_process(config) returned.
       resume: "auto", "never" or a checkpoint path (see Trainer.fit).
       seed: seeds Python, NumPy and torch before the model is built (and the data order, via Trainer).
       cache_dir: the data cache (tokenizer and token shards, reused by later runs); relative to the current
@@ -73,23 +79,43 @@ def train(
         from the tokenizer.
       sample_prompt: printed with a sampled continuation at the end; None to skip.
     """
+    _check_bindings(data_fn, model_fn, model_config)
+    config = dataclasses.replace(config, seed=seed)  # checks the seed: these before the data, which can take long
+    say = print if process.is_main else (lambda *args, **kwargs: None)
+    data = data_fn(cache_dir=str(Path(cache_dir).expanduser()), log=say)
+    model = _build_model(model_fn, model_config, data.tokenizer, seed, say)
+    trainer = Trainer(config, model=model, data=data, run_dir=run_dir, process=process,
+                      operative_config=operative_config)
+    result = trainer.fit(resume=resume)
+    if process.is_main and result.status == "finished" and callable(getattr(model, "save_adapter", None)):
+        say(f"LoRA adapter saved to {model.save_adapter(Path(run_dir) / 'adapter')} (load it with "
+            "HFModelConfig.peft_path or codex-generate --adapter).")
+    if process.is_main and sample_prompt is not None and result.status == "finished":
+        max_len = getattr(getattr(model, "config", None), "max_seq_len", None)
+        text = sample_text(model, data.tokenizer, sample_prompt, max_new_tokens=sample_tokens, seed=seed,
+                           max_seq_len=max_len)
+        say("Sample from the trained model:\n" + "-" * 60 + "\n" + text + "\n" + "-" * 60)
+    return result
+
+
+def _check_bindings(data_fn: Any, model_fn: Any, model_config: Any) -> None:
     for name, value, example in (("data_fn", data_fn, "@prepare_data"), ("model_fn", model_fn, "@GPT"),
                                  ("model_config", model_config, "@GPTConfig()")):
         if value is None:
             raise ConfigError(f"train.{name} is not set: bind it in the gin file, e.g. `train.{name} = {example}` "
                               "(configs/default.gin shows a complete configuration).")
-    check_seed(seed)  # these before the data is prepared, which can take long
-    for model_cls, config_cls in _MODEL_CONFIGS:
+    for model_cls, config_cls in _MODEL_PAIRS:
         if isinstance(model_fn, type) and issubclass(model_fn, model_cls) and not isinstance(model_config, config_cls):
             raise ConfigError(
                 f"train.model_fn = @{model_cls.__name__} needs train.model_config = @{config_cls.__name__}(), but it "
                 f"is a {type(model_config).__name__}: bind a matching pair (GPT with GPTConfig as in "
                 "configs/default.gin, HFCausalLM with HFModelConfig as in configs/lora.gin)."
             )
-    rank = int(os.environ.get("RANK", 0))
-    say = print if rank == 0 else (lambda *args, **kwargs: None)
-    data = data_fn(cache_dir=str(Path(cache_dir).expanduser()), log=say)
-    tokenizer = data.tokenizer
+
+
+def _build_model(model_fn: Callable[..., torch.nn.Module], model_config: Any, tokenizer: Any, seed: int,
+                 say: Callable[[str], None]) -> torch.nn.Module:
+    """The model for this tokenizer (its vocab_size is set from it), initialised right after seeding."""
     fields = {f.name for f in dataclasses.fields(model_config)} if dataclasses.is_dataclass(model_config) else ()
     if "vocab_size" in fields and model_config.vocab_size != tokenizer.vocab_size:
         model_config = dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size)
@@ -107,14 +133,4 @@ def train(
     frozen = f" ({trainable / 1e6:.3f}M trainable)" if trainable < num_params else ""
     say(f"Model: {type(model).__name__} with {num_params / 1e6:.2f}M parameters{frozen}; tokenizer vocabulary "
         f"{tokenizer.vocab_size}.")
-    trainer = Trainer(run_dir, model, data, seed=seed, operative_config=operative_config)
-    result = trainer.fit(resume=resume)
-    if rank == 0 and result.status == "finished" and callable(getattr(model, "save_adapter", None)):
-        say(f"LoRA adapter saved to {model.save_adapter(Path(run_dir) / 'adapter')} (load it with "
-            "HFModelConfig.peft_path or codex-generate --adapter).")
-    if rank == 0 and sample_prompt is not None and result.status == "finished":
-        max_len = getattr(getattr(model, "config", None), "max_seq_len", None)
-        text = sample_text(model, tokenizer, sample_prompt, max_new_tokens=sample_tokens, seed=seed,
-                           max_seq_len=max_len)
-        say("Sample from the trained model:\n" + "-" * 60 + "\n" + text + "\n" + "-" * 60)
-    return result
+    return model
