@@ -25,16 +25,17 @@ def run_codex(spec: BenchSpec, corpus: SyntheticCorpus, init: dict[str, torch.Te
               gate: Gate) -> dict[str, Any]:
     """codex_ml.training.Trainer on codex_ml.models.GPT, with the allocator setting it ships with."""
     from codex_ml.models.gpt import GPT
-    from codex_ml.training import Trainer
+    from codex_ml.training import Trainer, TrainerConfig, setup_process
 
     model = GPT(gpt_config(spec))
     model.load_state_dict(init)
-    trainer = Trainer(run_dir, model, CorpusData(corpus), seed=spec.seed, batch_size=spec.batch,
-                      seq_len=spec.seq_len, max_steps=spec.steps, optimizer="adamw",
-                      learning_rate=spec.learning_rate, weight_decay=spec.weight_decay, betas=spec.betas,
-                      schedule="constant", warmup_steps=spec.lr_warmup, clip_grad_norm=spec.clip_grad_norm,
-                      precision=spec.precision, eval_every=0, eval_batches=0, checkpoint_every=0, mlflow=False,
-                      device=spec.device, keep_freed_memory=True)
+    config = TrainerConfig(seed=spec.seed, batch_size=spec.batch, seq_len=spec.seq_len, max_steps=spec.steps,
+                           optimizer="adamw", learning_rate=spec.learning_rate, weight_decay=spec.weight_decay,
+                           betas=spec.betas, schedule="constant", warmup_steps=spec.lr_warmup,
+                           clip_grad_norm=spec.clip_grad_norm, precision=spec.precision, eval_every=0,
+                           eval_batches=0, checkpoint_every=0, mlflow=False, device=spec.device,
+                           keep_freed_memory=True)
+    trainer = Trainer(config, model=model, data=CorpusData(corpus), run_dir=run_dir, process=setup_process(config))
     reference = make_optimizer(model, spec)  # the optimizer the other two get: the same hyperparameters?
     for ours, theirs in zip(trainer.optimizer.param_groups, reference.param_groups):
         differ = {k for k in theirs if k not in ("params", "lr", "initial_lr") and ours.get(k) != theirs[k]}

@@ -26,7 +26,7 @@ def apply_allocator_setting(impl: str, settings: str, spec: BenchSpec) -> str:
     others as shipped keep glibc's defaults. Returns the setting in effect: "keep_freed" or "glibc_default"."""
     if spec.device.startswith("cuda") or (settings == "as_shipped" and impl != "codex_ml"):
         return "glibc_default"
-    from codex_ml.training.trainer import keep_freed_cpu_memory
+    from codex_ml.training.setup import keep_freed_cpu_memory
 
     return "keep_freed" if keep_freed_cpu_memory() else "glibc_default"
 
