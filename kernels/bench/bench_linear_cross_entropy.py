@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from codex_ml.kernels.bench import common
+from codex_ml.ops.cross_entropy import linear_cross_entropy
 from codex_ml.ops.dispatch import load_extension
-from codex_ml.ops.loss import linear_cross_entropy
 
 PRESETS = {
     # (N, H, V, dtype, device, impls, repeats)
@@ -61,7 +61,7 @@ def _floor_ms(hidden, weight, backward: bool, repeats: int) -> tuple[float, floa
     aten = common.time_ms(lambda: _floor(hidden, weight, backward), repeats)
     if hidden.device.type != "cpu" or hidden.dtype != torch.float32:
         return aten, aten
-    load_extension("_layers_cpu")
+    load_extension("linear")
     return min(aten, common.time_ms(lambda: _floor_cpu_gemm(hidden, weight, backward), repeats)), aten
 
 
