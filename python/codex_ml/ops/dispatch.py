@@ -5,8 +5,8 @@ Every op answers the same question the same way, first match wins:
 1. `impl=` passed to the op: binding.
 2. CODEX_ML_<OP>_IMPL (e.g. CODEX_ML_RMS_NORM_IMPL, the op's name in capitals): binding.
 3. CODEX_ML_IMPL: a preference for every op. It applies to the ops that have that implementation and can run
-   these inputs with it; the others choose automatically (step 4). CODEX_ML_IMPL=cpu on a bf16 model sends fp32
-   products to the C++ kernel where the op has one that takes them, and the rest where step 4 sends them.
+   these inputs with it; the others choose automatically (step 4). E.g. CODEX_ML_IMPL=cpu with a bf16 model:
+   linear's C++ kernel takes only fp32, so linear goes to F.linear while the other ops run their CPU kernels.
 4. Automatic: on CPU tensors the op's "cpu" implementation where it has one that takes the inputs, else "torch";
    on CUDA tensors "triton" where the op has Triton kernels and triton is importable, else "torch"; on any other
    device "torch". The CUDA kernels ("cuda") and the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) run
