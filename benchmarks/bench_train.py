@@ -11,7 +11,7 @@
 Two comparisons in one run (--settings), each with its own ratios:
 - as_shipped: each framework as its users run it. codex_ml sets glibc to keep freed blocks (its Trainer's
   keep_freed_memory, part of its speed) and its fp32 CPU products (its projections, through codex_ml.ops.linear,
-  and its fused loss) go to oneDNN on AVX-512 CPUs that are not Intel's (kernels/include/cpu_gemm.h; elsewhere to
+  and its fused loss) go to oneDNN on AVX-512 CPUs that are not Intel's (kernels/common/cpu_gemm.h; elsewhere to
   ATen's MKL); the HF Trainer and the plain loop keep glibc's defaults and PyTorch's products (ATen's MKL).
 - same_settings: the process settings identical for all three, so the difference is codex_ml's own kernels and
   trainer: glibc keeps freed blocks in all three, and all three products go to ATen (MKL): CODEX_CPU_GEMM=aten

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check, for a machine with an NVIDIA GPU (no Bazel needed there; its own python3 with torch and triton).
 # Builds the CUDA libraries with nvcc (same flags as tools/cuda.bzl), assembles codex_ml the way
-# Bazel does (python/codex_ml + kernels/ under codex_ml.kernels, _version.py from tools/version.bzl),
+# Bazel does (python/codex_ml + kernels/<op>/ under codex_ml.kernels.<op>, _version.py from tools/version.bzl),
 # runs the GPU tests and the kernel benchmarks, and prints a short table last. Full logs and JSON
 # go to GPU_CHECK_OUT (default /tmp/gpu_check: a later call on the same warm machine adds to them, and
 # its summary covers both), packed into $OUT/gpu_check.tgz when OUT is set. Wheels in .whl/ are installed first
@@ -54,7 +54,10 @@ trap 'rm -rf "${tree}"' EXIT
 cp -rL python/codex_ml/. "${tree}/codex_ml/"
 rm -rf "${tree}/codex_ml/kernels" "${tree}/codex_ml/_version.py"
 mkdir -p "${tree}/codex_ml/kernels"
-cp -rL kernels/__init__.py kernels/triton kernels/bench "${tree}/codex_ml/kernels/"
+cp -L kernels/__init__.py "${tree}/codex_ml/kernels/"
+for src in kernels/*/*.py; do  # each op's Triton module and package, and the kernel benchmarks
+  mkdir -p "${tree}/codex_ml/$(dirname "${src}")" && cp -L "${src}" "${tree}/codex_ml/${src}"
+done
 cp -rL benchmarks "${tree}/benchmarks"  # bench_train: not part of the package
 find "${tree}" -name __pycache__ -prune -exec rm -rf {} +
 version="$(sed -n 's/^VERSION = "\(.*\)"$/\1/p' tools/version.bzl)"
@@ -70,17 +73,17 @@ export PYTHONPATH="${tree}:${tree}/site${PYTHONPATH:+:${PYTHONPATH}}"
 echo "== building CUDA libraries"
 build_status=0 build_label=ok
 # Built once per version of the sources (and of this script): a warm machine keeps the git-ignored .gpu_build/.
-cache=".gpu_build/$( (cat kernels/cuda/*.cu kernels/include/*.h tools/gpu_check.sh; echo "${archs}") \
+cache=".gpu_build/$( (cat kernels/*/*.cu kernels/*/*.h tools/gpu_check.sh; echo "${archs}") \
   | sha256sum | cut -c1-16)"
 if [[ "${nvcc}" == none ]]; then
   echo "skipped (NVCC=none)"; build_label=skipped
 elif [[ -d "${cache}" ]]; then
-  cp "${cache}"/*.so "${tree}/codex_ml/kernels/" && echo "reused $(cd "${cache}" && echo *.so) from ${cache}"
+  cp -r "${cache}"/kernels "${tree}/codex_ml/" && echo "reused $(cd "${cache}" && echo kernels/*/*.so) from ${cache}"
 else
-  for cu in kernels/cuda/*.cu; do  # in parallel: the libraries are independent
+  for cu in kernels/*/*.cu; do  # in parallel: the libraries are independent
     name="$(basename "${cu}" .cu)"
-    lib="${tree}/codex_ml/kernels/libcodex_${name}.so"
-    [[ "${name}" == device_info ]] && lib="${tree}/codex_ml/kernels/libcodex_cuda_device.so"
+    lib="${tree}/codex_ml/$(dirname "${cu}")/libcodex_${name}.so"
+    [[ "${name}" == device_info ]] && lib="${tree}/codex_ml/$(dirname "${cu}")/libcodex_cuda_device.so"
     gencode=()
     for arch in ${archs}; do gencode+=("-gencode=arch=compute_${arch},code=sm_${arch}"); done
     last="${archs##* }"
@@ -89,11 +92,11 @@ else
       -Xptxas -v "${cu}" -o "${lib}" > "${out}/nvcc_${name}.log" 2>&1 &
   done
   wait
-  for cu in kernels/cuda/*.cu; do
+  for cu in kernels/*/*.cu; do
     name="$(basename "${cu}" .cu)"
-    lib="libcodex_${name}.so"
-    [[ "${name}" == device_info ]] && lib="libcodex_cuda_device.so"
-    if [[ -f "${tree}/codex_ml/kernels/${lib}" ]]; then
+    lib="$(dirname "${cu}")/libcodex_${name}.so"
+    [[ "${name}" == device_info ]] && lib="$(dirname "${cu}")/libcodex_cuda_device.so"
+    if [[ -f "${tree}/codex_ml/${lib}" ]]; then
       echo "built ${lib}"
     else
       echo "FAILED to build ${cu} (see nvcc_${name}.log)"; tail -20 "${out}/nvcc_${name}.log"
@@ -101,9 +104,9 @@ else
     fi
   done
   if (( build_status == 0 )); then
-    mkdir -p "${cache}" && cp "${tree}"/codex_ml/kernels/lib*.so "${cache}/"
+    mkdir -p "${cache}" && (cd "${tree}/codex_ml" && cp --parents kernels/*/lib*.so "${OLDPWD}/${cache}/")
     # Also in the archive: unpacked into .gpu_build/ of a later checkout, they spare that run the build.
-    mkdir -p "${out}/${cache}" && cp "${cache}"/*.so "${out}/${cache}/"
+    mkdir -p "${out}/${cache}" && cp -r "${cache}"/kernels "${out}/${cache}/"
   fi
 fi
 elapsed

@@ -1,4 +1,4 @@
-"""Tries tile sizes and launch options of the Triton attention kernels (kernels/triton/attention.py) on a GPU.
+"""Tries tile sizes and launch options of the Triton attention kernels (kernels/attention/triton.py) on a GPU.
 
     python3 tools/tune_attention.py [--quick] [--json=PATH]     (tools/gpu_check.sh runs it as stage tune_attention)
 
@@ -21,8 +21,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from codex_ml.kernels.attention import triton as kernels
 from codex_ml.kernels.bench import common, record
-from codex_ml.kernels.triton import attention as kernels
 
 TOLERANCE = 2e-2
 # (block_m, block_n, num_warps, num_stages) per pass; FA2-style sizes around the current defaults.

@@ -6,7 +6,7 @@ for how it is measured), the same for the PyTorch reference (ref_*) and its torc
 (compiled_ref_time_ms, None where it does not compile), and floor_time_ms: the matrix products alone
 (logits for "fwd"; logits, grad hidden and grad weight for "fwd+bwd"), which no implementation can beat: the
 faster of ATen's products (floor_aten_time_ms) and, on fp32 CPU tensors, those of the GEMM backend codex_ml's
-CPU kernels use (kernels/include/cpu_gemm.h; oneDNN on AVX-512 CPUs that are not Intel's, where MKL is slower).
+CPU kernels use (kernels/common/cpu_gemm.h; oneDNN on AVX-512 CPUs that are not Intel's, where MKL is slower).
 impl "triton+input_accum" is the Triton path summing grad_weight in the inputs' dtype (accum_dtype), which
 saves its fp32 accumulator. On CUDA, where the liger-kernel package is importable (tools/gpu_wheels.sh fetches
 it for the GPU machine; it is no dependency of codex_ml), Liger-Kernel's fused linear cross-entropy gets rows
@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from codex_ml.kernels.bench import common
+from codex_ml.ops.cross_entropy import linear_cross_entropy
 from codex_ml.ops.dispatch import load_extension
-from codex_ml.ops.loss import linear_cross_entropy
 
 PRESETS = {
     # (N, H, V, dtype, device, impls, repeats)
@@ -47,7 +47,7 @@ def _floor(hidden, weight, backward: bool):
 
 
 def _floor_cpu_gemm(hidden, weight, backward: bool):
-    """The same three products with the backend of codex_ml's CPU kernels (kernels/include/cpu_gemm.h: oneDNN
+    """The same three products with the backend of codex_ml's CPU kernels (kernels/common/cpu_gemm.h: oneDNN
     or ATen's MKL, by CPU vendor), through codex_ml.ops.linear's kernels."""
     logits = torch.ops.codex_ml_cpu.linear(hidden, weight, None)
     if backward:
@@ -61,7 +61,7 @@ def _floor_ms(hidden, weight, backward: bool, repeats: int) -> tuple[float, floa
     aten = common.time_ms(lambda: _floor(hidden, weight, backward), repeats)
     if hidden.device.type != "cpu" or hidden.dtype != torch.float32:
         return aten, aten
-    load_extension("_layers_cpu")
+    load_extension("linear")
     return min(aten, common.time_ms(lambda: _floor_cpu_gemm(hidden, weight, backward), repeats)), aten
 
 

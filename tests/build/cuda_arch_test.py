@@ -11,7 +11,7 @@ import codex_ml.kernels
 
 # cuobjdump ships inside triton's wheel, so the check needs nothing from the machine.
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-LIBRARIES = sorted(Path(codex_ml.kernels.__path__[0]).glob("lib*.so"))
+LIBRARIES = sorted(Path(codex_ml.kernels.__path__[0]).glob("*/lib*.so"))  # codex_ml/kernels/<op>/lib<name>.so
 
 
 def test_cuda_libraries_are_packaged():
@@ -27,7 +27,7 @@ def test_library_has_cubins_for_sm80_and_sm90(library):
 
 
 def test_library_loads_without_a_gpu():
-    lib = ctypes.CDLL(str(Path(codex_ml.kernels.__path__[0]) / "libcodex_cuda_device.so"))
+    lib = ctypes.CDLL(str(Path(codex_ml.kernels.__path__[0]) / "common" / "libcodex_cuda_device.so"))
     assert lib.codex_cuda_runtime_version() >= 12000
     # Without a GPU the runtime reports an error code (negative); on a GPU machine, the device count.
     count = lib.codex_cuda_device_count()

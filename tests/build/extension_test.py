@@ -9,14 +9,14 @@ import torch.nn.functional as F
 import codex_ml.kernels
 
 
-def test_extension_is_a_module_inside_the_package():
-    module = importlib.import_module("codex_ml.kernels._linear_cross_entropy_cpu")
-    assert Path(module.__file__).parent == Path(codex_ml.kernels.__path__[0])
+def test_extension_is_a_module_inside_its_op_package():
+    module = importlib.import_module("codex_ml.kernels.cross_entropy.cpu")
+    assert Path(module.__file__).parent == Path(codex_ml.kernels.__path__[0]) / "cross_entropy"
     assert hasattr(torch.ops.codex_ml_cpu, "linear_cross_entropy")
 
 
 def test_registered_op_matches_pytorch():
-    importlib.import_module("codex_ml.kernels._linear_cross_entropy_cpu")
+    importlib.import_module("codex_ml.kernels.cross_entropy.cpu")
     torch.manual_seed(0)
     h, w = torch.randn(33, 20, dtype=torch.float64), torch.randn(101, 20, dtype=torch.float64)
     t = torch.randint(0, 101, (33,))

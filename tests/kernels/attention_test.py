@@ -200,7 +200,7 @@ def test_a_window_of_t_or_more_is_no_window(impl):
         plain = attention(q, k, v, causal=causal, impl=impl)
         for window in (40, 1000, 2**31 - 1):
             torch.testing.assert_close(attention(q, k, v, causal=causal, window=window, impl=impl), plain)
-        from codex_ml.kernels.triton.attention import attention_forward
+        from codex_ml.kernels.attention.triton import attention_forward
         if impl == "triton":  # the kernel wrapper itself, as tools/tune_attention.py calls it
             out, _ = attention_forward(q, k, v, causal, 0.25, 2**31 - 1)
             torch.testing.assert_close(out, attention(q, k, v, causal=causal, scale=0.25, impl=impl))

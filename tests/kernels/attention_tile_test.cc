@@ -1,4 +1,4 @@
-// Host test of kernels/include/attention_tile.h, the tile math shared with the CUDA attention kernel:
+// Host test of kernels/attention/attention_tile.h, the tile math shared with the CUDA attention kernel:
 // the online softmax fed in random-size tiles against a direct two-pass softmax in double, the masking
 // predicate against its definition, and the block ranges against the set of visible pairs.
 #include <cmath>
@@ -6,7 +6,7 @@
 #include <random>
 #include <vector>
 
-#include "kernels/include/attention_tile.h"
+#include "kernels/attention/attention_tile.h"
 
 namespace ca = codex_attention;
 

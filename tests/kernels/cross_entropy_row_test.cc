@@ -1,10 +1,10 @@
-// Host test of kernels/include/cross_entropy_row.h, the per-row arithmetic shared with the CUDA cross-entropy
-// kernel (kernels/cuda/cross_entropy.cu). Random rows (V from 1 to a few thousand, odd sizes included,
+// Host test of kernels/cross_entropy/cross_entropy_row.h, the per-row arithmetic shared with the CUDA cross-entropy
+// kernel (kernels/cross_entropy/cross_entropy.cu). Random rows (V from 1 to a few thousand, odd sizes included,
 // logits up to ~1e3 and some masked -inf ones) are processed the kernel's way: the row dealt out to G lanes
 // (G = 1, 32, 256, 512, strided in 4-element vectors after a random head, like the kernel's float4 loads),
 // each lane's online log-sum-exp, then the xor-butterfly merge of a warp and the merge of the warps'
 // states. The loss, lse and every gradient element are checked against a float64 reference (the formula of
-// codex_ml.ops.loss._chunk_rows) for every combination of label smoothing, z-loss, softcap and ignored rows.
+// codex_ml.ops.cross_entropy._chunk_rows) for every combination of label smoothing, z-loss, softcap and ignored rows.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -12,7 +12,7 @@
 #include <random>
 #include <vector>
 
-#include "kernels/include/cross_entropy_row.h"
+#include "kernels/cross_entropy/cross_entropy_row.h"
 
 namespace ce = codex_cross_entropy;
 
@@ -42,7 +42,7 @@ struct Reference {
   std::vector<double> grad;
 };
 
-// float64 reference of one row: _chunk_rows in codex_ml/ops/loss.py.
+// float64 reference of one row: _chunk_rows in codex_ml.ops.cross_entropy.py.
 static Reference reference_row(const std::vector<float>& x, int64_t t, int64_t ignore_index, double scale,
                                const Options& o) {
   const int64_t v = static_cast<int64_t>(x.size());

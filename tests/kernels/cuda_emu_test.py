@@ -1,8 +1,8 @@
-"""The plain-CUDA kernels themselves (kernels/cuda/attention.cu, cross_entropy.cu), run on the CPU by cuda_emu
-(tools/cuda_emu): the same sources and C entry points that libcodex_*.so exports on a GPU, compiled for the
-host with the emulator's stand-in CUDA headers. The emulator shuffles the order of threads and warps between
-barriers, poisons shared memory, and checks wmma alignment, shared-memory bounds and warp-collective use, so
-missing barriers and layout bugs fail here, not first on a GPU (tests/kernels/*_gpu_test.py run the real
+"""The plain-CUDA kernels themselves (kernels/attention/attention.cu, kernels/cross_entropy/cross_entropy.cu), run on
+the CPU by cuda_emu (tools/cuda_emu): the same sources and C entry points that libcodex_*.so exports on a GPU,
+compiled for the host with the emulator's stand-in CUDA headers. The emulator shuffles the order of threads and
+warps between barriers, poisons shared memory, and checks wmma alignment, shared-memory bounds and warp-collective
+use, so missing barriers and layout bugs fail here, not first on a GPU (tests/kernels/*_gpu_test.py run the real
 libraries there).
 
 Against float64 references on fresh random inputs. Every input sits between NaN margins (an out-of-bounds read
@@ -20,9 +20,9 @@ import pytest
 import torch
 from references import attention_reference, cross_entropy_reference, rel_err
 
-from codex_ml.ops import _attention_cuda, _loss_cuda
+from codex_ml.ops import _attention_cuda, _cross_entropy_cuda
 
-LIBRARIES = Path("kernels")
+LIBRARIES = Path("kernels")  # in the runfiles: kernels/<op>/lib<name>_emu.so
 MARGIN = 64  # elements each side: keeps a 16-bit view 128-byte aligned, as the kernels' 16-byte loads need
 SENTINEL = -12352.0  # exactly representable in fp32, fp16 and bf16
 
@@ -32,19 +32,19 @@ DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
 
 def _load(name: str) -> ctypes.CDLL:
     path = LIBRARIES / name
-    assert path.exists(), f"{path} was not built (kernels/BUILD.bazel, cuda_emu_library)"
+    assert path.exists(), f"{path} was not built (kernels/<op>/BUILD.bazel, cuda_emu_library)"
     return ctypes.CDLL(str(path.resolve()))
 
 
 # The signatures are the ones codex_ml's bindings declare for the CUDA libraries.
 @pytest.fixture(scope="module")
 def attention_lib():
-    return _attention_cuda.declare(_load("libcodex_attention_emu.so"))
+    return _attention_cuda.declare(_load("attention/libcodex_attention_emu.so"))
 
 
 @pytest.fixture(scope="module")
 def cross_entropy_lib():
-    return _loss_cuda.declare(_load("libcodex_cross_entropy_emu.so"))
+    return _cross_entropy_cuda.declare(_load("cross_entropy/libcodex_cross_entropy_emu.so"))
 
 
 class Guarded:
@@ -262,8 +262,8 @@ def test_cross_entropy_rows_large_logits(cross_entropy_lib, v):
 
 
 def test_cross_entropy_bindings_on_the_emulated_kernel(cross_entropy_lib):
-    """codex_ml.ops._loss_cuda.rows_on (what impl="cuda" calls per chunk): non-contiguous logits get the gradient
-    copied back, int32 targets and a scalar row scale are converted, and wrong logits are refused."""
+    """codex_ml.ops._cross_entropy_cuda.rows_on (what impl="cuda" calls per chunk): non-contiguous logits get the
+    gradient copied back, int32 targets and a scalar row scale are converted, and wrong logits are refused."""
     torch.manual_seed(12)
     n, v = 6, 301
     values = torch.randn(v, n).t()  # a non-contiguous [n, v] view
@@ -273,11 +273,11 @@ def test_cross_entropy_bindings_on_the_emulated_kernel(cross_entropy_lib):
                                                            softcap=0.0)
     logits = values.clone().t().contiguous().t()
     assert not logits.is_contiguous()
-    loss, lse = _loss_cuda.rows_on(cross_entropy_lib, ctypes.c_void_p(None), logits, target, torch.tensor(0.5),
+    loss, lse = _cross_entropy_cuda.rows_on(cross_entropy_lib, ctypes.c_void_p(None), logits, target, torch.tensor(0.5),
                                    ignore_index=-100, label_smoothing=0.05, z_loss=1e-4, softcap=0.0)
     assert rel_err(loss, rows) < 1e-5 and rel_err(lse, lse_ref) < 1e-5 and rel_err(logits, grad_ref) < 1e-5
     with pytest.raises(ValueError, match="fp32 logits"):
-        _loss_cuda.rows_on(cross_entropy_lib, None, values.double(), target, None, ignore_index=-100,
+        _cross_entropy_cuda.rows_on(cross_entropy_lib, None, values.double(), target, None, ignore_index=-100,
                            label_smoothing=0.0, z_loss=0.0, softcap=0.0)
 
 
@@ -289,7 +289,7 @@ def test_cross_entropy_rows_edge_cases(cross_entropy_lib):
     status = lib.codex_cross_entropy_rows(logits.data_ptr(), target.data_ptr(), None, loss.data_ptr(),
                                           lse.data_ptr(), 4, 10, -100, 0.0, 0.0, 0.0, None)
     assert status == 0
-    # A target outside [0, V) gets a NaN loss (codex_ml.ops.loss validates targets before it gets here).
+    # A target outside [0, V) gets a NaN loss (codex_ml.ops.cross_entropy validates targets before it gets here).
     assert torch.isfinite(loss[0]) and loss[1:3].isnan().all() and loss[3] == 0 and lse[3] == 0
     assert torch.isclose(loss[0], torch.logsumexp(logits[0], 0) - logits[0, 1])
     invalid = 1  # cudaErrorInvalidValue

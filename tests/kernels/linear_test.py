@@ -1,4 +1,4 @@
-"""codex_ml.ops.linear (impl "cpu" = the C++ kernel on kernels/include/cpu_gemm.h, "torch" = F.linear) against a
+"""codex_ml.ops.linear (impl "cpu" = the C++ kernel on kernels/common/cpu_gemm.h, "torch" = F.linear) against a
 float64 reference, forward and backward, on fresh random inputs with poisoned outputs, with each CPU matrix-product
 backend (CODEX_CPU_GEMM=aten and onednn, each in its own process: the kernels read it once).
 
@@ -6,6 +6,7 @@ Error bound: relative L2 error of the output and of every gradient against float
 first, at most 1e-5 (fp32 products of up to a few thousand terms are good to about 1e-6).
 """
 
+import importlib
 import os
 import platform
 
@@ -21,7 +22,9 @@ from references import (  # noqa: F401 (autouse fixture)
 
 from codex_ml.models.gpt import GPT, GPTConfig
 from codex_ml.ops import linear
-from codex_ml.ops.dispatch import choose_linear_impl
+from codex_ml.ops.dispatch import choose_impl
+
+linear_module = importlib.import_module("codex_ml.ops.linear")  # (codex_ml.ops.linear, the attribute, is the op)
 
 BOUND = 1e-5
 # (x shape, out features): odd sizes, a single row, leading dims, sizes around oneDNN's and MKL's blocks.
@@ -98,10 +101,15 @@ def test_second_derivatives_match_f_linear():
         torch.testing.assert_close(ours, theirs)
 
 
+def chosen(x, w, impl=None):
+    """What linear runs for these inputs: the rule of codex_ml.ops.dispatch with linear's own requirements."""
+    return choose_impl("linear", x.device, impl, lambda choice: linear_module._unfit(choice, x, w, None))
+
+
 def test_environment_choice_of_cpu_leaves_other_inputs_to_f_linear(monkeypatch):
     monkeypatch.setenv("CODEX_ML_IMPL", "cpu")
     x, w = torch.randn(3, 4), torch.randn(5, 4)
-    assert choose_linear_impl(x, w, None, None) == "cpu"
+    assert chosen(x, w) == "cpu"
     torch.testing.assert_close(linear(x.bfloat16(), w.bfloat16()), F.linear(x.bfloat16(), w.bfloat16()))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert linear(x, w).dtype == torch.bfloat16
@@ -126,11 +134,11 @@ def test_empty_rows_and_zero_features():
 
 def test_default_impl_and_what_goes_to_f_linear():
     x, w = torch.randn(3, 4), torch.randn(5, 4)
-    assert choose_linear_impl(x, w, None, None) == "cpu"
-    assert choose_linear_impl(x.bfloat16(), w.bfloat16(), None, None) == "torch"  # ATen's bf16 is oneDNN already
-    assert choose_linear_impl(x, w, None, "torch") == "torch"
+    assert chosen(x, w) == "cpu"
+    assert chosen(x.bfloat16(), w.bfloat16()) == "torch"  # ATen's bf16 is oneDNN already
+    assert chosen(x, w, "torch") == "torch"
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert choose_linear_impl(x, w, None, None) == "torch"
+        assert chosen(x, w) == "torch"
         assert linear(x, w).dtype == F.linear(x, w).dtype == torch.bfloat16  # autocast is followed
 
 

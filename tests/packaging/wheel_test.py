@@ -37,7 +37,7 @@ BUILD_WHEEL = RUNFILES / "tools" / "build_wheel.py"
 SMOKE = RUNFILES / "configs" / "smoke.gin"
 TAG = f"cp{sys.version_info.major}{sys.version_info.minor}"
 DIST_INFO = f"codex_ml-{codex_ml.__version__}.dist-info"
-CPU_EXTENSION = "codex_ml.kernels._linear_cross_entropy_cpu"
+CPU_EXTENSION = "codex_ml.kernels.cross_entropy.cpu"
 
 
 def _record_digest(data: bytes) -> str:
@@ -112,11 +112,11 @@ def test_wheel_holds_exactly_the_package_files():
         assert wheel[name] == path.read_bytes(), name
     # What the issue asks to ship: the CLI, the Triton sources, a compiled CPU extension, the benchmarks.
     assert "codex_ml/__main__.py" in wheel and "codex_ml/cli/train.py" in wheel
-    assert "codex_ml/kernels/triton/cross_entropy.py" in wheel
+    assert "codex_ml/kernels/cross_entropy/triton.py" in wheel
     assert f"{CPU_EXTENSION.replace('.', '/')}.so" in wheel
     assert "codex_ml/kernels/bench/bench_linear_cross_entropy.py" in wheel
     # The extensions find torch's libraries beside them in site-packages (tools/torch_extension.bzl).
-    assert b"$ORIGIN/../../torch/lib" in wheel[f"{CPU_EXTENSION.replace('.', '/')}.so"]
+    assert b"$ORIGIN/../../../torch/lib" in wheel[f"{CPU_EXTENSION.replace('.', '/')}.so"]
 
 
 def test_metadata_tags_and_console_scripts():
@@ -200,7 +200,7 @@ def test_imports_from_the_new_environment(venv, work):
     site = next(venv.glob("lib/python*/site-packages"))
     package_file, extension_file = result.stdout.split()
     assert package_file == str(site / "codex_ml" / "__init__.py")
-    assert extension_file.startswith(str(site / "codex_ml" / "kernels" / "_linear_cross_entropy_cpu."))
+    assert extension_file.startswith(str(site / "codex_ml" / "kernels" / "cross_entropy" / "cpu."))
     assert os.stat(extension_file).st_mode & 0o111  # installed executable, as compiled libraries are
 
 
@@ -271,14 +271,14 @@ grad = torch.randn_like(ref)
 out.backward(grad.float()); ref.backward(grad)
 for a, r in ((out, ref), (x.grad, x64.grad), (w.grad, w64.grad), (b.grad, b64.grad)):
     assert ((a.double() - r).norm() / r.norm()).item() < 1e-5  # sums of 200-300 fp32 terms: relative L2 error
-layers = sys.modules["codex_ml.kernels._layers_cpu"]  # rms_norm, swiglu, rotary and linear ran the compiled kernels
+layers = [sys.modules["codex_ml.kernels." + op + ".cpu"] for op in ("rms_norm", "swiglu", "rotary", "linear")]
 print(ext.__file__)
-print(layers.__file__)
+print(*(layer.__file__ for layer in layers))
 """
     result = run(venv, "python", "-c", script, cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
     extensions = result.stdout.split()
-    assert len(extensions) == 2 and all(path.startswith(str(venv)) for path in extensions), result.stdout
+    assert len(extensions) == 5 and all(path.startswith(str(venv)) for path in extensions), result.stdout
 
 
 # A flag each command's --help must list.

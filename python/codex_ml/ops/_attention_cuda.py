@@ -1,4 +1,4 @@
-"""ctypes bindings of libcodex_attention.so (kernels/cuda/attention.cu): the tensor-core attention kernels.
+"""ctypes bindings of libcodex_attention.so (kernels/attention/attention.cu): the tensor-core attention kernels.
 
 Used by codex_ml.ops.attention for impl="cuda" only; tensors are contiguous CUDA bf16/fp16, and the
 kernels run on the current stream.
@@ -28,7 +28,7 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 @functools.lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL:
-    return declare(load_cuda_library("libcodex_attention.so", "attention", "impl='triton'"))
+    return declare(load_cuda_library("attention", "libcodex_attention.so", "impl='triton'"))
 
 
 def _check(status: int, what: str) -> None:

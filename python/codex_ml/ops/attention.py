@@ -2,10 +2,10 @@
 
 The op returns the output and keeps the log-sum-exp of each query row for the backward pass, which
 recomputes the probabilities from it (never storing the T x T matrix). Implementations, chosen by
-codex_ml.ops.dispatch.choose_impl (see docs/kernels.md, "Attention"):
+codex_ml.ops.dispatch (see docs/kernels.md, "Attention"):
 - "triton" (default on CUDA tensors; on CPU tensors in the Triton interpreter): the FlashAttention-2
-  kernels of codex_ml.kernels.triton.attention.
-- "cuda": the tensor-core kernels of kernels/cuda/attention.cu (libcodex_attention.so, through ctypes);
+  kernels of codex_ml.kernels.attention.triton.
+- "cuda": the tensor-core kernels of kernels/attention/attention.cu (libcodex_attention.so, through ctypes);
   bf16/fp16 only.
 - "cpu" (default on CPU tensors): PyTorch's fused flash-attention kernel for CPU (the fastest correct
   CPU path measured, see docs/kernels.md); grouped K/V heads are broadcast to the query heads and their
@@ -198,7 +198,7 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     if impl == "cpu":
         return _forward_cpu(q, k, v, causal, scale, window)
     if impl == "triton":
-        from codex_ml.kernels.triton.attention import attention_forward
+        from codex_ml.kernels.attention.triton import attention_forward
         return attention_forward(q, k, v, causal, scale, window)
     if impl == "cuda":
         from codex_ml.ops import _attention_cuda
@@ -219,7 +219,7 @@ def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     if impl == "cpu":
         return _backward_cpu(grad_out, q, k, v, out, lse, causal, scale, window)
     if impl == "triton":
-        from codex_ml.kernels.triton.attention import attention_backward
+        from codex_ml.kernels.attention.triton import attention_backward
         return attention_backward(grad_out.contiguous(), q, k, v, out, lse, causal, scale, window)
     if impl == "cuda":
         from codex_ml.ops import _attention_cuda
@@ -247,6 +247,12 @@ def _backward(ctx, grad_out, _grad_lse):
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _unfit(choice: str, q: torch.Tensor) -> str | None:
+    if choice == "cuda" and q.dtype == torch.float32:
+        return "runs bf16/fp16 tensor cores only, got fp32: pass bf16/fp16 tensors or use impl='triton' for fp32"
+    return None
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -264,10 +270,7 @@ def attention(
     Returns [B, Hq, T, D] in q's dtype (fp32 softmax inside).
     """
     _check(q, k, v, window)
-    chosen = choose_impl("attention", q.device, impl, default_cuda="triton")
-    if chosen == "cuda" and q.dtype == torch.float32:
-        raise ValueError("attention impl='cuda' runs bf16/fp16 tensor cores only: pass bf16/fp16 tensors or use "
-                         "impl='triton' for fp32")
+    chosen = choose_impl("attention", q.device, impl, lambda choice: _unfit(choice, q))
     if q.shape[2] == 0:  # no positions; PyTorch's CPU attention kernel would divide by zero (SIGFPE)
         return q * 0.0
     if window is not None and window >= q.shape[2]:

@@ -1,8 +1,19 @@
-"""The one dispatch point: which implementation (Triton, CUDA, C++ CPU, PyTorch) runs an op.
+"""The one dispatch rule: which implementation (Triton, CUDA, C++ CPU, PyTorch) runs an op.
 
-Chosen by the tensor's device and what is available, overridable per call (`impl=`) or per
-process with the environment variable CODEX_ML_IMPL (all ops) or CODEX_ML_<OP>_IMPL (one op,
-e.g. CODEX_ML_ATTENTION_IMPL=cuda).
+Every op answers the same question the same way, first match wins:
+
+1. `impl=` passed to the op: binding.
+2. CODEX_ML_<OP>_IMPL (e.g. CODEX_ML_RMS_NORM_IMPL, the op's name in capitals): binding.
+3. CODEX_ML_IMPL: a preference for every op. It applies to the ops that have that implementation and can run
+   these inputs with it; the others choose automatically (step 4). E.g. CODEX_ML_IMPL=cpu with a bf16 model:
+   linear's C++ kernel takes only fp32, so linear goes to F.linear while the other ops run their CPU kernels.
+4. Automatic: on CPU tensors the op's "cpu" implementation where it has one that takes the inputs, else "torch";
+   on CUDA tensors "triton" where the op has Triton kernels and triton is importable, else "torch"; on any other
+   device "torch". The CUDA kernels ("cuda") and the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) run
+   only when chosen by 1-3.
+
+A binding choice (1 or 2) the op cannot run is an error naming the choice, where it came from and what to use;
+so is a value that names no implementation, wherever it is set. "auto" (or an empty variable) means step 4.
 """
 
 from __future__ import annotations
@@ -11,46 +22,24 @@ import ctypes
 import functools
 import importlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 IMPLS = ("triton", "cuda", "cpu", "torch")
 
-
-def requested_impl(op: str, impl: str | None = None) -> str | None:
-    """The implementation asked for by argument or environment, validated; None means auto."""
-    choice = impl or os.environ.get(f"CODEX_ML_{op.upper()}_IMPL") or os.environ.get("CODEX_ML_IMPL")
-    if choice in (None, "", "auto"):
-        return None
-    if choice not in IMPLS:
-        raise ValueError(f"unknown implementation {choice!r} for {op}: choose one of {', '.join(IMPLS)} or 'auto'")
-    return choice
-
-
-@functools.lru_cache(maxsize=None)
-def load_extension(name: str):
-    """Imports the compiled CPU extension codex_ml.kernels.<name> (registering its torch ops)."""
-    try:
-        return importlib.import_module(f"codex_ml.kernels.{name}")
-    except ImportError as err:
-        raise RuntimeError(
-            f"the compiled kernel codex_ml.kernels.{name} is missing or failed to load ({err}); "
-            "build it with `tools/bazel build //python:codex_ml` or reinstall the wheel"
-        ) from err
-
-
-def load_cuda_library(filename: str, what: str, fallback: str) -> ctypes.CDLL:
-    """Loads codex_ml/kernels/<filename> (a plain CUDA library made by tools/cuda.bzl) with ctypes; a missing or
-    broken library is an error that names the build command and the `fallback` implementation."""
-    import codex_ml.kernels
-
-    path = Path(codex_ml.kernels.__file__).with_name(filename)
-    try:
-        return ctypes.CDLL(str(path))
-    except OSError as err:
-        raise RuntimeError(f"the CUDA {what} library {path} is missing or failed to load ({err}); build it with "
-                           f"`tools/bazel build //kernels:{filename}` (needs nvcc) or use {fallback}") from err
+# The implementations each op has. "cpu" is the op's CPU path: a C++ kernel, except for attention (PyTorch's
+# fused flash kernel for the CPU) and cross_entropy (the chunked PyTorch rows on CPU tensors).
+BACKENDS = {
+    "attention": ("triton", "cuda", "cpu", "torch"),
+    "cross_entropy": ("triton", "cuda", "cpu", "torch"),
+    "linear": ("cpu", "torch"),
+    "linear_cross_entropy": ("triton", "cuda", "cpu", "torch"),
+    "rms_norm": ("triton", "cpu", "torch"),
+    "rotary": ("triton", "cpu", "torch"),
+    "swiglu": ("triton", "cpu", "torch"),
+}
 
 
 def triton_available(device: torch.device) -> bool:
@@ -64,54 +53,94 @@ def triton_available(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def choose_impl(op: str, device: torch.device, impl: str | None, default_cuda: str = "triton") -> str:
-    """Returns the implementation to run `op` on `device`, raising a clear error if impossible."""
-    choice = requested_impl(op, impl)
-    if choice is None:
-        return default_cuda if device.type == "cuda" else "cpu"
-    if choice == "cuda" and device.type != "cuda":
-        raise ValueError(f"{op}: impl='cuda' needs CUDA tensors, got tensors on {device}")
+def _requested(op: str, impl: str | None) -> tuple[str | None, str, bool]:
+    """(the choice, or None for automatic; where it came from; whether it is binding)."""
+    variable = f"CODEX_ML_{op.upper()}_IMPL"
+    for value, name, binding in ((impl, "impl", True), (os.environ.get(variable), variable, True),
+                                 (os.environ.get("CODEX_ML_IMPL"), "CODEX_ML_IMPL", False)):
+        if value in (None, ""):
+            continue
+        source = f"impl={value!r}" if name == "impl" else f"{name}={value}"
+        if value == "auto":
+            return None, source, binding
+        if value not in IMPLS:
+            raise ValueError(f"unknown implementation {value!r} for {op}: choose one of "
+                             f"{', '.join(map(repr, BACKENDS[op]))} or 'auto' ({source})")
+        return value, source, binding
+    return None, "", False
+
+
+def _listing(op: str) -> str:
+    names = [repr(b) for b in BACKENDS[op]]
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _problem(choice: str, device: torch.device, unfit: Callable[[str], str | None]) -> str | None:
+    """Why `choice` cannot run these inputs, as "<requirement>, got <what>", or None: first the requirement every
+    op shares (the implementation runs on the tensors' device), then the op's own (`unfit`)."""
     if choice == "cpu" and device.type != "cpu":
-        raise ValueError(f"{op}: impl='cpu' needs CPU tensors, got tensors on {device}")
+        return f"needs CPU tensors, got tensors on {device}"
+    if choice == "cuda" and device.type != "cuda":
+        return f"needs CUDA tensors, got tensors on {device}"
     if choice == "triton" and not triton_available(device):
-        raise ValueError(f"{op}: impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), got {device}")
-    return choice
+        return f"needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU) and triton installed, got {device}"
+    return unfit(choice)
 
 
-def choose_layer_impl(op: str, device: torch.device, impl: str | None) -> str:
-    """The implementation ("triton", "cpu" or "torch") of an elementwise layer op: rms_norm, swiglu, rotary.
+def choose_impl(op: str, device: torch.device, impl: str | None = None,
+                unfit: Callable[[str], str | None] = lambda choice: None) -> str:
+    """The implementation that runs `op` on tensors on `device`, by the rule of this module.
 
-    By default "cpu" on CPU tensors, "triton" on CUDA tensors where triton is importable, and "torch" (the
-    eager formulas) everywhere else. "triton" on CPU tensors only when asked for, under TRITON_INTERPRET=1.
-    They have no CUDA kernel: impl="cuda" passed to the op is an error; asked for by CODEX_ML_IMPL or
-    CODEX_ML_<OP>_IMPL (for every op), the default stands in.
+    unfit(choice): why that implementation cannot take these inputs beyond their device (e.g. linear's C++
+    kernel takes only fp32 outside autocast), as "<requirement>, got <what>", or None. An impossible binding
+    choice raises ValueError "<op>: <choice and where it came from> <requirement>, got <what>".
     """
-    if impl == "cuda":
-        raise ValueError(f"{op} has no cuda kernel: use impl='triton' (the default on CUDA tensors), 'torch' or "
-                         "'cpu' (the default on CPU tensors)")
-    choice = requested_impl(op, impl)
-    if choice in (None, "cuda"):
-        if device.type == "cpu":
-            return "cpu"
-        return "triton" if device.type == "cuda" and triton_available(device) else "torch"
-    return choose_impl(op, device, choice)
+    choice, source, binding = _requested(op, impl)
+    if choice is None:
+        return _automatic(op, device, unfit)
+    if choice not in BACKENDS[op]:
+        if binding:
+            alternatives = f"{_listing(op)} ({source} asks for it)"
+            raise ValueError(f"{op} has no {choice} kernel: use impl={alternatives}")
+        return _automatic(op, device, unfit)  # CODEX_ML_IMPL applies to the ops that have that implementation
+    problem = _problem(choice, device, unfit)
+    if problem is None:
+        return choice
+    if binding:
+        raise ValueError(f"{op}: {source} {problem}")
+    return _automatic(op, device, unfit)  # ... and can run these inputs with it
 
 
-def choose_linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, impl: str | None) -> str:
-    """"cpu" (the C++ kernel) or "torch" (F.linear) for these inputs. impl="cpu" on inputs the kernel cannot
-    take is an error that says why; asked for by the environment (CODEX_ML_IMPL, CODEX_ML_LINEAR_IMPL), only
-    "torch" is binding and the rest leave the default standing."""
-    if impl in ("triton", "cuda"):
-        raise ValueError(f"linear has no {impl} kernel: on CUDA tensors it is F.linear (cuBLAS); use impl='torch' "
-                         "or 'cpu' (the default for fp32 CPU tensors)")
-    tensors = [t for t in (x, weight, bias) if t is not None]
-    fits = (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-            and not torch.is_autocast_enabled("cpu"))
-    if impl == "cpu" and not fits:
-        raise ValueError("linear: impl='cpu' takes fp32 CPU tensors outside autocast, got "
-                         f"{', '.join(f'{t.dtype} on {t.device}' for t in tensors)}; use impl='torch'")
-    if requested_impl("linear", impl) == "torch":
-        return "torch"
-    # Auto, or any other choice made for every op by the environment (CODEX_ML_IMPL=cpu included: inputs the
-    # kernel cannot take, such as a bf16 model's, go to F.linear rather than fail).
-    return "cpu" if fits else "torch"
+def _automatic(op: str, device: torch.device, unfit: Callable[[str], str | None]) -> str:
+    backends = BACKENDS[op]
+    if device.type == "cpu" and "cpu" in backends and unfit("cpu") is None:
+        return "cpu"
+    if device.type == "cuda" and "triton" in backends and triton_available(device) and unfit("triton") is None:
+        return "triton"
+    return "torch"
+
+
+@functools.lru_cache(maxsize=None)
+def load_extension(op: str):
+    """Imports the compiled CPU extension of `op`, codex_ml.kernels.<op>.cpu (registering its torch ops)."""
+    module = f"codex_ml.kernels.{op}.cpu"
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise RuntimeError(
+            f"the compiled kernel {module} is missing or failed to load ({err}); "
+            "build it with `tools/bazel build //python:codex_ml` or reinstall the wheel"
+        ) from err
+
+
+def load_cuda_library(op: str, filename: str, fallback: str) -> ctypes.CDLL:
+    """Loads codex_ml/kernels/<op>/<filename> (a plain CUDA library made by tools/cuda.bzl) with ctypes; a missing
+    or broken library is an error that names the build command and the `fallback` implementation."""
+    import codex_ml.kernels
+
+    path = Path(codex_ml.kernels.__file__).parent / op / filename
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError as err:
+        raise RuntimeError(f"the CUDA {op} library {path} is missing or failed to load ({err}); build it with "
+                           f"`tools/bazel build //kernels/{op}:{filename}` (needs nvcc) or use {fallback}") from err

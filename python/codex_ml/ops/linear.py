@@ -1,13 +1,13 @@
 """linear(x, weight, bias) = x @ weight^T + bias, the projections of the model, as one custom op on the CPU.
 
 Why an op for what F.linear does: PyTorch sends fp32 CPU products to MKL, which picks its kernels by CPU vendor
-and runs a slower generic path on AMD CPUs. The C++ kernel kernels/cpu/linear.cc sends them to
-kernels/include/cpu_gemm.h instead: oneDNN (also inside libtorch) on x86-64 CPUs with AVX-512 that are not
+and runs a slower generic path on AMD CPUs. The C++ kernel kernels/linear/linear.cc sends them to
+kernels/common/cpu_gemm.h instead: oneDNN (also inside libtorch) on x86-64 CPUs with AVX-512 that are not
 Intel's, ATen's MKL elsewhere, CODEX_CPU_GEMM=aten|onednn to choose. The backward computes grad_x = g @ weight and
 grad_weight = g^T @ x with the same backend, and only the gradients autograd asks for; a backward that builds a
 graph (create_graph=True) uses differentiable ATen products instead, so higher-order gradients work. No
 forward-mode AD (jvp), like the other custom ops. Implementations, chosen
-by codex_ml.ops.dispatch.choose_linear_impl (`impl=`, CODEX_ML_LINEAR_IMPL):
+by codex_ml.ops.dispatch (docs/kernels.md):
 - "cpu" (default on fp32 CPU tensors outside autocast): the C++ kernel.
 - "torch": F.linear, everywhere else (CUDA tensors, bf16/fp16, under autocast, which F.linear follows).
 """
@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from codex_ml.ops.dispatch import choose_linear_impl, load_extension
+from codex_ml.ops.dispatch import choose_impl, load_extension
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -46,7 +46,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 @torch.library.custom_op("codex_ml::linear", mutates_args=())
 def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [N, H] @ weight [V, H]^T + bias [V] -> [N, V] contiguous, fp32 CPU tensors."""
-    load_extension("_layers_cpu")
+    load_extension("linear")
     return torch.ops.codex_ml_cpu.linear(x, weight, bias)
 
 
@@ -59,7 +59,7 @@ def _(x, weight, bias):
 def _linear_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                         mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x like x, grad_weight like weight, grad_bias [V]) contiguous; 0-element tensors where mask is False."""
-    load_extension("_layers_cpu")
+    load_extension("linear")
     return torch.ops.codex_ml_cpu.linear_backward(grad, x, weight, mask)
 
 
@@ -92,11 +92,23 @@ def _backward(ctx, grad):
 _linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _unfit(choice: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
+    """Why `choice` cannot take these inputs beyond their device, or None: the C++ kernel computes fp32 products
+    (autocast's would be in half precision; ATen's bf16 products are oneDNN's already)."""
+    if choice != "cpu":
+        return None
+    tensors = [t for t in (x, weight, bias) if t is not None]
+    if all(t.dtype == torch.float32 for t in tensors) and not torch.is_autocast_enabled("cpu"):
+        return None
+    return (f"takes fp32 CPU tensors outside autocast, got {', '.join(f'{t.dtype} on {t.device}' for t in tensors)}"
+            f"{' under autocast' if torch.is_autocast_enabled('cpu') else ''}; use impl='torch'")
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
            impl: str | None = None) -> torch.Tensor:
     """x [..., H] @ weight[V, H]^T (+ bias [V]) -> [..., V], as F.linear; differentiable in all three."""
     _check(x, weight, bias)
-    if choose_linear_impl(x, weight, bias, impl) == "torch":
+    if choose_impl("linear", x.device, impl, lambda choice: _unfit(choice, x, weight, bias)) == "torch":
         return F.linear(x, weight, bias)
     y = _linear_op(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), weight, bias)
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -6,10 +6,10 @@ formula of Llama's rotary embedding (codex_ml.models.gpt.apply_rope calls this o
 transposed view (q = proj(x).view(B, T, H, D).transpose(1, 2)); any x whose last dim is contiguous is read in
 place, and the output and the gradient of x are allocated with x's strides, so no copy is made either way.
 Only x gets a gradient (cos and sin are tables). Implementations, chosen by
-codex_ml.ops.dispatch.choose_layer_impl:
-- "cpu" (default on CPU tensors): the C++ kernel kernels/cpu/rotary.cc.
+codex_ml.ops.dispatch (docs/kernels.md):
+- "cpu" (default on CPU tensors): the C++ kernel kernels/rotary/rotary.cc.
 - "triton" (default on CUDA tensors; on CPU tensors in the Triton interpreter): the kernel of
-  codex_ml.kernels.triton.rotary, strided like the C++ one.
+  codex_ml.kernels.rotary.triton, strided like the C++ one.
 - "torch": the eager formula, on any device: the fallback where Triton is missing.
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from codex_ml.ops.dispatch import choose_layer_impl, load_extension
+from codex_ml.ops.dispatch import choose_impl, load_extension
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -71,10 +71,10 @@ def _rotary_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str)
     the fake says), cos/sin fp32 [T, D]."""
     x = _last_dim_dense(x)
     if impl == "cpu":
-        load_extension("_layers_cpu")
+        load_extension("rotary")
         return torch.ops.codex_ml_cpu.rotary(x, cos, sin)
     if impl == "triton":
-        from codex_ml.kernels.triton.rotary import rotary_forward
+        from codex_ml.kernels.rotary.triton import rotary_forward
         return rotary_forward(x, cos, sin)
     return _rotate_torch(x, cos, sin)
 
@@ -94,10 +94,10 @@ def _rotary_backward_op(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                         impl: str) -> torch.Tensor:
     """The gradient of x (the transposed rotation of grad), allocated with `strides` (the forward output's)."""
     if impl == "cpu":
-        load_extension("_layers_cpu")
+        load_extension("rotary")
         return torch.ops.codex_ml_cpu.rotary_backward(grad, cos, sin, strides)
     if impl == "triton":
-        from codex_ml.kernels.triton.rotary import rotary_backward
+        from codex_ml.kernels.rotary.triton import rotary_backward
         return rotary_backward(grad, cos, sin, strides)
     return _rotate_backward_torch(grad, cos, sin, strides)
 
@@ -129,4 +129,4 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, impl: str |
     """
     _check(x, cos, sin)
     cos, sin = cos.float(), sin.float()
-    return _rotary_op(x, cos, sin, choose_layer_impl("rotary", x.device, impl))
+    return _rotary_op(x, cos, sin, choose_impl("rotary", x.device, impl))

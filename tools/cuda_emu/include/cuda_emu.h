@@ -1,4 +1,4 @@
-// cuda_emu: runs this project's plain-CUDA kernels (kernels/cuda/*.cu) on the CPU, so that the CPU test
+// cuda_emu: runs this project's plain-CUDA kernels (kernels/<op>/*.cu) on the CPU, so that the CPU test
 // suite executes the kernels themselves and not only the tile math they share with a host test.
 //
 // A .cu file is compiled as C++ after tools/cuda_emu/rewrite_cu.py has turned its launches

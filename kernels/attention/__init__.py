@@ -1,0 +1,1 @@
+"""Attention kernels: Triton (triton.py) and tensor-core CUDA (attention.cu, libcodex_attention.so). See README.md."""

@@ -1,0 +1,250 @@
+// Fused linear cross-entropy on the CPU: loss = CE(softcap(hidden @ weight^T + bias), target), chunked
+// over tokens so that only a [chunk, V] block of logits ever exists. The matrix products go to
+// kernels/common/cpu_gemm.h (oneDNN or ATen's MKL, whichever is faster on the CPU's vendor); the softmax,
+// loss and logit gradient of each chunk overwrite its logits in place.
+//
+// With row_scale given, the same pass also accumulates the gradients of hidden, weight and bias, the
+// gradient of row i scaled by row_scale[i] (the Python side passes 1/n_valid for "mean", 1 for "sum",
+// or grad_output for "none" in a recomputing backward).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+
+#include "kernels/common/cpu_exp.h"
+#include "kernels/common/cpu_gemm.h"
+
+namespace {
+
+// Logits block per chunk: 32 MiB (256 rows at V = 32k). Smaller chunks cost time twice over: the logits
+// product gets too few rows to run at full speed, and every chunk adds a rank-`chunk` update to the [V, H]
+// weight gradient, a full read and write of it.
+constexpr int64_t kChunkBytes = 32 << 20;
+
+struct RowOptions {
+  float smoothing, z_loss, cap;
+};
+
+// The three row passes (max; sum of exp(z - max) and of z; the gradient a * exp(z - lse) - b), with AVX-512
+// or AVX2+FMA where the CPU has them (checked at run time, so the extension still runs on any x86-64 CPU) and
+// plain loops otherwise. exp is kernels/common/cpu_exp.h's (Cephes' expf); its arguments are <= 0 here.
+struct RowPasses {
+  float max, sum, zsum;
+};
+
+RowPasses row_stats_scalar(const float* z, int64_t V) {
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < V; ++j) mx = std::max(mx, z[j]);
+  float sum = 0.0f, zsum = 0.0f;
+  for (int64_t j = 0; j < V; ++j) {
+    sum += std::exp(z[j] - mx);
+    zsum += z[j];
+  }
+  return {mx, sum, zsum};
+}
+
+void row_grad_scalar(float* z, int64_t V, float a, float b, float lse) {
+  for (int64_t j = 0; j < V; ++j) z[j] = a * std::exp(z[j] - lse) - b;
+}
+
+#if CODEX_HAS_AVX2_PATH
+using codex_ml::cpu::exp256;
+using codex_ml::cpu::hmax;
+using codex_ml::cpu::hsum;
+
+CODEX_AVX2 RowPasses row_stats_avx2(const float* z, int64_t V) {
+  const int64_t V8 = V - V % 8;
+  __m256 vmax = _mm256_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < V8; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(z + j));
+  float mx = hmax(vmax);
+  for (int64_t j = V8; j < V; ++j) mx = std::max(mx, z[j]);
+  const __m256 vm = _mm256_set1_ps(mx);
+  __m256 vsum = _mm256_setzero_ps(), vz = _mm256_setzero_ps();
+  for (int64_t j = 0; j < V8; j += 8) {
+    const __m256 x = _mm256_loadu_ps(z + j);
+    vsum = _mm256_add_ps(vsum, exp256(_mm256_sub_ps(x, vm)));
+    vz = _mm256_add_ps(vz, x);
+  }
+  float sum = hsum(vsum), zsum = hsum(vz);
+  for (int64_t j = V8; j < V; ++j) {
+    sum += std::exp(z[j] - mx);
+    zsum += z[j];
+  }
+  return {mx, sum, zsum};
+}
+
+CODEX_AVX2 void row_grad_avx2(float* z, int64_t V, float a, float b, float lse) {
+  const int64_t V8 = V - V % 8;
+  const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b), vl = _mm256_set1_ps(lse);
+  for (int64_t j = 0; j < V8; j += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(z + j), vl));
+    _mm256_storeu_ps(z + j, _mm256_fmsub_ps(va, e, vb));
+  }
+  for (int64_t j = V8; j < V; ++j) z[j] = a * std::exp(z[j] - lse) - b;
+}
+
+// The same on 16 lanes; the tail of a row (V % 16 values) through masked loads and stores.
+using codex_ml::cpu::exp512;
+
+CODEX_AVX512 RowPasses row_stats_avx512(const float* z, int64_t V) {
+  const int64_t V16 = V - V % 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (V % 16)) - 1);
+  __m512 vmax = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < V16; j += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(z + j));
+  vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_loadu_ps(tail, z + V16));
+  const float mx = hmax(vmax);
+  const __m512 vm = _mm512_set1_ps(mx);
+  __m512 vsum = _mm512_setzero_ps(), vz = _mm512_setzero_ps();
+  for (int64_t j = 0; j < V16; j += 16) {
+    const __m512 x = _mm512_loadu_ps(z + j);
+    vsum = _mm512_add_ps(vsum, exp512(_mm512_sub_ps(x, vm)));
+    vz = _mm512_add_ps(vz, x);
+  }
+  const __m512 x = _mm512_maskz_loadu_ps(tail, z + V16);
+  vsum = _mm512_mask_add_ps(vsum, tail, vsum, exp512(_mm512_sub_ps(x, vm)));
+  vz = _mm512_add_ps(vz, x);
+  return {mx, hsum(vsum), hsum(vz)};
+}
+
+CODEX_AVX512 void row_grad_avx512(float* z, int64_t V, float a, float b, float lse) {
+  const int64_t V16 = V - V % 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (V % 16)) - 1);
+  const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b), vl = _mm512_set1_ps(lse);
+  for (int64_t j = 0; j < V16; j += 16) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(z + j), vl));
+    _mm512_storeu_ps(z + j, _mm512_fmsub_ps(va, e, vb));
+  }
+  const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, z + V16), vl));
+  _mm512_mask_storeu_ps(z + V16, tail, _mm512_fmsub_ps(va, e, vb));
+}
+
+#else
+RowPasses row_stats_avx2(const float* z, int64_t V) { return row_stats_scalar(z, V); }
+void row_grad_avx2(float* z, int64_t V, float a, float b, float lse) { row_grad_scalar(z, V, a, b, lse); }
+RowPasses row_stats_avx512(const float* z, int64_t V) { return row_stats_scalar(z, V); }
+void row_grad_avx512(float* z, int64_t V, float a, float b, float lse) { row_grad_scalar(z, V, a, b, lse); }
+#endif
+
+const bool kHasAvx2 = codex_ml::cpu::has_avx2();
+const bool kHasAvx512 = codex_ml::cpu::has_avx512();
+
+RowPasses row_stats(const float* z, int64_t V) {
+  return kHasAvx512 ? row_stats_avx512(z, V) : kHasAvx2 ? row_stats_avx2(z, V) : row_stats_scalar(z, V);
+}
+
+void row_grad(float* z, int64_t V, float a, float b, float lse) {
+  if (kHasAvx512) {
+    row_grad_avx512(z, V, a, b, lse);
+  } else if (kHasAvx2) {
+    row_grad_avx2(z, V, a, b, lse);
+  } else {
+    row_grad_scalar(z, V, a, b, lse);
+  }
+}
+
+// One row of logits z [V] (fp32, overwritten when grad): its loss and lse, and with grad, in place,
+// d(scale * loss)/dz. Three passes over a row that stays in the L2 cache (32k floats = 128 KB) rather than
+// whole-chunk passes that each stream the chunk through memory; exp is recomputed in the gradient pass
+// rather than stored (cheaper than another write and read).
+void row_loss(float* z, int64_t V, int64_t t, bool grad, float scale, RowOptions o, float* loss, float* lse) {
+  if (o.cap > 0) {
+    for (int64_t j = 0; j < V; ++j) z[j] = o.cap * std::tanh(z[j] / o.cap);
+  }
+  const RowPasses st = row_stats(z, V);
+  const float row_lse = st.max + std::log(st.sum);
+  const float zt = z[t];
+  *loss = row_lse - (1 - o.smoothing) * zt - (o.smoothing > 0 ? o.smoothing * st.zsum / V : 0.0f) +
+          o.z_loss * row_lse * row_lse;
+  *lse = row_lse;
+  if (!grad) return;
+  // softmax * (1 + 2 z_loss lse) - smoothing / V - (1 - smoothing) [v == t], all times the row scale; with a
+  // softcap, times its derivative 1 - tanh^2 = 1 - (z / cap)^2 of the capped logit z.
+  const float a = scale * (1 + 2 * o.z_loss * row_lse), b = scale * o.smoothing / V;
+  if (o.cap > 0) {
+    for (int64_t j = 0; j < V; ++j) {
+      const float u = z[j] / o.cap;
+      z[j] = (a * std::exp(z[j] - row_lse) - b) * (1 - u * u);
+    }
+    const float ut = zt / o.cap;
+    z[t] -= (1 - o.smoothing) * scale * (1 - ut * ut);
+  } else {
+    row_grad(z, V, a, b, row_lse);
+    z[t] -= (1 - o.smoothing) * scale;
+  }
+}
+
+// One chunk of logits z [n, V]: rows in parallel. Ignored rows get loss 0, lse 0 and a zero gradient.
+void chunk_loss(at::Tensor z, const int64_t* target, const float* scale, int64_t ignore_index, RowOptions o,
+                float* loss, float* lse) {
+  const int64_t n = z.size(0), V = z.size(1);
+  float* data = z.data_ptr<float>();
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float* row = data + i * V;
+      if (target[i] == ignore_index) {
+        loss[i] = lse[i] = 0.0f;
+        if (scale != nullptr) std::fill(row, row + V, 0.0f);
+        continue;
+      }
+      row_loss(row, V, target[i], scale != nullptr, scale != nullptr ? scale[i] : 0.0f, o, loss + i, lse + i);
+    }
+  });
+}
+
+// Returns (loss [N], lse [N], grad_hidden [N, H], grad_weight [V, H], grad_bias [V]); the gradients are
+// empty tensors when row_scale is not given. Ignored rows give loss 0, lse 0 and zero gradients.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& target, const c10::optional<at::Tensor>& row_scale, int64_t ignore_index,
+    double label_smoothing, double z_loss, double softcap) {
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && target.dim() == 1, "expected hidden [N, H], weight [V, H], target [N]");
+  const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  TORCH_CHECK(weight.size(1) == H && target.size(0) == N, "shape mismatch");
+  const bool grad = row_scale.has_value();
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor w = weight.to(at::kFloat).contiguous();
+  at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor tgt = target.to(at::kLong).contiguous();
+  at::Tensor loss = at::zeros({N}, f32), lse = at::zeros({N}, f32);
+  at::Tensor gh = grad ? at::empty({N, H}, f32) : at::empty({0}, f32);
+  // The first chunk's product writes grad_weight (no zero fill and read of [V, H] first); the others add to it.
+  at::Tensor gw = grad ? (N > 0 ? at::empty({V, H}, f32) : at::zeros({V, H}, f32)) : at::empty({0}, f32);
+  at::Tensor gb = grad && bias.has_value() ? at::zeros({V}, f32) : at::empty({0}, f32);
+  at::Tensor scale = grad ? row_scale->to(at::kFloat).contiguous() : at::Tensor();
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(N, kChunkBytes / (4 * std::max<int64_t>(V, 1))));
+  at::Tensor logits_buf = at::empty({chunk, V}, f32);
+  const RowOptions options{static_cast<float>(label_smoothing), static_cast<float>(z_loss),
+                           static_cast<float>(softcap)};
+
+  for (int64_t start = 0; start < N; start += chunk) {
+    const int64_t n = std::min(chunk, N - start);
+    at::Tensor h = hidden.narrow(0, start, n).to(at::kFloat);
+    at::Tensor logits = logits_buf.narrow(0, 0, n);
+    if (b.defined()) logits.copy_(b.unsqueeze(0).expand_as(logits));
+    codex_ml::cpu::gemm(h, w.t(), logits, /*accumulate=*/b.defined());
+    chunk_loss(logits, tgt.data_ptr<int64_t>() + start, grad ? scale.data_ptr<float>() + start : nullptr,
+               ignore_index, options, loss.data_ptr<float>() + start, lse.data_ptr<float>() + start);
+    if (grad) {
+      at::Tensor gh_rows = gh.narrow(0, start, n);
+      codex_ml::cpu::gemm(logits, w, gh_rows, /*accumulate=*/false);
+      codex_ml::cpu::gemm(logits.t(), h, gw, /*accumulate=*/start > 0);
+      if (gb.numel()) gb.add_(logits.sum(0));
+    }
+  }
+  return {loss, lse, gh, gw, gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(codex_ml_cpu, m) {
+  m.def(
+      "linear_cross_entropy(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor? row_scale, "
+      "int ignore_index, float label_smoothing, float z_loss, float softcap) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(codex_ml_cpu, CPU, m) { m.impl("linear_cross_entropy", &linear_cross_entropy); }

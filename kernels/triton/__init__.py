@@ -1,1 +1,0 @@
-"""Triton kernels. Each module holds its kernels, their launch functions and `aot_specs()`."""
