@@ -11,7 +11,8 @@ import tempfile
 
 import pytest
 
-# Where programs put their files by default: all of them inside the test's own directory.
+# Where programs put their files by default: all of them inside the test's own directory. (Its path is long: a
+# Unix socket, limited to 108 bytes, cannot live under TMPDIR here; use TCP on 127.0.0.1.)
 _TMPDIR_VARIABLES = {
     "HOME": "home",
     "TMPDIR": "tmp",
