@@ -1,4 +1,7 @@
-"""py_pytest: a py_test that runs pytest on its sources, with codex_ml importable; codex_binary: a command."""
+"""py_pytest: a py_test that runs pytest on its sources, with codex_ml importable; gpu_pytest: one that needs a
+CUDA device; codex_binary: a command."""
+
+load("@local_gpu//:defs.bzl", "GPU_COMPATIBLE")
 
 def py_pytest(name, srcs, deps = [], data = [], args = [], size = "medium", env = {}, **kwargs):
     """A pytest test target. `srcs` are test files; `args` are extra pytest flags."""
@@ -12,6 +15,19 @@ def py_pytest(name, srcs, deps = [], data = [], args = [], size = "medium", env 
         size = size,
         python_version = "PY3",
         env = env,
+        **kwargs
+    )
+
+def gpu_pytest(name, tags = [], **kwargs):
+    """A py_pytest that needs a CUDA device (tagged `gpu`).
+
+    Where tools/cuda_configure.bzl finds no usable device (or --repo_env=CODEX_ML_GPU=0), the target is
+    incompatible: `bazel test //...` reports it SKIPPED instead of running a file whose every test skips.
+    """
+    py_pytest(
+        name = name,
+        tags = tags + ["gpu"],
+        target_compatible_with = GPU_COMPATIBLE,
         **kwargs
     )
 

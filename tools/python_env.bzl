@@ -2,23 +2,24 @@
 
 Builds a virtual environment from a hash-locked requirements file and writes a BUILD file with
   - the py_runtime / toolchain every py_binary and py_test runs on;
-  - cc targets for native code built against it: Python headers, pybind11 and libtorch, with the
-    C++11 ABI flag read from the installed torch (never assumed).
-The repository is re-fetched only when the lock file or this .bzl file changes.
+  - cc targets for native code built against it: Python headers and libtorch, with the C++11 ABI flag
+    read from the installed torch (never assumed);
+and a defs.bzl with the Python and torch versions (the wheel's tags and requirements).
+tools/pip_sources.py decides where pip downloads the locked files from: local mirrors where the machine has
+them, else PyPI and PyTorch's CPU wheel index (--repo_env=CODEX_ML_TORCH_INDEX=<url> names another).
+The repository is re-fetched when the lock, tools/pip_sources.py, this .bzl file or CODEX_ML_TORCH_INDEX change.
 """
 
 _INFO_SCRIPT = """
 import json, os, sys, sysconfig
-import pybind11, torch
+import torch
 from torch.utils import cpp_extension
 print(json.dumps({
     "python_include": sysconfig.get_paths()["include"],
-    "pybind11_include": pybind11.get_include(),
     "torch_includes": cpp_extension.include_paths(),
     "torch_lib": os.path.join(os.path.dirname(torch.__file__), "lib"),
     "cxx11_abi": int(torch._C._GLIBCXX_USE_CXX11_ABI),
     "torch_version": torch.__version__,
-    "ext_suffix": sysconfig.get_config_var("EXT_SUFFIX"),
     "python_version": "%d.%d" % sys.version_info[:2],
 }))
 """
@@ -28,7 +29,7 @@ package(default_visibility = ["//visibility:public"])
 
 load("@bazel_tools//tools/python:toolchain.bzl", "py_runtime_pair")
 
-exports_files(["requirements.lock", "info.json"])
+exports_files(["requirements.lock"])
 
 py_runtime(
     name = "py3_runtime",
@@ -56,13 +57,6 @@ cc_library(
 )
 
 cc_library(
-    name = "pybind11",
-    hdrs = glob(["pybind11_include/**/*.h"]),
-    includes = ["pybind11_include"],
-    deps = [":python_headers"],
-)
-
-cc_library(
     name = "torch_headers",
     hdrs = glob(["torch_include/**/*.h", "torch_include/**/*.hpp", "torch_include/**/*.cuh"]),
     includes = ["torch_include", "torch_include/torch/csrc/api/include"],
@@ -73,7 +67,7 @@ cc_library(
 [cc_import(
     name = lib,
     shared_library = "torch_lib/lib" + lib + ".so",
-) for lib in ["c10", "torch", "torch_cpu", "torch_python"]]
+) for lib in ["c10", "torch", "torch_cpu"]]
 
 cc_library(
     name = "libtorch",
@@ -81,9 +75,9 @@ cc_library(
 )
 """
 
-def _run(ctx, args, what, timeout = 3600):
+def _run(ctx, args, what, timeout = 3600, environment = {}):
     # Quiet: pip and the probes print only when something fails (below).
-    result = ctx.execute(args, timeout = timeout, quiet = True)
+    result = ctx.execute(args, timeout = timeout, quiet = True, environment = environment)
     if result.return_code != 0:
         fail("python_env: %s failed (exit %d):\n%s\n%s" % (what, result.return_code, result.stdout, result.stderr))
     return result.stdout
@@ -101,20 +95,21 @@ def _python_env_impl(ctx):
     if version != ctx.attr.python_version:
         fail("python_env: %s is Python %s, the lock is for Python %s" % (real, version, ctx.attr.python_version))
 
+    # venv and pip unpack into TMPDIR: keep that inside this repository, not in the machine's /tmp.
+    tmp = ctx.path("tmp")
+    ctx.execute(["mkdir", "-p", str(tmp)])
+    env = {"TMPDIR": str(tmp)}
     ctx.report_progress("creating the virtual environment")
-    _run(ctx, [real, "-m", "venv", "venv"], "python -m venv")
+    _run(ctx, [real, "-m", "venv", "venv"], "python -m venv", environment = env)
     venv_python = str(ctx.path("venv/bin/python3"))
-    ctx.report_progress("installing the locked requirements (first time: about a minute)")
+    ctx.report_progress("installing the locked requirements (first time: a few minutes)")
     _run(ctx, [
-        venv_python, "-m", "pip", "install", "--quiet", "--no-deps", "--require-hashes",
-        "--no-warn-script-location", "-r", str(lock),
-    ], "pip install -r requirements.lock")
+        real, str(ctx.path(ctx.attr._pip_sources)), "install", "--lock", str(lock), "--python", venv_python,
+    ], "pip install -r requirements.lock", environment = env)
+    ctx.delete(tmp)
 
-    info_json = _run(ctx, [venv_python, "-c", _INFO_SCRIPT], "reading the torch build")
-    ctx.file("info.json", info_json)
-    info = json.decode(info_json)
+    info = json.decode(_run(ctx, [venv_python, "-c", _INFO_SCRIPT], "reading the torch build"))
     ctx.symlink(info["python_include"], "python_include")
-    ctx.symlink(info["pybind11_include"], "pybind11_include")
     ctx.symlink(info["torch_includes"][0], "torch_include")
     ctx.symlink(info["torch_lib"], "torch_lib")
     ctx.file("WORKSPACE", "workspace(name = \"%s\")\n" % ctx.name)
@@ -126,8 +121,6 @@ def _python_env_impl(ctx):
         '"""Facts of the locked Python environment, read when it was built."""',
         "PYTHON_VERSION = \"%s\"" % info["python_version"],
         "TORCH_VERSION = \"%s\"" % info["torch_version"],
-        "TORCH_CXX11_ABI = %d" % info["cxx11_abi"],
-        "EXT_SUFFIX = \"%s\"" % info["ext_suffix"],
         "",
     ]))
 
@@ -137,6 +130,8 @@ python_env = repository_rule(
         "requirements": attr.label(mandatory = True, allow_single_file = True),
         "python": attr.string(default = "python3"),
         "python_version": attr.string(default = "3.11"),
+        "_pip_sources": attr.label(default = Label("//tools:pip_sources.py"), allow_single_file = True),
     },
+    environ = ["CODEX_ML_TORCH_INDEX"],
     doc = "A virtual environment built from a hash-locked requirements file.",
 )

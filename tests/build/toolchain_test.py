@@ -41,3 +41,16 @@ def test_torch_is_the_cpu_build_from_the_lock():
 
 def test_global_site_packages_are_not_visible():
     assert not any(p.endswith("site-packages") and "/external/pyenv/venv/" not in p for p in sys.path), sys.path
+
+
+def test_lock_pins_every_package_by_hash_and_names_no_source():
+    """Installable anywhere: tools/pip_sources.py picks the sources, the lock only names files by hash."""
+    lock = _runfile("pyenv/requirements.lock").read_text()
+    # One entry per unindented line: the requirement, then its indented --hash lines and comments.
+    requirements = [e for e in re.split(r"\n(?=\S)", lock) if e.strip() and not e.startswith("#")]
+    assert len(requirements) == len(_locked_versions()) > 100
+    unhashed = [e.split()[0] for e in requirements if "--hash=sha256:" not in e]
+    assert not unhashed, unhashed
+    options = [line for line in lock.splitlines() if line.startswith("-")]
+    assert not options, options  # no --index-url, --extra-index-url or --find-links
+    assert "file://" not in lock and "/opt/" not in lock
