@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from codex_ml._files import file_sha256, fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -38,28 +39,12 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_bytes(path: Path, data: bytes) -> None:
     """Writes `data` to `path` and fsyncs it, so a completed rename never points at unwritten blocks."""
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_torch(path: Path, obj: Any) -> None:
@@ -89,11 +74,7 @@ def _write_safetensors(path: Path, state: Mapping[str, torch.Tensor]) -> None:
         save_file(tensors, str(path))
     except SafetensorError as e:  # its I/O errors (a full disk) are reported like any other write's
         raise OSError(f"writing {path.name} failed: {e}") from e
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path)
 
 
 @functools.lru_cache(maxsize=1)
@@ -175,7 +156,7 @@ def save_checkpoint(
             _write_bytes(tmp / f"{name}.json", json.dumps(obj, indent=2).encode())
         if operative_config is not None:
             _write_bytes(tmp / "operative_config.gin", operative_config.encode())
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
         manifest = {
             "format": 1,
             "files": files,
@@ -186,7 +167,7 @@ def save_checkpoint(
             **dict(manifest_extra or {}),
         }
         _write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
-        _fsync_dir(tmp)
+        fsync_path(tmp)
         if path.exists():  # Re-saving the same step: move the old one aside only once the new one is complete.
             old = path.parent / f"{_OLD_PREFIX}{path.name}-{os.getpid()}"
             os.rename(path, old)
@@ -198,7 +179,7 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
     except (OSError, RuntimeError, ValueError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
@@ -239,7 +220,7 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"Checkpoint {path}: {name} is missing.")
-        if _sha256(file) != digest:
+        if file_sha256(file) != digest:
             raise CheckpointError(f"Checkpoint {path}: {name} is corrupt (SHA-256 differs from the manifest).")
     return manifest
 
