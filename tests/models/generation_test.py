@@ -163,6 +163,42 @@ def test_secret_filter_any_chunking():
         assert result == "a [withheld: github_token] b\n[withheld: private_key_block]c"
 
 
+def test_a_secret_cut_off_by_max_new_tokens_is_withheld():
+    text = f"key = '{GITHUB_TOKEN}'\n"
+    for cut in (11, 14, 20, 35):  # mid-token (from "ghp_" on): too short for the token rule
+        out = generate(ScriptedModel(text), CharTokenizer(), "x", SamplingConfig(max_new_tokens=cut))
+        assert out.finish_reason == "length"
+        assert "ghp_" not in out.text and GITHUB_TOKEN[4:10] not in out.text, (cut, out.text)
+        assert out.text.endswith("[withheld: truncated_secret]") and out.withheld == ["truncated_secret"]
+    password = "DB_PASSWORD=" + "Hx7kq2Lm" + "Zp3w\n"
+    out = generate(ScriptedModel(password), CharTokenizer(), "x", SamplingConfig(max_new_tokens=16))
+    assert out.text == "DB_[withheld: truncated_secret]" and out.withheld == ["truncated_secret"]
+    whole = generate(ScriptedModel("done = True\n"), CharTokenizer(), "x", SamplingConfig(max_new_tokens=8))
+    assert whole.text == "done = T" and whole.withheld == []  # ordinary text cut off is released as it is
+
+
+def test_secret_filter_new_formats_any_chunking():
+    # Formats whose matches span whitespace (a key, "=", a value) or a multi-line key file.
+    env = "DB_PASSWORD = " + "Hx7kq2Lm" + "Zp3w"
+    url = "postgres://admin:" + "Hx7kq2Lm" + "@db:5432/app"
+    putty = "PuTTY-User-Key-File-3: ssh-ed25519\nPrivate-Lines: 1\nAAAAQ" + "zq9" + "\nPrivate-MAC: 0af1\n"
+    ssh2 = ("---- BEGIN SSH2 ENCRYPTED " + "PRIVATE KEY ----\nAAAA" + "zq9" + "\n---- END SSH2 ENCRYPTED "
+            + "PRIVATE KEY ----\n")
+    text = f"a\n{env}\nb {url} c\n{putty}d\n{ssh2}e"
+    rng = random.Random(0)
+    for _ in range(50):
+        f, out, i = _SecretFilter(True), [], 0
+        while i < len(text):
+            n = rng.randint(1, 7)
+            out.append(f.feed(text[i:i + n]))
+            i += n
+        out.append(f.feed("", final=True))
+        result = "".join(out)
+        assert "Hx7k" not in result and "zq9" not in result and "admin:" not in result, result
+        assert result.startswith("a\n") and "\nb " in result and " c\n" in result
+        assert result.endswith("d\n[withheld: private_key_block]e")
+
+
 # ------------------------------------------------------------------------------------------- loading
 def save_native(tmp_path, tokenizer):
     model = native_model(tokenizer)
