@@ -149,6 +149,21 @@ class LockFile:
             raise
         self._fd = fd
 
+    def held_elsewhere(self) -> bool:
+        """Whether another process (or another LockFile here) holds the lock now; False when there is no file.
+        Probes without creating or writing the file."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
     def release(self) -> None:
         """Releases the lock (the file stays: removing it would race with a process opening it)."""
         if self._fd is None:
