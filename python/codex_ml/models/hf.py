@@ -316,15 +316,15 @@ def _fingerprint(model: nn.Module) -> dict[str, Any]:
     return info
 
 
-def _check_base(saved: dict[str, Any], current: dict[str, Any], what: str) -> None:
-    """HFModelError unless the base model described by `current` is the one `saved` was made on."""
+def _check_base(saved: dict[str, Any], current: dict[str, Any], adapter: Path) -> None:
+    """HFModelError unless the base model described by `current` is the one the adapter (`saved`) was made on."""
     if (saved.get("model_type"), saved.get("shapes_sha256")) != (current["model_type"], current["shapes_sha256"]):
-        raise HFModelError(f"{what} was trained on another base model ({saved.get('model_type')}, weights "
+        raise HFModelError(f"The adapter {adapter} was trained on another base model ({saved.get('model_type')}, weights "
                            f"{str(saved.get('shapes_sha256'))[:12]}) than this one ({current['model_type']}, "
                            f"{current['shapes_sha256'][:12]}): load the base model it was made for.")
     expected, actual = saved.get("base_weights_sha256"), current.get("base_weights_sha256")
     if expected and actual and expected != actual:
-        raise HFModelError(f"{what} was trained on the base model {saved.get('base_path')} with weights "
+        raise HFModelError(f"The adapter {adapter} was trained on the base model {saved.get('base_path')} with weights "
                            f"{expected[:12]}, but {current.get('base_path')} holds other weights ({actual[:12]}) of "
                            "the same architecture: load the base model it was made for.")
 
@@ -347,7 +347,7 @@ def apply_lora(model: nn.Module, *, r: int = 8, alpha: float = 16.0, dropout: fl
                                "is partial; copy the adapter's weights too (nothing is downloaded).")
         info_file = peft_path / ADAPTER_INFO
         if info_file.is_file():
-            _check_base(json.loads(info_file.read_text()), _fingerprint(model), f"The adapter {peft_path}")
+            _check_base(json.loads(info_file.read_text()), _fingerprint(model), peft_path)
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
