@@ -319,8 +319,8 @@ def _fingerprint(model: nn.Module) -> dict[str, Any]:
 def _check_base(saved: dict[str, Any], current: dict[str, Any], adapter: Path) -> None:
     """HFModelError unless the base model described by `current` is the one the adapter (`saved`) was made on."""
     if (saved.get("model_type"), saved.get("shapes_sha256")) != (current["model_type"], current["shapes_sha256"]):
-        raise HFModelError(f"The adapter {adapter} was trained on another base model ({saved.get('model_type')}, weights "
-                           f"{str(saved.get('shapes_sha256'))[:12]}) than this one ({current['model_type']}, "
+        raise HFModelError(f"The adapter {adapter} was trained on another base model ({saved.get('model_type')}, "
+                           f"weights {str(saved.get('shapes_sha256'))[:12]}) than this one ({current['model_type']}, "
                            f"{current['shapes_sha256'][:12]}): load the base model it was made for.")
     expected, actual = saved.get("base_weights_sha256"), current.get("base_weights_sha256")
     if expected and actual and expected != actual:
