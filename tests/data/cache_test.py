@@ -1,8 +1,10 @@
 """The data cache under faults: concurrent builds, a full or read-only disk, interruptions, a crash between the
 tokenizer's model and its digest. Nothing half-written is ever trusted, and no temporary stays behind."""
 
-import errno
+import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -12,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from codex_ml import _files
 from codex_ml._files import LockFile
-from codex_ml.data import DataError, prepare_data
+from codex_ml.data import prepare_data
 from codex_ml.data import shards as shards_module
 from codex_ml.tokenization import Tokenizer
 
@@ -111,77 +112,68 @@ def test_a_holder_killed_with_sigkill_releases_the_cache_lock(tmp_path):
         assert lock.held
 
 
-class _FullDisk:
-    """open() for writing that fails with ENOSPC once `budget` bytes were written under `root` (a shim: the
-    tests run as root in a sandbox that cannot mount a small filesystem)."""
+# Runs in a private mount namespace (unshare) on a small tmpfs mounted as the cache: a real full disk, a real
+# read-only filesystem (the tests run as root, whom file modes do not stop). It prints what happened as JSON.
+ON_TMPFS = """
+import json, subprocess, sys
+from pathlib import Path
+from codex_ml.data import DataError, prepare_data
+cache, src, mode = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 
-    def __init__(self, root: Path, budget: int):
-        self.root, self.budget, self.real = str(root), budget, open
+def run(**kwargs):
+    try:
+        prepare_data(cache, sources=[src], splits=(0.8, 0.1, 0.1), log=lambda line: None, **kwargs)
+        return "ok"
+    except DataError as err:
+        return str(err)
 
-    def __call__(self, file, mode="r", *args, **kwargs):
-        f = self.real(file, mode, *args, **kwargs)
-        if not any(c in mode for c in "wax") or not str(file).startswith(self.root):
-            return f
-        shim = self
+def temporaries():
+    return [str(p) for p in cache.rglob("*") if p.name.startswith(".tmp-")]
 
-        class Writer:
-            def __getattr__(self, name):
-                return getattr(f, name)
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                f.close()
-
-            def write(self, data):
-                shim.budget -= len(data)
-                if shim.budget < 0:
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                return f.write(data)
-
-        return Writer()
+report = {"first": run(vocab_size=300), "temporaries": temporaries()}
+if mode == "read-only":
+    subprocess.run(["mount", "-o", "remount,ro", str(cache)], check=True)
+    report["reuse"] = run(vocab_size=300)  # a complete cache is read without writing
+    report["build"] = run(vocab_size=320)
+else:
+    subprocess.run(["mount", "-o", "remount,size=4m", str(cache)], check=True)  # space again
+    report["again"] = run(vocab_size=300)
+report["temporaries_after"] = temporaries()
+print(json.dumps(report))
+"""
 
 
-@pytest.mark.parametrize("budget", [100, 20_000])  # full while writing the tokenizer; while writing the shards
-def test_a_full_disk_is_a_clear_error_and_leaves_no_temporary(tmp_path, monkeypatch, budget):
+def on_tmpfs(tmp_path: Path, size: str, mode: str) -> dict:
     src = make_corpus(tmp_path / "src")
     cache = tmp_path / "cache"
-    full = _FullDisk(cache, budget)
-    monkeypatch.setattr(_files, "open", full, raising=False)
-    monkeypatch.setattr(shards_module, "open", full, raising=False)
-    with pytest.raises(DataError, match=f"the disk holding {cache} is full.*free space there"):
-        prepare(cache, src)
-    assert temporaries(cache) == []
-    monkeypatch.undo()
-    data, logs = prepare(cache, src)  # with space again: builds what is missing, trusts nothing partial
-    assert any("Shards: tokenized" in line for line in logs)
-    assert data.manifest["splits"]["train"]["tokens"] > 0 and temporaries(cache) == []
+    cache.mkdir()
+    script = tmp_path / "on_tmpfs.py"
+    script.write_text(ON_TMPFS)
+    command = (f"mount -t tmpfs -o size={size} tmpfs {shlex.quote(str(cache))} && exec {shlex.quote(sys.executable)} "
+               f"{shlex.quote(str(script))} {shlex.quote(str(cache))} {shlex.quote(str(src))} {mode}")
+    out = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", command], text=True,
+                         capture_output=True, timeout=300, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_a_read_only_cache_is_a_clear_error_and_a_complete_one_is_still_read(tmp_path, monkeypatch):
-    src = make_corpus(tmp_path / "src")
+@pytest.mark.parametrize("size", ["8k", "64k"])  # full while writing the tokenizer; while writing the shards
+def test_a_full_disk_is_a_clear_error_and_leaves_no_temporary(tmp_path, size):
+    report = on_tmpfs(tmp_path, size, "full")
     cache = tmp_path / "cache"
-    done, _ = prepare(cache / "complete", src)
-    read_only = str(cache)
+    assert re.match(rf"cannot write the data cache: the disk holding {cache} is full \(.*\): free space there or "
+                    r"choose another directory \(train.cache_dir\); nothing partial was left behind", report["first"])
+    assert report["temporaries"] == []
+    assert report["again"] == "ok" and report["temporaries_after"] == []  # with space again, the build completes
 
-    # A shim raising EROFS for every creation under the cache (root ignores file modes, and the sandbox cannot
-    # mount a read-only filesystem).
-    def refuse(real, writes):
-        def call(path, *args, **kwargs):
-            if str(path).startswith(read_only) and writes(*args, **kwargs):
-                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
-            return real(path, *args, **kwargs)
-        return call
 
-    monkeypatch.setattr(os, "mkdir", refuse(os.mkdir, lambda *a, **k: True))
-    monkeypatch.setattr(os, "open", refuse(os.open, lambda flags, *a, **k: flags & (os.O_CREAT | os.O_WRONLY
-                                                                                      | os.O_RDWR)))
-    again, logs = prepare(cache / "complete", src)  # reading a complete cache writes nothing
-    assert again.directory == done.directory and any("reusing cached" in line for line in logs)
-    with pytest.raises(DataError, match=f"{cache / 'fresh'}.* is not writable.*make it writable or choose another"):
-        prepare(cache / "fresh", src)
-    assert temporaries(cache) == []
+def test_a_read_only_cache_is_a_clear_error_and_a_complete_one_is_still_read(tmp_path):
+    report = on_tmpfs(tmp_path, "4m", "read-only")
+    cache = tmp_path / "cache"
+    assert report["first"] == "ok" and report["reuse"] == "ok"
+    assert re.match(rf"cannot write the data cache: {cache} is not writable \(.*\): make it writable or choose "
+                    "another directory on a writable disk", report["build"])
+    assert report["temporaries_after"] == []
 
 
 def test_a_tokenizer_without_its_recorded_digest_is_retrained(tmp_path):
