@@ -249,6 +249,18 @@ def test_load_native_run_and_errors(tmp_path, tokenizer):
         load_model(path)
 
 
+def test_loading_a_hugging_face_folder_sets_offline_mode_before_transformers_is_imported(tmp_path):
+    hf_folder(tmp_path / "hf")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    script = ("import sys\nfrom codex_ml.models.generation import load_model\nload_model(sys.argv[1])\n"
+              "import huggingface_hub.constants as c\nprint(c.HF_HUB_OFFLINE, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "hf")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["True", "True"]  # (the model and its tokenizer both loaded)
+
+
 def test_hf_folder_and_adapter(tmp_path):
     reference = hf_folder(tmp_path / "hf")
     model, tok = load_model(tmp_path / "hf")

@@ -168,7 +168,10 @@ def prepare_data(
     """Reads the corpus, trains (or loads) the tokenizer and tokenizes into shards, all cached by content.
 
     A second call with the same inputs reuses the cached tokenizer and shards (and says so); any change
-    (sources, their content, policies, tokenizer) builds a new shard set beside the old one.
+    (sources, their content, policies, tokenizer) builds a new shard set beside the old one. Concurrent calls on
+    one cache build each entry once: the builder holds <entry>.lock, the others wait (saying for whom), then
+    reuse it. Entries are built under a temporary name and renamed whole, so an interrupted build leaves
+    nothing a later call trusts; a full or read-only cache is a DataError naming the directory.
     num_threads only sets how many threads tokenize (the output does not depend on it);
     tokenizer_threads is part of the tokenizer's recipe: SentencePiece's result depends on it.
     vocab_size, model_type, character_coverage, byte_fallback and tokenizer_threads are the settings of
