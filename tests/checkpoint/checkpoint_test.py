@@ -1,6 +1,9 @@
 """Checkpoint directories: atomic writes, verification, discovery of the newest valid one, retention."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,6 +11,8 @@ import torch
 from codex_ml.checkpoint import (
     CheckpointError,
     CheckpointManager,
+    RunDirLock,
+    RunDirLocked,
     core,
     latest_valid_checkpoint,
     list_checkpoints,
@@ -231,3 +236,121 @@ def test_a_directory_that_was_never_a_checkpoint_is_not_called_partial(tmp_path)
     with pytest.raises(CheckpointError, match="other has neither manifest.json nor model.safetensors: not a "
                                               "checkpoint"):
         verify_checkpoint(tmp_path / "other")
+
+
+def test_write_order_follows_the_sequence_number_not_the_clock(run_dir, monkeypatch):
+    """A requeued run on a machine whose clock is behind: its new checkpoints are still the newest."""
+    manager = CheckpointManager(run_dir, keep_last=2, keep_best=0)
+    clock = iter(range(10**18, 0, -10**15))  # every save an earlier time than the one before
+    monkeypatch.setattr(core.time, "time_ns", lambda: next(clock))
+    monkeypatch.setattr(core.time, "time", lambda: next(clock) / 1e9)
+    paths, seqs = [], []
+    for step in (5, 9, 3):  # resumed from step 2 after step 9: 3 is the newest
+        paths.append(_save(manager, step))
+        seqs.append(json.loads((paths[-1] / "manifest.json").read_text())["seq"])
+    assert seqs == [1, 2, 3]
+    assert latest_valid_checkpoint(run_dir) == paths[2]
+    assert sorted(step for step, _ in list_checkpoints(run_dir)) == [3, 9]  # the last two written
+
+
+def test_checkpoints_without_a_sequence_number_come_first_by_their_clock(run_dir):
+    """Checkpoints of an earlier version (only "saved_ns"): older than any with "seq", in saved_ns order."""
+    manager = CheckpointManager(run_dir, keep_last=5, keep_best=0)
+    for step, saved_ns in ((8, 300), (4, 200), (6, 100)):
+        path = _save(manager, step)
+        manifest = json.loads((path / "manifest.json").read_text())
+        del manifest["seq"]
+        (path / "manifest.json").write_text(json.dumps({**manifest, "saved_ns": saved_ns}))
+    assert [step for step, _ in core.checkpoints_by_write_order(run_dir)] == [6, 4, 8]
+    assert latest_valid_checkpoint(run_dir).name == "step_00000008"
+    new = _save(manager, 2)
+    assert json.loads((new / "manifest.json").read_text())["seq"] == 1
+    assert [step for step, _ in core.checkpoints_by_write_order(run_dir)] == [6, 4, 8, 2]
+    assert latest_valid_checkpoint(run_dir) == new
+
+
+# A child process saving step 7 that pauses inside the save (after the weights) until it is told to go on or killed.
+SLOW_SAVER = """
+import sys
+import torch
+from codex_ml.checkpoint import CheckpointManager, core
+real = core._write_torch
+def slow(path, obj):
+    print("saving", flush=True)
+    sys.stdin.readline()
+    real(path, obj)
+core._write_torch = slow
+CheckpointManager(sys.argv[1]).save(7, model_state={"w": torch.ones(3)}, torch_states={"optimizer": {}})
+print("saved", flush=True)
+"""
+
+
+def _child(code, *args):
+    """A Python child running `code` with `args`, its stdin and stdout piped (text)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
+
+
+def test_a_live_writers_temporaries_are_kept_and_a_dead_ones_removed(run_dir):
+    manager = CheckpointManager(run_dir)
+    _save(manager, 1)
+    writer = _child(SLOW_SAVER, run_dir)
+    assert writer.stdout.readline().strip() == "saving"
+    temporaries = sorted(p.name for p in (run_dir / "checkpoints").glob(".tmp-*"))
+    (writer_file,) = (run_dir / "checkpoints").glob(".tmp-writer-*")
+    assert len(temporaries) == 2 and f"pid {writer.pid} " in writer_file.read_text()
+    manager.remove_stale_temporaries()  # another process cleaning up while the save is in progress
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob(".tmp-*")) == temporaries
+    writer.stdin.write("\n")
+    writer.stdin.flush()
+    assert writer.stdout.readline().strip() == "saved" and writer.wait(60) == 0
+    verify_checkpoint(run_dir / "checkpoints" / "step_00000007")
+    assert list((run_dir / "checkpoints").glob(".tmp-*")) == []
+
+    killed = _child(SLOW_SAVER, run_dir)
+    assert killed.stdout.readline().strip() == "saving"
+    killed.kill()  # kill -9 mid-save: its temporaries stay, and its lock is free
+    killed.wait(60)
+    assert len(list((run_dir / "checkpoints").glob(".tmp-*"))) == 2
+    manager.remove_stale_temporaries()
+    assert list((run_dir / "checkpoints").glob(".tmp-*")) == []
+    verify_checkpoint(run_dir / "checkpoints" / "step_00000007")  # the earlier save of step 7 is intact
+
+
+HOLDER = """
+import sys
+from codex_ml.checkpoint import RunDirLock
+lock = RunDirLock(sys.argv[1]).acquire()
+print("held", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_the_run_directory_lock_refuses_a_second_holder_naming_the_first(run_dir):
+    holder = _child(HOLDER, run_dir)
+    assert holder.stdout.readline().strip() == "held"
+    second = RunDirLock(run_dir)
+    with pytest.raises(RunDirLocked, match=rf"{run_dir} is in use by another run \(pid {holder.pid} host "
+                                           rf"{os.uname().nodename}\).*choose another --run_dir"):
+        second.acquire()
+    assert not second.held
+    holder.stdin.write("\n")  # the holder exits normally
+    holder.stdin.flush()
+    assert holder.wait(60) == 0
+    with RunDirLock(run_dir) as lock:
+        assert lock.held and f"pid {os.getpid()} " in (run_dir / ".lock").read_text()
+        with pytest.raises(RunDirLocked):  # another lock in this same process is refused too
+            RunDirLock(run_dir).acquire()
+    assert not lock.held
+
+
+def test_kill_9_of_the_run_directory_holder_releases_the_lock(run_dir):
+    holder = _child(HOLDER, run_dir)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(RunDirLocked):
+        RunDirLock(run_dir).acquire()
+    holder.kill()
+    holder.wait(60)
+    with RunDirLock(run_dir) as lock:  # no stale lock: the kernel released it with the process
+        assert lock.held

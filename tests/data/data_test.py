@@ -386,3 +386,26 @@ def test_jsonl_lone_surrogates_follow_the_non_utf8_policy(tmp):
     assert sorted(d.text.rstrip("\ufffd") for d in replaced.documents) == ["a = 1 ", "b = 2"]
     with pytest.raises(DataError, match=r"s.jsonl:1: not valid UTF-8"):
         read_corpus([str(tmp / "s.jsonl")], non_utf8="error")
+
+
+def test_directory_sources_skip_hidden_directories_and_virtual_environments(tmp):
+    src = tmp / "project"
+    files = {
+        "pkg/a.py": "def a():\n    return 1\n",
+        ".git/hooks/hook.py": "def hook():\n    pass\n",
+        ".venv/lib/python3/site-packages/dep/d.py": "def dep():\n    pass\n",
+        "env/pyvenv.cfg": "home = /usr/bin\n",
+        "env/bin/activate_this.py": "activated = True\n",
+        "vendor/site-packages/v.py": "def vendored():\n    pass\n",
+    }
+    for name, text in files.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text(text)
+    corpus = read_corpus([str(src)])
+    assert [Path(d.source).relative_to(src).as_posix() for d in corpus.documents] == ["pkg/a.py"]
+    everything = read_corpus([str(src)], include_hidden=True)
+    assert len(everything.documents) == 5
+    assert len(read_corpus([f"{src}/**/*.py"]).documents) == 2  # the glob: hidden and site-packages skipped
+    (src / "pkg" / "a.py").unlink()
+    with pytest.raises(DataError, match="outside hidden directories and virtual environments.*include_hidden"):
+        read_corpus([str(src)])

@@ -163,6 +163,42 @@ def test_secret_filter_any_chunking():
         assert result == "a [withheld: github_token] b\n[withheld: private_key_block]c"
 
 
+def test_a_secret_cut_off_by_max_new_tokens_is_withheld():
+    text = f"key = '{GITHUB_TOKEN}'\n"
+    for cut in (11, 14, 20, 35):  # mid-token (from "ghp_" on): too short for the token rule
+        out = generate(ScriptedModel(text), CharTokenizer(), "x", SamplingConfig(max_new_tokens=cut))
+        assert out.finish_reason == "length"
+        assert "ghp_" not in out.text and GITHUB_TOKEN[4:10] not in out.text, (cut, out.text)
+        assert out.text.endswith("[withheld: truncated_secret]") and out.withheld == ["truncated_secret"]
+    password = "DB_PASSWORD=" + "Hx7kq2Lm" + "Zp3w\n"
+    out = generate(ScriptedModel(password), CharTokenizer(), "x", SamplingConfig(max_new_tokens=16))
+    assert out.text == "DB_[withheld: truncated_secret]" and out.withheld == ["truncated_secret"]
+    whole = generate(ScriptedModel("done = True\n"), CharTokenizer(), "x", SamplingConfig(max_new_tokens=8))
+    assert whole.text == "done = T" and whole.withheld == []  # ordinary text cut off is released as it is
+
+
+def test_secret_filter_new_formats_any_chunking():
+    # Formats whose matches span whitespace (a key, "=", a value) or a multi-line key file.
+    env = "DB_PASSWORD = " + "Hx7kq2Lm" + "Zp3w"
+    url = "postgres://admin:" + "Hx7kq2Lm" + "@db:5432/app"
+    putty = "PuTTY-User-Key-File-3: ssh-ed25519\nPrivate-Lines: 1\nAAAAQ" + "zq9" + "\nPrivate-MAC: 0af1\n"
+    ssh2 = ("---- BEGIN SSH2 ENCRYPTED " + "PRIVATE KEY ----\nAAAA" + "zq9" + "\n---- END SSH2 ENCRYPTED "
+            + "PRIVATE KEY ----\n")
+    text = f"a\n{env}\nb {url} c\n{putty}d\n{ssh2}e"
+    rng = random.Random(0)
+    for _ in range(50):
+        f, out, i = _SecretFilter(True), [], 0
+        while i < len(text):
+            n = rng.randint(1, 7)
+            out.append(f.feed(text[i:i + n]))
+            i += n
+        out.append(f.feed("", final=True))
+        result = "".join(out)
+        assert "Hx7k" not in result and "zq9" not in result and "admin:" not in result, result
+        assert result.startswith("a\n") and "\nb " in result and " c\n" in result
+        assert result.endswith("d\n[withheld: private_key_block]e")
+
+
 # ------------------------------------------------------------------------------------------- loading
 def save_native(tmp_path, tokenizer):
     model = native_model(tokenizer)
@@ -211,6 +247,18 @@ def test_load_native_run_and_errors(tmp_path, tokenizer):
     (path / "manifest.json").unlink()  # one interrupted while written
     with pytest.raises(CheckpointError, match="partial"):
         load_model(path)
+
+
+def test_loading_a_hugging_face_folder_sets_offline_mode_before_transformers_is_imported(tmp_path):
+    hf_folder(tmp_path / "hf")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    script = ("import sys\nfrom codex_ml.models.generation import load_model\nload_model(sys.argv[1])\n"
+              "import huggingface_hub.constants as c\nprint(c.HF_HUB_OFFLINE, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "hf")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["True", "True"]  # (the model and its tokenizer both loaded)
 
 
 def test_hf_folder_and_adapter(tmp_path):

@@ -6,6 +6,10 @@ their largest element; the two paths differ only in the order of floating-point 
 """
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -223,3 +227,71 @@ def test_attention_sinks_and_positional_arguments_are_not_misread(llama_dir):
     plain = load_hf_model(llama_dir)
     expected = plain(input_ids=ids, labels=ids).loss
     torch.testing.assert_close(model(ids, None, positions, labels=ids).loss, expected, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------- egress and base pinning
+EGRESS = """
+import json, os, socket, sys
+attempts = []
+real_connect = socket.socket.connect
+def connect(self, address):
+    if not (isinstance(address, tuple) and address[0] in ("127.0.0.1", "::1", "localhost")):
+        attempts.append(repr(address))
+    return real_connect(self, address)
+socket.socket.connect = connect
+from codex_ml.models.hf import HFCausalLM, HFModelConfig, save_adapter
+model = HFCausalLM(HFModelConfig(path=sys.argv[1], lora_r=2, **({"allow_hub": True} if sys.argv[3] == "hub" else {})))
+save_adapter(model.model, sys.argv[2])
+HFCausalLM(HFModelConfig(path=sys.argv[1], peft_path=sys.argv[2]))
+import huggingface_hub.constants
+print(json.dumps({"offline": huggingface_hub.constants.HF_HUB_OFFLINE, "attempts": attempts}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["default", "hub"])
+def test_hugging_face_loads_are_offline_unless_the_hub_is_allowed(llama_dir, tmp_path, mode):
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    out = subprocess.run([sys.executable, "-c", EGRESS, str(llama_dir), str(tmp_path / "adapter"), mode], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["attempts"] == []
+    # Set before transformers and peft were imported (they read it then), or left alone when the Hub is allowed.
+    assert result["offline"] is (mode == "default")
+
+
+def test_an_adapter_folder_without_weights_is_named_and_nothing_is_fetched(llama_dir, tmp_path):
+    adapter = save_adapter(apply_lora(load_hf_model(llama_dir), r=2), tmp_path / "adapter")
+    (adapter / "adapter_model.safetensors").unlink()
+    with pytest.raises(HFModelError, match="adapter_config.json but no adapter_model.safetensors: the folder is "
+                                           "partial"):
+        apply_lora(load_hf_model(llama_dir), peft_path=adapter)
+
+
+def test_an_adapter_on_a_swapped_base_of_the_same_architecture_is_refused(llama_dir, tmp_path, monkeypatch):
+    swapped = tmp_path / "swapped"
+    tiny_llama(swapped, seed=1)  # same architecture and shapes, other weights
+    monkeypatch.chdir(llama_dir.parent)
+    model = HFCausalLM(HFModelConfig(path=llama_dir.name, lora_r=2))  # a relative path
+    recorded = model.config.to_dict()
+    assert recorded["path"] == str(llama_dir) and recorded["base_weights_sha256"] == hf.base_weights_sha256(llama_dir)
+    adapter = model.save_adapter(tmp_path / "adapter")
+    info = json.loads((adapter / "codex_ml_adapter.json").read_text())
+    assert info["base_path"] == str(llama_dir.resolve()) and info["base_weights_sha256"] == recorded[
+        "base_weights_sha256"]
+    with pytest.raises(HFModelError, match="holds other weights .* of the same architecture"):
+        apply_lora(load_hf_model(swapped), peft_path=adapter)
+    # A checkpoint's config (what resume and generation rebuild the model from) refuses the swapped folder too.
+    with pytest.raises(HFModelError, match=f"{swapped} holds other weights .*restore that base model folder"):
+        HFCausalLM(HFModelConfig(**{**recorded, "path": str(swapped), "lora_target_modules": None}))
+    HFCausalLM(HFModelConfig(**{**recorded, "lora_target_modules": None}))  # the right base loads
+
+
+def test_a_truncated_weight_file_is_a_clear_error(llama_dir, tmp_path):
+    folder = tmp_path / "truncated"
+    shutil.copytree(llama_dir, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(HFModelError, match="truncated or damaged; copy the model folder again"):
+        load_hf_model(folder)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import math
 import os
 import platform
 import re
+import secrets
 import shutil
 import subprocess
 import time
@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from codex_ml._files import LockFile, LockHeld, file_sha256, fsync_path
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -27,6 +29,9 @@ CHECKPOINTS_SUBDIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = _TMP_PREFIX + "old-"  # a complete checkpoint moved aside while the same step is re-saved
+_WRITER_PREFIX = _TMP_PREFIX + "writer-"  # the lock file of a save in progress
+# .tmp-[old-]step_N-TOKEN (TOKEN: pid-random; earlier versions: pid) and .tmp-writer-TOKEN
+_TEMPORARY = re.compile(r"^\.tmp-(?:(?P<old>old-)?(?P<name>step_\d+)|(?P<writer>writer))-(?P<token>.+)$")
 
 
 class CheckpointError(RuntimeError):
@@ -38,28 +43,12 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_bytes(path: Path, data: bytes) -> None:
     """Writes `data` to `path` and fsyncs it, so a completed rename never points at unwritten blocks."""
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_torch(path: Path, obj: Any) -> None:
@@ -89,11 +78,7 @@ def _write_safetensors(path: Path, state: Mapping[str, torch.Tensor]) -> None:
         save_file(tensors, str(path))
     except SafetensorError as e:  # its I/O errors (a full disk) are reported like any other write's
         raise OSError(f"writing {path.name} failed: {e}") from e
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path)
 
 
 @functools.lru_cache(maxsize=1)
@@ -159,10 +144,13 @@ def save_checkpoint(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{_TMP_PREFIX}{path.name}-{os.getpid()}"
+    # The writer's lock file (held for the whole save, holding its pid and host) and its temporaries share a
+    # token: remove_stale_temporaries removes a temporary only once its writer's lock is free, i.e. it is gone.
+    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    writer = LockFile(path.parent / f"{_WRITER_PREFIX}{token}")
+    tmp = path.parent / f"{_TMP_PREFIX}{path.name}-{token}"
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        writer.acquire()
         tmp.mkdir()
         _write_safetensors(tmp / MODEL_FILE, model_state)
         if model_config is not None:
@@ -175,20 +163,21 @@ def save_checkpoint(
             _write_bytes(tmp / f"{name}.json", json.dumps(obj, indent=2).encode())
         if operative_config is not None:
             _write_bytes(tmp / "operative_config.gin", operative_config.encode())
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
         manifest = {
             "format": 1,
             "files": files,
             "git_commit": git_commit(),
             "versions": package_versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "saved_ns": time.time_ns(),  # write order (retention and auto-resume), finer than "created"
+            # Write order (retention and auto-resume): one more than any checkpoint beside it, never a clock.
+            "seq": _next_sequence(path.parent),
             **dict(manifest_extra or {}),
         }
         _write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
-        _fsync_dir(tmp)
+        fsync_path(tmp)
         if path.exists():  # Re-saving the same step: move the old one aside only once the new one is complete.
-            old = path.parent / f"{_OLD_PREFIX}{path.name}-{os.getpid()}"
+            old = path.parent / f"{_OLD_PREFIX}{path.name}-{token}"
             os.rename(path, old)
             try:
                 os.rename(tmp, path)
@@ -198,13 +187,17 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
     except (OSError, RuntimeError, ValueError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
             f"Could not write checkpoint {path}: {e}. Earlier checkpoints are intact; free disk space or "
             "choose another --run_dir, then resume with --resume=auto."
         ) from e
+    finally:
+        if writer.held:
+            writer.path.unlink(missing_ok=True)  # before the release: a free lock then always means a dead writer
+            writer.release()
     return path
 
 
@@ -239,7 +232,7 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"Checkpoint {path}: {name} is missing.")
-        if _sha256(file) != digest:
+        if file_sha256(file) != digest:
             raise CheckpointError(f"Checkpoint {path}: {name} is corrupt (SHA-256 differs from the manifest).")
     return manifest
 
@@ -271,18 +264,29 @@ def _read_manifest(path: Path) -> dict | None:
     return manifest if isinstance(manifest, dict) else None
 
 
-def _saved_ns(manifest: dict | None) -> int:
-    """When the checkpoint was written ("saved_ns"; 0 for one without it or without a readable manifest)."""
-    value = (manifest or {}).get("saved_ns", 0)
-    return value if isinstance(value, int) else 0
+def _write_order(manifest: dict | None) -> tuple[int, int]:
+    """The sort key of a checkpoint by write order: its "seq" (per run, counted by the writer); checkpoints of
+    earlier versions without one come first, ordered by their "saved_ns" (the clock they recorded)."""
+    manifest = manifest or {}
+    seq, saved_ns = manifest.get("seq"), manifest.get("saved_ns", 0)
+    if isinstance(seq, int) and not isinstance(seq, bool):
+        return (1, seq)
+    return (0, saved_ns if isinstance(saved_ns, int) else 0)
+
+
+def _next_sequence(directory: Path) -> int:
+    """One more than the largest "seq" among the checkpoints in `directory` (1 for the first)."""
+    orders = [_write_order(_read_manifest(path)) for _, path in list_checkpoints(directory)]
+    return max((seq for kind, seq in orders if kind == 1), default=0) + 1
 
 
 def checkpoints_by_write_order(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """list_checkpoints() ordered by when each was written, oldest first (by step among equals).
+    """list_checkpoints() ordered by when each was written, oldest first (by step among equals): by the manifest's
+    "seq", never by a clock (which may differ between the machines a requeued run lands on).
 
     Not the same as step order once a run resumed from an older checkpoint than its newest: the new branch's
     checkpoints are the newest, whatever their steps."""
-    return sorted(list_checkpoints(run_dir), key=lambda e: (_saved_ns(_read_manifest(e[1])), e[0]))
+    return sorted(list_checkpoints(run_dir), key=lambda e: (_write_order(_read_manifest(e[1])), e[0]))
 
 
 def latest_valid_checkpoint(
@@ -321,6 +325,53 @@ def load_state_file(path: str | os.PathLike, name: str) -> Any:
     return torch.load(file, map_location="cpu", weights_only=True)
 
 
+class RunDirLocked(CheckpointError):
+    """Another live process holds the run directory's lock; the message names it (pid and host)."""
+
+
+class RunDirLock:
+    """The lock on a run directory (an fcntl.flock on <run_dir>/.lock, holding "pid N host H"), held for the life
+    of the process that trains into it: a second run on the same directory is refused, naming the first, instead
+    of deleting its temporaries and pruning its checkpoints. The kernel releases it however the holder ends
+    (kill -9 included), so a crashed run never blocks its own resume.
+
+        with RunDirLock(run_dir):
+            ...train...
+    """
+
+    FILE = ".lock"
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.run_dir = Path(run_dir)
+        self._lock = LockFile(self.run_dir / self.FILE)
+
+    def acquire(self) -> RunDirLock:
+        """Takes the lock (creating the run directory), or raises RunDirLocked naming the holder."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock.acquire()
+        except LockHeld as held:
+            holder = held.holder or "a process that has not written its pid yet"
+            raise RunDirLocked(
+                f"The run directory {self.run_dir} is in use by another run ({holder}): two runs in one directory "
+                "would delete each other's checkpoints. Wait for that run to end or stop it, or choose another "
+                "--run_dir.") from None
+        return self
+
+    def release(self) -> None:
+        self._lock.release()
+
+    @property
+    def held(self) -> bool:
+        return self._lock.held
+
+    def __enter__(self) -> RunDirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 class CheckpointManager:
     """Saves checkpoints of one run and prunes them: keeps the last `keep_last` written and the best `keep_best`.
 
@@ -340,20 +391,30 @@ class CheckpointManager:
         self.keep_best = keep_best
 
     def remove_stale_temporaries(self) -> None:
-        """Removes temporary directories left by a writer that died mid-checkpoint. A complete checkpoint it had
-        moved aside to re-save its step goes back in place when that step's directory is missing."""
+        """Removes the temporaries of writers that are gone (a save interrupted by a crash or kill -9); a live
+        writer's (its lock file still locked: another process saving into this directory) are kept. A complete
+        checkpoint that a dead writer had moved aside to re-save its step goes back in place when that step's
+        directory is missing."""
         if not self.directory.is_dir():
             return
+        live = set()
+        for child in self.directory.iterdir():
+            if child.name.startswith(_WRITER_PREFIX) and LockFile(child).held_elsewhere():
+                live.add(child.name[len(_WRITER_PREFIX):])
         for child in sorted(self.directory.iterdir()):
-            if child.name.startswith(_OLD_PREFIX):
-                original = self.directory / child.name[len(_OLD_PREFIX):].rsplit("-", 1)[0]
-                if _STEP_DIR.match(original.name) and not original.exists():
-                    log.warning("Restoring checkpoint %s from %s (a re-save of it was interrupted).", original, child)
-                    os.rename(child, original)
-                    continue
-            if child.name.startswith(_TMP_PREFIX):
-                log.warning("Removing partial checkpoint %s left by an interrupted run.", child)
-                shutil.rmtree(child, ignore_errors=True)
+            match = _TEMPORARY.match(child.name)
+            if match is None or match["token"] in live:
+                continue
+            if match["writer"]:
+                child.unlink(missing_ok=True)
+                continue
+            original = self.directory / match["name"]
+            if match["old"] and not original.exists():
+                log.warning("Restoring checkpoint %s from %s (a re-save of it was interrupted).", original, child)
+                os.rename(child, original)
+                continue
+            log.warning("Removing partial checkpoint %s left by an interrupted run.", child)
+            shutil.rmtree(child, ignore_errors=True)
 
     def save(self, step: int, **kwargs: Any) -> Path:
         """save_checkpoint() into checkpoints/step_XXXXXXXX, then prunes. Returns the checkpoint path."""
@@ -366,12 +427,12 @@ class CheckpointManager:
     def prune(self, keep: Path | None = None) -> list[Path]:
         """Deletes checkpoints that are neither among the last K written nor the best K, nor `keep`. Returns what
         was deleted."""
-        order = []  # (saved_ns, step, path, val_loss): each manifest read once
+        order = []  # (write order, step, path, val_loss): each manifest read once
         for step, path in list_checkpoints(self.directory):
             manifest = _read_manifest(path)
             if manifest is None:
                 continue  # Unreadable ones are left for a human: latest_valid_checkpoint skips them.
-            order.append((_saved_ns(manifest), step, path, manifest.get("val_loss")))
+            order.append((_write_order(manifest), step, path, manifest.get("val_loss")))
         entries = [(step, path, val_loss) for _, step, path, val_loss in sorted(order, key=lambda e: e[:2])]  # written
         kept = {path for _, path, _ in entries[-self.keep_last :]}
         if keep is not None:

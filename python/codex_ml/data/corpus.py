@@ -74,8 +74,20 @@ def default_sources() -> list[str]:
     return [str(stdlib_root() / "**" / "*.py")]
 
 
-def _expand(spec: str) -> tuple[list[Path], str | None]:
-    """Files of one source spec: a file, a directory (all *.py below it), a glob; `file.jsonl[#field]`."""
+def _hidden_or_packaged(files: list[Path], root: Path) -> list[Path]:
+    """The files below `root` that lie in a hidden directory, site-packages/dist-packages or a virtual environment
+    (a directory holding pyvenv.cfg)."""
+    venvs = {p.parent for p in root.rglob("pyvenv.cfg")}
+    return [f for f in files
+            if any(p.startswith(".") or p in ("site-packages", "dist-packages") for p in f.relative_to(root).parts[:-1])
+            or any(parent in venvs for parent in f.parents)]
+
+
+def _expand(spec: str, include_hidden: bool = False) -> tuple[list[Path], str | None]:
+    """Files of one source spec: a file, a directory (all *.py below it), a glob; `file.jsonl[#field]`.
+
+    Directories and globs skip hidden directories, site-packages and virtual environments unless include_hidden.
+    """
     field_name = None
     if "#" in spec and spec.split("#", 1)[0].endswith((".jsonl", ".json")):
         spec, field_name = spec.split("#", 1)
@@ -84,15 +96,21 @@ def _expand(spec: str) -> tuple[list[Path], str | None]:
         base = Path(spec.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0])
         if not base.exists() and not base.parent.exists():
             raise DataError(f"source {spec!r}: the directory {base} does not exist")
-        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
-        files = [f for f in files if "site-packages" not in f.parts and "dist-packages" not in f.parts]
+        files = sorted(Path(p) for p in glob.glob(spec, recursive=True, include_hidden=include_hidden)
+                       if Path(p).is_file())
+        if not include_hidden:
+            files = [f for f in files if "site-packages" not in f.parts and "dist-packages" not in f.parts]
         if not files:
             raise DataError(f"source {spec!r}: no files match this pattern")
         return files, field_name
     if path.is_dir():
         files = sorted(p for p in path.rglob("*.py") if p.is_file())
+        if not include_hidden:
+            skipped = set(_hidden_or_packaged(files, path))
+            files = [f for f in files if f not in skipped]
         if not files:
-            raise DataError(f"source {spec!r}: the directory has no *.py files (give a glob such as '{spec}/**/*.txt')")
+            raise DataError(f"source {spec!r}: the directory has no *.py files outside hidden directories and "
+                            f"virtual environments (give a glob such as '{spec}/**/*.txt', or include_hidden=True)")
         return files, field_name
     if path.is_file():
         return [path], field_name
@@ -154,11 +172,14 @@ def read_corpus(
     filter_secrets: bool = True,
     max_documents: int | None = None,
     min_chars: int = 1,
+    include_hidden: bool = False,
 ) -> Corpus:
     """Reads, decodes, deduplicates and filters documents from `sources` (default: the stdlib).
 
     non_utf8: "skip" (count and drop, the default), "replace" (U+FFFD), or "error".
     max_documents: keep the first N documents in content-hash order (independent of file order).
+    include_hidden: directory and glob sources also read hidden directories (.git, .venv, ...), site-packages and
+      virtual environments, which they skip by default.
     """
     if non_utf8 not in ("skip", "replace", "error"):
         raise DataError(f"non_utf8 must be 'skip', 'replace' or 'error', got {non_utf8!r}")
@@ -174,7 +195,7 @@ def read_corpus(
     by_hash: dict[str, Document] = {}
     source_info = []
     for spec in specs:
-        files, field_name = _expand(spec)
+        files, field_name = _expand(spec, include_hidden)
         digest = hashlib.sha256()
         for path in files:
             raw = path.read_bytes()

@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import sentencepiece
 
+from codex_ml._files import LockFile, LockHeld, atomic_write_bytes, remove_temporaries, staged_directory, storage_error
 from codex_ml.data.batches import BatchIterator
 from codex_ml.data.corpus import SPLITS, DataError, check_splits, read_corpus
 from codex_ml.data.shards import MANIFEST, load_manifest, load_split, token_dtype, write_shards
@@ -54,6 +56,70 @@ def _key(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
+TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_DIGEST = "tokenizer.sha256"
+
+
+def _cached_tokenizer(entry: Path) -> Tokenizer | None:
+    """The complete cached tokenizer in `entry` (its model and the SHA-256 recorded when it was trained), or
+    None. A model edited or damaged since it was trained is an error, never silently trained on."""
+    model_path, digest_path = entry / TOKENIZER_FILE, entry / TOKENIZER_DIGEST
+    if not (model_path.is_file() and digest_path.is_file()):
+        return None  # absent, or interrupted before its digest was written: trained again
+    tokenizer = Tokenizer.load(model_path)
+    if digest_path.read_text().strip() != tokenizer.sha256:
+        raise DataError(f"the cached tokenizer {model_path} changed since it was trained (its SHA-256 is not "
+                        f"the one in {digest_path.name}): delete {entry}; the next run retrains it")
+    return tokenizer
+
+
+def _cached_shards(directory: Path) -> dict | None:
+    """The manifest of the complete shard set `directory`, every shard verified, or None when there is none."""
+    if not (directory / MANIFEST).is_file():
+        if directory.exists():
+            raise DataError(f"{directory} exists but has no manifest: an interrupted or foreign directory; delete it")
+        return None
+    manifest = load_manifest(directory)
+    for split in SPLITS:  # verifies every shard's digest: a modified cache is an error, never reused silently
+        load_split(directory, manifest, split, verify=True)
+    return manifest
+
+
+@contextmanager
+def _writing(cache_dir: Path) -> Iterator[None]:
+    """A full or read-only cache becomes a DataError naming the directory and the fix (the writers remove
+    their temporaries themselves)."""
+    try:
+        yield
+    except OSError as err:
+        problem = storage_error(err, cache_dir)
+        if problem is None:
+            raise
+        raise DataError(f"cannot write the data cache: {problem} (train.cache_dir); nothing partial was left "
+                        "behind") from err
+
+
+@contextmanager
+def _cache_lock(cache_dir: Path, entry: Path, what: str, log: Callable[[str], None]) -> Iterator[None]:
+    """Holds <entry>.lock (an flock, released by the kernel however the process ends) while `entry` is built, so
+    that concurrent runs build it once: the others wait, say so, then reuse it. Temporaries left by a builder
+    that died are removed under the lock."""
+    with _writing(cache_dir):
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        lock = LockFile(entry.with_name(entry.name + ".lock"))
+        try:
+            lock.acquire()
+        except LockHeld as held:
+            log(f"Waiting for {held.holder or 'another process'} to finish building {what} in {entry} ...")
+            lock.acquire(blocking=True)
+    try:
+        for tmp in remove_temporaries(entry):
+            log(f"Removed {tmp}, left by an interrupted build")
+        yield
+    finally:
+        lock.release()
+
+
 @dataclass
 class PreparedData:
     """A verified shard set and its tokenizer."""
@@ -93,6 +159,7 @@ def prepare_data(
     splits: tuple[float, float, float] = (0.98, 0.01, 0.01),
     non_utf8: str = "skip",
     filter_secrets: bool = True,
+    include_hidden: bool = False,
     shard_tokens: int = 1 << 26,
     num_threads: int = 2,
     tokenizer_threads: int = 2,
@@ -101,18 +168,23 @@ def prepare_data(
     """Reads the corpus, trains (or loads) the tokenizer and tokenizes into shards, all cached by content.
 
     A second call with the same inputs reuses the cached tokenizer and shards (and says so); any change
-    (sources, their content, policies, tokenizer) builds a new shard set beside the old one.
+    (sources, their content, policies, tokenizer) builds a new shard set beside the old one. Concurrent calls on
+    one cache build each entry once: the builder holds <entry>.lock, the others wait (saying for whom), then
+    reuse it. Entries are built under a temporary name and renamed whole, so an interrupted build leaves
+    nothing a later call trusts; a full or read-only cache is a DataError naming the directory.
     num_threads only sets how many threads tokenize (the output does not depend on it);
     tokenizer_threads is part of the tokenizer's recipe: SentencePiece's result depends on it.
     vocab_size, model_type, character_coverage, byte_fallback and tokenizer_threads are the settings of
     `Tokenizer.train` (ignored when tokenizer_path is given); byte_fallback=False loses the exact round
-    trip of characters the vocabulary lacks.
+    trip of characters the vocabulary lacks. include_hidden: directory and glob sources also read hidden
+    directories, site-packages and virtual environments (skipped by default).
     """
     _check_settings(shard_tokens=shard_tokens, num_threads=num_threads, tokenizer_threads=tokenizer_threads,
                     max_documents=max_documents, character_coverage=character_coverage, splits=tuple(splits))
     cache_dir = Path(cache_dir)
     start = time.time()
-    corpus = read_corpus(sources, non_utf8=non_utf8, filter_secrets=filter_secrets, max_documents=max_documents)
+    corpus = read_corpus(sources, non_utf8=non_utf8, filter_secrets=filter_secrets, max_documents=max_documents,
+                         include_hidden=include_hidden)
     by_split = corpus.split(tuple(splits))
     if not by_split["train"]:  # a small corpus and a small train fraction
         raise DataError(f"the train split is empty: prepare_data.splits = {tuple(splits)} gives none of the "
@@ -134,59 +206,59 @@ def prepare_data(
         tok_key = _key({"train_docs": train_digest, "vocab_size": vocab_size, "model_type": model_type,
                         "character_coverage": character_coverage, "byte_fallback": byte_fallback,
                         "threads": tokenizer_threads, "sentencepiece": sentencepiece.__version__})
-        model_path = cache_dir / "tokenizers" / tok_key / "tokenizer.model"
-        # The SHA-256 recorded when the tokenizer was trained: a cached model edited or damaged since is an error,
-        # as a modified shard is, never silently trained on.
-        digest_path = model_path.with_name("tokenizer.sha256")
-        if model_path.is_file():
-            tokenizer = Tokenizer.load(model_path)
-            if digest_path.is_file() and digest_path.read_text().strip() != tokenizer.sha256:
-                raise DataError(f"the cached tokenizer {model_path} changed since it was trained (its SHA-256 is not "
-                                f"the one in {digest_path.name}): delete {model_path.parent}; the next run retrains it")
-            if not digest_path.is_file():  # a cache from before the digest was recorded
-                digest_path.write_text(tokenizer.sha256 + "\n")
-            log(f"Tokenizer: reusing cached {model_path}")
+        entry = cache_dir / "tokenizers" / tok_key
+        tokenizer = _cached_tokenizer(entry)
+        if tokenizer is None:
+            with _cache_lock(cache_dir, entry, "the tokenizer", log):
+                tokenizer = _cached_tokenizer(entry)  # trained meanwhile by the run this one waited for
+                if tokenizer is None:
+                    t = time.time()
+                    with _writing(cache_dir), staged_directory(entry, replace=True) as tmp:
+                        trained = Tokenizer.train((d.text for d in by_split["train"]), tmp / TOKENIZER_FILE,
+                                                  vocab_size=vocab_size, model_type=model_type,
+                                                  character_coverage=character_coverage, byte_fallback=byte_fallback,
+                                                  num_threads=tokenizer_threads)
+                        # The recorded SHA-256, written last: an entry without it is not a complete one.
+                        atomic_write_bytes(tmp / TOKENIZER_DIGEST, (trained.sha256 + "\n").encode())
+                    tokenizer = Tokenizer.load(entry / TOKENIZER_FILE)
+                    log(f"Tokenizer: trained {model_type} vocabulary {vocab_size} in {time.time() - t:.1f}s -> "
+                        f"{entry / TOKENIZER_FILE}")
+                else:
+                    log(f"Tokenizer: reusing cached {entry / TOKENIZER_FILE}")
         else:
-            t = time.time()
-            tokenizer = Tokenizer.train((d.text for d in by_split["train"]), model_path, vocab_size=vocab_size,
-                                        model_type=model_type, character_coverage=character_coverage,
-                                        byte_fallback=byte_fallback, num_threads=tokenizer_threads)
-            digest_path.write_text(tokenizer.sha256 + "\n")
-            log(f"Tokenizer: trained {model_type} vocabulary {vocab_size} in {time.time() - t:.1f}s -> {model_path}")
+            log(f"Tokenizer: reusing cached {entry / TOKENIZER_FILE}")
 
     shard_key = _key({"corpus": corpus_digest, "policies": policies, "tokenizer": tokenizer.sha256,
                       "shard_tokens": shard_tokens})
     directory = cache_dir / "shards" / shard_key
-    if (directory / MANIFEST).is_file():
-        manifest = load_manifest(directory)
-        for split in SPLITS:  # verifies every shard's digest: a modified cache is an error, never reused silently
-            load_split(directory, manifest, split, verify=True)
-        log(f"Shards: reusing cached {directory} ({manifest['splits']['train']['tokens']} train tokens)")
-        return PreparedData(tokenizer, manifest, directory / MANIFEST)
-    if directory.exists():
-        raise DataError(f"{directory} exists but has no manifest: an interrupted or foreign directory; delete it")
-
-    t = time.time()
-    split_tokens = {}
-    eos = np.array([tokenizer.eos_id], dtype=np.int64)
-    for split, docs in by_split.items():
-        ids = tokenizer.encode_many([d.text for d in docs], num_threads=num_threads)
-        split_tokens[split] = [np.concatenate([np.asarray(x, dtype=np.int64), eos]) for x in ids]
-    manifest = {
-        "tokenizer_sha256": tokenizer.sha256,
-        "vocab_size": tokenizer.vocab_size,
-        "eos_id": tokenizer.eos_id,
-        "sources": corpus.sources,
-        "corpus_sha256": corpus_digest,
-        "policies": policies,
-        "corpus_stats": stats,
-        "secret_rules_matched": dict(sorted(corpus.secret_rules.items())),
-    }
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    manifest = write_shards(directory, split_tokens, manifest, dtype=token_dtype(tokenizer.vocab_size),
-                            shard_tokens=shard_tokens)
-    counts = ", ".join(f"{s} {manifest['splits'][s]['tokens']}" for s in SPLITS)
-    log(f"Shards: tokenized in {time.time() - t:.1f}s ({counts} tokens) -> {directory}")
+    manifest = _cached_shards(directory)
+    if manifest is None:
+        with _cache_lock(cache_dir, directory, "the token shards", log):
+            manifest = _cached_shards(directory)  # built meanwhile by the run this one waited for
+            if manifest is None:
+                t = time.time()
+                split_tokens = {}
+                eos = np.array([tokenizer.eos_id], dtype=np.int64)
+                for split, docs in by_split.items():
+                    ids = tokenizer.encode_many([d.text for d in docs], num_threads=num_threads)
+                    split_tokens[split] = [np.concatenate([np.asarray(x, dtype=np.int64), eos]) for x in ids]
+                manifest = {
+                    "tokenizer_sha256": tokenizer.sha256,
+                    "vocab_size": tokenizer.vocab_size,
+                    "eos_id": tokenizer.eos_id,
+                    "sources": corpus.sources,
+                    "corpus_sha256": corpus_digest,
+                    "policies": policies,
+                    "corpus_stats": stats,
+                    "secret_rules_matched": dict(sorted(corpus.secret_rules.items())),
+                }
+                with _writing(cache_dir):
+                    manifest = write_shards(directory, split_tokens, manifest,
+                                            dtype=token_dtype(tokenizer.vocab_size), shard_tokens=shard_tokens)
+                counts = ", ".join(f"{s} {manifest['splits'][s]['tokens']}" for s in SPLITS)
+                log(f"Shards: tokenized in {time.time() - t:.1f}s ({counts} tokens) -> {directory}")
+                return PreparedData(tokenizer, manifest, directory / MANIFEST)
+    log(f"Shards: reusing cached {directory} ({manifest['splits']['train']['tokens']} train tokens)")
     return PreparedData(tokenizer, manifest, directory / MANIFEST)
 
 

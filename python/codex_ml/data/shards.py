@@ -7,14 +7,13 @@ never rewritten. Loading verifies every shard against the manifest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
+from codex_ml._files import atomic_write_bytes, file_sha256, staged_directory
 from codex_ml.data.corpus import SPLITS, DataError
 
 FORMAT_VERSION = 1
@@ -25,14 +24,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_shards(
     directory: Path,
     split_tokens: dict[str, list[np.ndarray]],
@@ -41,26 +32,24 @@ def write_shards(
     dtype: np.dtype,
     shard_tokens: int,
 ) -> dict:
-    """Writes each split's documents (token arrays, eos included) as shards, atomically, and the manifest."""
-    tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """Writes each split's documents (token arrays, eos included) as shards and the manifest, every file fsynced,
+    into a temporary directory renamed to `directory` once complete (removed if anything fails)."""
     manifest = dict(manifest, format_version=FORMAT_VERSION, dtype=dtype.name, splits={})
-    for split in SPLITS:
-        docs = split_tokens.get(split, [])
-        tokens = np.concatenate(docs).astype(dtype) if docs else np.zeros(0, dtype)
-        shards = []
-        for index, start in enumerate(range(0, max(len(tokens), 1), shard_tokens)):
-            name = f"{split}_{index:05d}.bin"
-            part = tokens[start:start + shard_tokens]
-            with open(tmp / name, "wb") as f:
-                f.write(part.tobytes())
-                f.flush()
-                os.fsync(f.fileno())
-            shards.append({"file": name, "tokens": int(len(part)), "sha256": _sha256_file(tmp / name)})
-        manifest["splits"][split] = {"documents": len(docs), "tokens": int(len(tokens)), "shards": shards}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    tmp.rename(directory)
+    with staged_directory(directory) as tmp:
+        for split in SPLITS:
+            docs = split_tokens.get(split, [])
+            tokens = np.concatenate(docs).astype(dtype) if docs else np.zeros(0, dtype)
+            shards = []
+            for index, start in enumerate(range(0, max(len(tokens), 1), shard_tokens)):
+                name = f"{split}_{index:05d}.bin"
+                part = tokens[start:start + shard_tokens]
+                with open(tmp / name, "wb") as f:
+                    f.write(part.tobytes())
+                    f.flush()
+                    os.fsync(f.fileno())
+                shards.append({"file": name, "tokens": int(len(part)), "sha256": file_sha256(tmp / name)})
+            manifest["splits"][split] = {"documents": len(docs), "tokens": int(len(tokens)), "shards": shards}
+        atomic_write_bytes(tmp / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     return manifest
 
 
@@ -92,7 +81,7 @@ def load_split(directory: Path, manifest: dict, split: str, *, verify: bool = Tr
         if path.stat().st_size != expected_bytes:
             raise DataError(f"shard {path} has {path.stat().st_size} bytes, the manifest says {expected_bytes}: "
                             f"it was truncated or edited; delete {directory} to rebuild")
-        if verify and _sha256_file(path) != shard["sha256"]:
+        if verify and file_sha256(path) != shard["sha256"]:
             raise DataError(f"shard {path} does not match its SHA-256 in the manifest: it was modified; "
                             f"delete {directory} to rebuild")
         if shard["tokens"]:

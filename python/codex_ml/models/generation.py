@@ -7,8 +7,9 @@
 Greedy when temperature is 0, else temperature sampling with optional top-k and top-p (nucleus). The native
 model decodes with its KV cache (identical greedy output to recomputing the whole context, tested);
 Hugging Face models with theirs. Output passes a secret filter (on by default) that withholds text matching
-the patterns the data pipeline excludes (codex_ml.data.secrets): text is released a word at a time, so a
-secret is never printed in part before it is recognized.
+the patterns the data pipeline excludes (codex_ml.data.secrets): text is released a word at a time (a line at a
+time after a secret-named key), so a secret is never printed in part before it is recognized, and a secret cut off
+by max_new_tokens is withheld too.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 
 from codex_ml.checkpoint.core import CheckpointError, latest_valid_checkpoint, load_model_state, verify_checkpoint
-from codex_ml.data.secrets import redact_secrets
+from codex_ml.data.secrets import SECRET_KEY, redact_model_output, redact_secrets
 from codex_ml.models.gpt import GPT, KVCache
 
 
@@ -130,11 +131,15 @@ def context_length(model: torch.nn.Module) -> int | None:
 
 # ------------------------------------------------------------------------------------------ the filter
 class _SecretFilter:
-    """Releases text only where no secret can still be forming: up to the last whitespace (every rule but the
-    private-key one matches runs without whitespace), and nothing from a private-key header to its END line."""
+    """Releases text only where no secret can still be forming: up to the last whitespace (the token rules match
+    runs without whitespace), not past a secret-named key on a line that has not ended (an assignment's value may
+    follow), and nothing from a private-key header to its end line. What is left when generation stops goes
+    through redact_model_output, which also withholds a secret cut off by the token limit."""
 
-    _key_start = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY")
-    _key_end = re.compile(r"-----END [A-Z ]*PRIVATE KEY(?: BLOCK)?-----[^\n]*\n?")
+    _key_start = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY|---- BEGIN SSH2 ENCRYPTED PRIVATE KEY|PuTTY-User-Key-File-")
+    _key_end = re.compile(r"-----END [A-Z ]*PRIVATE KEY(?: BLOCK)?-----[^\n]*\n?"
+                          r"|---- END SSH2 ENCRYPTED PRIVATE KEY ----[^\n]*\n?|Private-MAC:[^\n]*\n")
+    _header = re.compile(r"-{4,}[^\n]*\Z")  # a key header may be forming ("---- BEGIN SSH2 ..." has spaces)
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
@@ -142,19 +147,19 @@ class _SecretFilter:
         self.in_key = False
         self.withheld: list[str] = []
 
-    def _release(self, text: str) -> str:
+    def _release(self, text: str, final: bool = False) -> str:
         out = []
         while text:
             if self.in_key:
                 end = self._key_end.search(text)
-                if end is None:  # key material, dropped; a last partial line may be the END line forming
+                if end is None:  # key material, dropped; a last partial line may be the end line forming
                     self.pending = text[text.rfind("\n") + 1:] + self.pending
                     return "".join(out)
                 text, self.in_key = text[end.end():], False
                 continue
             start = self._key_start.search(text)
             if start is None:
-                clean, found = redact_secrets(text)
+                clean, found = redact_model_output(text) if final else redact_secrets(text)
                 self.withheld += found
                 out.append(clean)
                 break
@@ -175,11 +180,12 @@ class _SecretFilter:
                 return ""
         else:
             cut = max(self.pending.rfind(c) for c in " \t\n") + 1
-            header = self.pending.rfind("-----BEGIN")
-            if header != -1 and "\n" not in self.pending[header:]:
-                cut = min(cut, header)  # a private-key header may still be completing
+            line_start = self.pending.rfind("\n") + 1
+            for held in (self._header.search(self.pending, line_start), SECRET_KEY.search(self.pending, line_start)):
+                if held is not None:
+                    cut = min(cut, held.start())
         ready, self.pending = self.pending[:cut], self.pending[cut:]
-        return self._release(ready)
+        return self._release(ready, final)
 
 
 # ------------------------------------------------------------------------------------------ generation

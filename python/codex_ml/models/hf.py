@@ -1,6 +1,8 @@
 """Hugging Face causal LMs on codex_ml: local loading, LoRA through peft, and the fused kernels.
 
-- `load_hf_model` loads a model from a local folder (never from a hub) with a dtype and a device.
+- `load_hf_model` loads a model from a local folder with a dtype and a device; the Hugging Face Hub is never
+  contacted unless allow_hub (HF_HUB_OFFLINE is set before transformers or peft is imported, and every load is
+  local_files_only).
 - `use_codex_attention` routes the model's attention through codex_ml.ops.attention where the call is
   plain causal self-attention (training, prefill); masked or cached calls keep HF's SDPA path.
 - `patch_fused_loss` replaces the loss of supported architectures with codex_ml.ops.linear_cross_entropy,
@@ -10,12 +12,14 @@
 - `apply_lora` / `save_adapter` / `merge_lora`: peft adapters that train, save and load on their own.
 - `HFCausalLM` adapts all of it to codex_ml's Trainer: forward(input_ids, targets) -> (logits, loss), where
   targets are already shifted (the data pipeline's convention), and checkpoints hold only the trainable
-  (adapter) weights when LoRA is on: the base weights are those of the folder it was loaded from.
+  (adapter) weights when LoRA is on: the base weights are those of the folder it was loaded from, pinned by the
+  SHA-256 of its weight files (a different base of the same architecture is refused).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -30,6 +34,8 @@ import torch
 import torch.nn as nn
 
 from codex_ml import ops
+from codex_ml._files import file_sha256
+from codex_ml._hub import hub_offline
 from codex_ml.ops.attention import HEAD_DIMS
 
 # Architectures whose causal-LM head is `lm_head(model(...).last_hidden_state)` with nothing in between
@@ -48,6 +54,7 @@ DEFAULT_LORA_TARGETS = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ADAPTER_INFO = "codex_ml_adapter.json"
 ATTENTION_NAME = "codex_ml"
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 
 
 class HFModelError(ValueError):
@@ -91,10 +98,33 @@ def _check_folder(path: Path) -> None:
                            "copy the weight files too.")
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a Hugging Face model folder (*.safetensors, *.bin), sorted by name."""
+    return sorted({f for pattern in WEIGHT_PATTERNS for f in folder.glob(pattern) if f.is_file()})
+
+
+@functools.lru_cache(maxsize=8)
+def _weights_digest(signature: tuple[tuple[str, int, int], ...]) -> str:
+    digest = hashlib.sha256()
+    for path, _, _ in signature:
+        digest.update(f"{Path(path).name}\0{file_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def base_weights_sha256(folder: str | os.PathLike) -> str:
+    """The SHA-256 of a model folder's weight files (names and contents), computed once per process while the
+    files stay unchanged (same sizes and modification times)."""
+    files = weight_files(Path(folder).resolve())
+    return _weights_digest(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
 def load_hf_model(path: str | os.PathLike, *, dtype: str = "float32", device: str = "cpu", seed: int = 0,
-                  attention: str = ATTENTION_NAME) -> nn.Module:
+                  attention: str = ATTENTION_NAME, allow_hub: bool = False) -> nn.Module:
     """A causal LM from a local folder, offline. `attention`: "codex_ml" (our kernels where they apply), or
-    any implementation transformers knows ("sdpa", "eager")."""
+    any implementation transformers knows ("sdpa", "eager"). allow_hub: let transformers reach the Hugging Face
+    Hub (for remote code or files the folder lacks); off by default, the folder must be complete."""
+    hub_offline(allow_hub)
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -106,19 +136,23 @@ def load_hf_model(path: str | os.PathLike, *, dtype: str = "float32", device: st
     torch_dtype = _check_dtype(dtype, dev)
     torch.manual_seed(seed)  # weights missing from the folder (a fresh head) are initialized reproducibly
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = AutoConfig.from_pretrained(path, local_files_only=not allow_hub)
     except (OSError, ValueError, KeyError) as e:
         raise HFModelError(f"{path}/config.json cannot be read by transformers ({e}).") from e
     if attention == ATTENTION_NAME:
         register_codex_attention()
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype, local_files_only=True,
-                                                     attn_implementation=attention)
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype,
+                                                     local_files_only=not allow_hub, attn_implementation=attention)
     except ValueError as e:
         if "attn_implementation" not in str(e):
             raise
         raise HFModelError(f"HFModelConfig.attention = {attention!r} is not an attention transformers can run for "
                            f"this model: use '{ATTENTION_NAME}', 'sdpa' or 'eager' ({e}).") from e
+    except (SafetensorError, OSError) as e:  # a truncated or damaged weight file
+        raise HFModelError(f"The weights in {path} cannot be read ({str(e)[:200]}): a weight file is truncated or "
+                           "damaged; copy the model folder again.") from e
+    model._codex_base_folder = str(path.resolve())  # for the adapter's record of its base weights
     return model.to(dev)
 
 
@@ -153,6 +187,7 @@ def _codex_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
 
 def register_codex_attention() -> None:
     """Registers attn_implementation="codex_ml" with transformers (idempotent)."""
+    hub_offline()
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
@@ -268,36 +303,58 @@ def patch_fused_layers(model: nn.Module) -> int:
 
 # ------------------------------------------------------------------------------------------------ LoRA
 def _fingerprint(model: nn.Module) -> dict[str, Any]:
-    """What an adapter must match in its base model: architecture and every weight's name and shape."""
+    """What an adapter must match in its base model: architecture, every weight's name and shape, and (for a
+    model loaded from a folder) the folder's absolute path and the SHA-256 of its weight files."""
     base = _base_model(model)
     shapes = sorted((name.replace(".base_layer", ""), list(p.shape))  # as named before peft wrapped it
                     for name, p in base.named_parameters() if "lora_" not in name)
     digest = hashlib.sha256(json.dumps(shapes).encode()).hexdigest()
-    return {"model_type": getattr(base.config, "model_type", None), "shapes_sha256": digest}
+    info = {"model_type": getattr(base.config, "model_type", None), "shapes_sha256": digest}
+    folder = getattr(base, "_codex_base_folder", None)
+    if folder is not None:
+        info.update(base_path=folder, base_weights_sha256=base_weights_sha256(folder))
+    return info
+
+
+def _check_base(saved: dict[str, Any], current: dict[str, Any], adapter: Path) -> None:
+    """HFModelError unless the base model described by `current` is the one the adapter (`saved`) was made on."""
+    if (saved.get("model_type"), saved.get("shapes_sha256")) != (current["model_type"], current["shapes_sha256"]):
+        raise HFModelError(f"The adapter {adapter} was trained on another base model ({saved.get('model_type')}, "
+                           f"weights {str(saved.get('shapes_sha256'))[:12]}) than this one ({current['model_type']}, "
+                           f"{current['shapes_sha256'][:12]}): load the base model it was made for.")
+    expected, actual = saved.get("base_weights_sha256"), current.get("base_weights_sha256")
+    if expected and actual and expected != actual:
+        raise HFModelError(f"The adapter {adapter} was trained on the base model {saved.get('base_path')} with weights "
+                           f"{expected[:12]}, but {current.get('base_path')} holds other weights ({actual[:12]}) of "
+                           "the same architecture: load the base model it was made for.")
 
 
 def apply_lora(model: nn.Module, *, r: int = 8, alpha: float = 16.0, dropout: float = 0.05,
                target_modules: Sequence[str] | None = None, peft_path: str | os.PathLike | None = None) -> nn.Module:
     """Wraps `model` in a peft LoRA model: only the adapter weights train. With peft_path, that adapter is
     loaded (trainable) instead of a fresh one."""
+    hub_offline()
     from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors import SafetensorError
 
     if peft_path is not None:
         peft_path = Path(peft_path)
         if not (peft_path / "adapter_config.json").is_file():
             raise HFModelError(f"{peft_path} is not a LoRA adapter folder (no adapter_config.json): give a folder "
                                "written by save_adapter (a run's adapter/ folder).")
+        if not any((peft_path / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+            raise HFModelError(f"{peft_path} has an adapter_config.json but no adapter_model.safetensors: the folder "
+                               "is partial; copy the adapter's weights too (nothing is downloaded).")
         info_file = peft_path / ADAPTER_INFO
         if info_file.is_file():
-            saved, current = json.loads(info_file.read_text()), _fingerprint(model)
-            if saved != current:
-                raise HFModelError(f"The adapter {peft_path} was trained on another base model ({saved['model_type']}"
-                                   f", weights {saved['shapes_sha256'][:12]}) than this one ({current['model_type']}"
-                                   f", {current['shapes_sha256'][:12]}): load the base model it was made for.")
+            _check_base(json.loads(info_file.read_text()), _fingerprint(model), peft_path)
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-                return PeftModel.from_pretrained(model, peft_path, is_trainable=True)
+                return PeftModel.from_pretrained(model, peft_path, is_trainable=True, local_files_only=True)
+        except SafetensorError as e:
+            raise HFModelError(f"The adapter weights in {peft_path} cannot be read ({e}): the file is truncated or "
+                               "damaged; save or copy the adapter again.") from e
         except (RuntimeError, ValueError, KeyError) as e:
             raise HFModelError(f"The adapter {peft_path} does not fit this base model ({str(e)[:300]}): load the "
                                "base model it was made for.") from e
@@ -358,6 +415,10 @@ class HFModelConfig:
     lora_dropout: float = 0.05
     lora_target_modules: tuple[str, ...] | None = None
     peft_path: str | None = None
+    allow_hub: bool = False
+    # Recorded by a LoRA run, not set by hand: the SHA-256 of the base folder's weight files (checkpoints hold
+    # only the adapter, so a resumed run or generation must load the very same base).
+    base_weights_sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -373,9 +434,17 @@ class HFCausalLM(nn.Module):
         if not config.path:
             raise HFModelError("HFModelConfig.path is not set: bind it to a local Hugging Face model folder, "
                                "e.g. `HFModelConfig.path = 'models/my-llama'`.")
+        config.path = str(Path(config.path).absolute())  # recorded in checkpoints: valid from any directory
         self.config = config
         model = load_hf_model(config.path, dtype=config.dtype, device=config.device, seed=config.seed,
-                              attention=config.attention)
+                              attention=config.attention, allow_hub=config.allow_hub)
+        if config.lora or config.peft_path:
+            digest = base_weights_sha256(config.path)
+            if config.base_weights_sha256 not in (None, digest):
+                raise HFModelError(f"The base model folder {config.path} holds other weights (SHA-256 {digest[:12]}) "
+                                   f"than the run was trained on ({config.base_weights_sha256[:12]}): its checkpoints "
+                                   "hold only the LoRA adapter; restore that base model folder.")
+            config.base_weights_sha256 = digest
         if config.fused_layers:
             patch_fused_layers(model)
         if config.lora or config.peft_path:

@@ -1,7 +1,8 @@
 """A Hugging Face tokenizer folder behind the interface of codex_ml's Tokenizer (for fine-tuning HF models).
 
 Identified by the SHA-256 of its files, as the SentencePiece tokenizer is by its model file's, so shards and
-checkpoints record which tokenizer made them. Loaded offline from a local folder only.
+checkpoints record which tokenizer made them. Loaded offline from a local folder only (HF_HUB_OFFLINE is set
+before transformers is imported).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from codex_ml._hub import hub_offline
 from codex_ml.tokenization.tokenizer import TokenizerError, check_texts_utf8, check_utf8
 
 # The files that define a tokenizer in a Hugging Face folder (whichever exist are hashed, in this order).
@@ -24,6 +26,7 @@ class HFTokenizer:
     model_path = None  # nothing to copy into checkpoints: the folder is named in the operative config
 
     def __init__(self, folder: str | os.PathLike):
+        hub_offline()
         from transformers import AutoTokenizer
 
         self.folder = Path(folder)

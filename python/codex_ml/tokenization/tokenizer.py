@@ -9,14 +9,14 @@ exception: a literal U+2581 (SentencePiece's own space marker, "▁") decodes as
 
 from __future__ import annotations
 
-import hashlib
 import io
-import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
 import torch
+
+from codex_ml._files import atomic_write_bytes, file_sha256
 
 # Fixed ids, written into the model itself (pad_id/unk_id/bos_id/eos_id of the trainer spec).
 SPECIAL_IDS = {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
@@ -55,14 +55,6 @@ def blocking_file(path: Path) -> Path | None:
         if parent.exists():
             return None if parent.is_dir() else parent
     return None
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Tokenizer:
@@ -169,10 +161,9 @@ class Tokenizer:
                     "lower the vocabulary size or add documents"
                 ) from err
             raise TokenizerError(f"SentencePiece training failed: {err}") from err
-        # Written in one step so that a crash never leaves a half-written model behind.
-        tmp = model_path.with_name(model_path.name + ".tmp")
-        tmp.write_bytes(proto.getvalue())
-        tmp.replace(model_path)
+        # A unique temporary, fsynced, renamed into place: a crash or a concurrent writer never leaves a
+        # half-written model behind.
+        atomic_write_bytes(model_path, proto.getvalue())
         return cls(model_path)
 
     def encode(self, text: str) -> list[int]:
@@ -248,5 +239,4 @@ class Tokenizer:
             if file_sha256(path) == self.sha256:
                 return path
             raise TokenizerError(f"{path} already exists and is another model: choose another path or delete it")
-        shutil.copyfile(self.model_path, path)
-        return path
+        return atomic_write_bytes(path, self.model_path.read_bytes())
