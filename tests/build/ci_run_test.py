@@ -100,3 +100,16 @@ def test_a_file_left_in_tmp_fails_the_run_named(tmp_path):
     assert "the suite wrote to /tmp (tests may write only under TEST_TMPDIR):" in out
     assert str(leak) in out
     assert out[-1] == "1 passed, 1 failed, 0 skipped"
+
+
+def test_a_file_that_existed_before_the_suite_is_not_the_suites(tmp_path):
+    # Another program's log in /tmp, appended to while the suite runs, is not something the suite wrote.
+    log = Path("/tmp") / f"ci_run_test_log_{os.getpid()}"
+    log.write_text("started\n")
+    try:
+        code, out, err = run_ci(tmp_path, ["//tests/a:one_test                    PASSED in 1.0s"],
+                                {"//tests/a:one_test": junit(1, 0)}, leak=log)
+    finally:
+        log.unlink(missing_ok=True)
+    assert code == 0, out
+    assert out[-1] == "1 passed, 0 failed, 0 skipped"
