@@ -27,6 +27,7 @@ from codex_ml.training.config import ConfigError, TrainerConfig
 from codex_ml.training.optim import build_optimizer
 from codex_ml.training.reporting import Reporter
 from codex_ml.training.resume import check_compatible, resolve_resume, resume_state
+from codex_ml.training.run_dir import run_dir_lock
 from codex_ml.training.setup import ProcessInfo, rng_state, seed_everything, set_rng_state
 from codex_ml.training.signals import GracefulStop
 from codex_ml.training.step import StepOutcome, TrainStep
@@ -52,7 +53,8 @@ class Trainer:
     `tokenizer` (sha256, model_path). `process` comes from setup_process(config).
 
     Run directory: operative_config.gin, metrics.ndjson, metrics.csv, mlflow.db and
-    checkpoints/step_XXXXXXXX/ (see codex_ml.checkpoint). Only rank 0 writes there.
+    checkpoints/step_XXXXXXXX/ (see codex_ml.checkpoint). Only rank 0 writes there, holding the directory's lock
+    (training/run_dir.py) for the whole of fit(): a second live run on the same directory is refused.
     """
 
     def __init__(self, config: TrainerConfig, *, model: torch.nn.Module, data: Any, run_dir: str | os.PathLike,
@@ -64,6 +66,7 @@ class Trainer:
         flops_fn = getattr(model, "flops_per_token", None)
         self.report = Reporter(config, process, self.run_dir,
                                float(flops_fn(config.seq_len)) if callable(flops_fn) else None)
+        self.eval_batches = config.eval_batches  # at most the val split's batches: a wrap would count some twice
         if config.eval_batches > 0:
             self._check_val_split()
         self.model = model.to(process.device)
@@ -85,12 +88,18 @@ class Trainer:
     def _check_val_split(self) -> None:
         """Found now rather than at the first evaluation, after the training it would lose."""
         try:
-            next(iter(self._batches("val")))
+            batches = self._batches("val")
+            next(iter(batches))
         except (DataError, StopIteration) as e:
             reason = str(e) or "the val split gives no batch"
             raise DataError(f"Evaluation is on (Trainer.eval_batches = {self.config.eval_batches}) but {reason}; or "
                             "give the val split a larger share (prepare_data.splits), or set Trainer.eval_batches = "
                             "0 to train without evaluation.") from e
+        available = getattr(batches, "batches_per_epoch", None)  # an iterator that wraps into another epoch
+        if available is not None and available < self.eval_batches:
+            self._say(f"Note: Trainer.eval_batches = {self.eval_batches} but the val split holds {available} "
+                      f"batch(es) of this size: evaluating on those {available}, each once.")
+            self.eval_batches = available
 
     # ------------------------------------------------------------------------------------------- the run
     def fit(self, resume: str | os.PathLike | None = "auto") -> TrainResult:
@@ -98,22 +107,24 @@ class Trainer:
         checkpoint path; neither starts afresh over checkpoints already in run_dir (a refusal changes nothing
         there). Returns when done, on SIGTERM/SIGINT (after a checkpoint), or on a non-finite loss with
         nan_policy="stop" (the last good checkpoint stays the newest)."""
-        seed_everything(self.config.seed + self.process.rank)
-        train_iter = self._batches("train")
-        if self.process.is_main:  # a complete checkpoint moved aside by an interrupted re-save goes back first
-            self.checkpoints.remove_stale_temporaries()
-        checkpoint = resolve_resume(resume, self.run_dir, self.process, self._say)
-        if checkpoint is not None:
-            self._load_checkpoint(checkpoint, train_iter)
-        # Only once the resume is accepted is anything written: a refusal leaves the run directory as it was.
-        self.report.open(self._config_text(), start_step=self.step)
-        status = "failed"
-        try:
-            result = self._loop(train_iter)
-            status = result.status
-            return result
-        finally:
-            self.report.close(status)
+        with run_dir_lock(self.run_dir, self.process):  # refused (RunDirLocked) while another run trains there
+            seed_everything(self.config.seed + self.process.rank)
+            train_iter = self._batches("train")
+            if self.process.is_main:  # a complete checkpoint moved aside by an interrupted re-save goes back first
+                self.checkpoints.remove_stale_temporaries()
+            checkpoint = resolve_resume(resume, self.run_dir, self.process, self._say)
+            changes = self._load_checkpoint(checkpoint, train_iter) if checkpoint is not None else []
+            # Only once the resume is accepted is anything written: a refusal leaves the run directory as it was.
+            self.report.open(self._config_text(), start_step=self.step)
+            if checkpoint is not None:
+                self.report.resumed(self.step, checkpoint, changes)
+            status = "failed"
+            try:
+                result = self._loop(train_iter)
+                status = result.status
+                return result
+            finally:
+                self.report.close(status)
 
     def _loop(self, train_iter: Any) -> TrainResult:
         result = TrainResult(status="finished", step=self.step, tokens=self.tokens)
@@ -185,8 +196,9 @@ class Trainer:
         self.report.event(self.step, "interrupted", checkpoint)
 
     def evaluate(self) -> dict[str, float]:
-        """Validation metrics over `eval_batches` batches of the "val" split (the same batches every time)."""
-        return evaluate(self.model, self._batches("val"), num_batches=self.config.eval_batches,
+        """Validation metrics over `eval_batches` batches of the "val" split (the same batches every time; no more
+        than the split holds)."""
+        return evaluate(self.model, self._batches("val"), num_batches=self.eval_batches,
                         metrics=self.config.metrics, device=self.process.device,
                         autocast_dtype=self.train_step.autocast_dtype)
 
@@ -261,9 +273,12 @@ class Trainer:
             operative_config=self._config_text(), manifest_extra=extra,
         )
 
-    def _load_checkpoint(self, path: Path, train_iter: Any) -> None:
-        check_compatible(path, now=resume_state(self.config), model_config=self.model_config,
-                         tokenizer_sha256=self.tokenizer_sha256, world_size=self.process.world_size)
+    def _load_checkpoint(self, path: Path, train_iter: Any) -> list[tuple[str, Any, Any]]:
+        """Restores the run from checkpoint `path`; returns the settings changed under Trainer.allow_changed."""
+        changes = check_compatible(path, now=resume_state(self.config), model_config=self.model_config,
+                                   tokenizer_sha256=self.tokenizer_sha256, world_size=self.process.world_size,
+                                   data_now=train_iter.state_dict(), rank=self.process.rank,
+                                   allow_changed=self.config.allow_changed)
         try:
             self.model.load_state_dict(load_model_state(path, self.process.device))
         except RuntimeError as e:
@@ -289,6 +304,7 @@ class Trainer:
         if self.step >= self.config.max_steps:
             self._say(f"Nothing to train: the checkpoint is at step {self.step} and Trainer.max_steps = "
                       f"{self.config.max_steps}; raise Trainer.max_steps to train further.")
+        return changes
 
 
 def _check_model_fits(config: TrainerConfig, model: torch.nn.Module) -> None:
