@@ -20,7 +20,6 @@ import pkgutil
 import re
 import sys
 import tempfile
-import time
 import types
 import typing
 from pathlib import Path
@@ -32,7 +31,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "A gin config file (repeatable; later files override earlier ones).")
 flags.DEFINE_multi_string("gin_bindings", [], "A gin binding such as 'Trainer.max_steps = 100' (repeatable).")
 flags.DEFINE_list("gin_search_paths", [], "Directories searched for --gin_file and gin `include` paths.")
-flags.DEFINE_string("run_dir", None, "The run directory (default: runs/<config name>-<timestamp>).")
+flags.DEFINE_string("run_dir", None, "The run directory (default: a new runs/<config name>-<timestamp>-<random>). "
+                    "One run at a time trains into it: a second is refused while the first lives.")
 flags.DEFINE_string("resume", "auto", "auto (the newest valid checkpoint in --run_dir), never, or a checkpoint path.")
 flags.DEFINE_bool("gin_help", False, "List every gin configurable and its parameters, then exit.")
 
@@ -202,17 +202,20 @@ def parse_gin() -> None:
         logging.disable(logging.NOTSET)
 
 
-def default_run_dir(process) -> str:
-    """runs/<config name>-<timestamp>, the timestamp of rank 0 on every process."""
+def default_run_dir(process) -> Path:
+    """runs/<config name>-<timestamp>-<random>, created by rank 0 (exclusively: two runs started in the same second
+    get two directories) and the same on every process."""
+    from codex_ml.training.run_dir import new_run_dir
+
     name = Path(FLAGS.gin_file[-1]).stem if FLAGS.gin_file else "run"
-    run_dir = f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = str(new_run_dir("runs", name).absolute()) if process.is_main else None
     if process.world_size > 1:
         import torch.distributed as dist
 
         box = [run_dir]
         dist.broadcast_object_list(box, src=0)
         run_dir = box[0]
-    return run_dir
+    return Path(run_dir)
 
 
 def _first_paragraph(error: Exception) -> str:
@@ -230,6 +233,17 @@ def check_writable(run_dir: Path) -> None:
                          "Choose a writable --run_dir.") from e
 
 
+def _remove_unused(run_dir: Path) -> None:
+    """Removes a run directory made for a run that never started (it holds only its lock file): no empty run is
+    left behind. Called while the lock is held, so no other run is inside it."""
+    from codex_ml.checkpoint import RunDirLock
+
+    lock_file = run_dir / RunDirLock.FILE
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {lock_file.name}:
+        lock_file.unlink(missing_ok=True)
+        run_dir.rmdir()
+
+
 def run() -> int:
     from codex_ml.checkpoint import CheckpointError
     from codex_ml.data import DataError
@@ -238,6 +252,7 @@ def run() -> int:
     from codex_ml.tokenization import TokenizerError
     from codex_ml.training import ConfigError, TrainerConfig, setup_process
     from codex_ml.training.gin_config import train
+    from codex_ml.training.run_dir import run_dir_lock
 
     import_configurables()
     if FLAGS.gin_help:
@@ -252,18 +267,27 @@ def run() -> int:
         process = setup_process(config)  # the device, the process group (torchrun), allocator and determinism
     except ConfigError as e:
         raise UsageError(_first_paragraph(e)) from e
-    run_dir = Path(FLAGS.run_dir or default_run_dir(process)).expanduser().absolute()
-    created = not run_dir.exists()
+    if FLAGS.run_dir:
+        run_dir = Path(FLAGS.run_dir).expanduser().absolute()
+        created = not run_dir.exists()
+    else:
+        run_dir, created = default_run_dir(process), True
     if process.is_main:
         check_writable(run_dir)
-        print(f"Run directory: {run_dir}\nGin configuration:\n{gin.config_str()}", flush=True)
     errors = (ConfigError, CheckpointError, DataError, GPTConfigError, HFModelError, TokenizerError)
     try:
-        result = train(run_dir=run_dir, config=config, process=process, resume=FLAGS.resume,
-                       operative_config=gin.operative_config_str)
+        # Held from before data preparation to the end: a second run on this directory is refused at once.
+        with run_dir_lock(run_dir, process):
+            if process.is_main:
+                print(f"Run directory: {run_dir}\nGin configuration:\n{gin.config_str()}", flush=True)
+            try:
+                result = train(run_dir=run_dir, config=config, process=process, resume=FLAGS.resume,
+                               operative_config=gin.operative_config_str)
+            except errors:
+                if created and process.is_main:
+                    _remove_unused(run_dir)
+                raise
     except errors as e:
-        if created and process.is_main and run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()  # made by check_writable for a run that never started: leave no empty run behind
         raise UsageError(_first_paragraph(e)) from e
     if process.is_main:
         print(f"Done: {result.status} at step {result.step} ({result.tokens:,} tokens); run directory {run_dir}.")

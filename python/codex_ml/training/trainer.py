@@ -27,6 +27,7 @@ from codex_ml.training.config import ConfigError, TrainerConfig
 from codex_ml.training.optim import build_optimizer
 from codex_ml.training.reporting import Reporter
 from codex_ml.training.resume import check_compatible, resolve_resume, resume_state
+from codex_ml.training.run_dir import run_dir_lock
 from codex_ml.training.setup import ProcessInfo, rng_state, seed_everything, set_rng_state
 from codex_ml.training.signals import GracefulStop
 from codex_ml.training.step import StepOutcome, TrainStep
@@ -52,7 +53,8 @@ class Trainer:
     `tokenizer` (sha256, model_path). `process` comes from setup_process(config).
 
     Run directory: operative_config.gin, metrics.ndjson, metrics.csv, mlflow.db and
-    checkpoints/step_XXXXXXXX/ (see codex_ml.checkpoint). Only rank 0 writes there.
+    checkpoints/step_XXXXXXXX/ (see codex_ml.checkpoint). Only rank 0 writes there, holding the directory's lock
+    (training/run_dir.py) for the whole of fit(): a second live run on the same directory is refused.
     """
 
     def __init__(self, config: TrainerConfig, *, model: torch.nn.Module, data: Any, run_dir: str | os.PathLike,
@@ -98,22 +100,23 @@ class Trainer:
         checkpoint path; neither starts afresh over checkpoints already in run_dir (a refusal changes nothing
         there). Returns when done, on SIGTERM/SIGINT (after a checkpoint), or on a non-finite loss with
         nan_policy="stop" (the last good checkpoint stays the newest)."""
-        seed_everything(self.config.seed + self.process.rank)
-        train_iter = self._batches("train")
-        if self.process.is_main:  # a complete checkpoint moved aside by an interrupted re-save goes back first
-            self.checkpoints.remove_stale_temporaries()
-        checkpoint = resolve_resume(resume, self.run_dir, self.process, self._say)
-        if checkpoint is not None:
-            self._load_checkpoint(checkpoint, train_iter)
-        # Only once the resume is accepted is anything written: a refusal leaves the run directory as it was.
-        self.report.open(self._config_text(), start_step=self.step)
-        status = "failed"
-        try:
-            result = self._loop(train_iter)
-            status = result.status
-            return result
-        finally:
-            self.report.close(status)
+        with run_dir_lock(self.run_dir, self.process):  # refused (RunDirLocked) while another run trains there
+            seed_everything(self.config.seed + self.process.rank)
+            train_iter = self._batches("train")
+            if self.process.is_main:  # a complete checkpoint moved aside by an interrupted re-save goes back first
+                self.checkpoints.remove_stale_temporaries()
+            checkpoint = resolve_resume(resume, self.run_dir, self.process, self._say)
+            if checkpoint is not None:
+                self._load_checkpoint(checkpoint, train_iter)
+            # Only once the resume is accepted is anything written: a refusal leaves the run directory as it was.
+            self.report.open(self._config_text(), start_step=self.step)
+            status = "failed"
+            try:
+                result = self._loop(train_iter)
+                status = result.status
+                return result
+            finally:
+                self.report.close(status)
 
     def _loop(self, train_iter: Any) -> TrainResult:
         result = TrainResult(status="finished", step=self.step, tokens=self.tokens)
