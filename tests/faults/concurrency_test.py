@@ -11,7 +11,7 @@ from codex_ml.tokenization import Tokenizer
 
 def test_two_runs_building_the_same_cache_both_succeed_and_build_it_once(tmp_path):
     cache = tmp_path / "cache"
-    procs = [faults.start(tmp_path, tmp_path / name, cache, **{"Trainer.max_steps": "1"}) for name in ("a", "b")]
+    procs = [faults.start(tmp_path, tmp_path / name, cache, **{"Trainer.max_steps": "2"}) for name in ("a", "b")]
     results = [faults.finish(proc) for proc in procs]
     for rc, out, err in results:
         assert rc == 0, out[-2000:] + err[-4000:]

@@ -73,9 +73,19 @@ def _run(tmp_path, name, args, use_strace):
 def test_the_guard_records_an_outbound_attempt(tmp_path):
     """The recorders themselves: a connection to a documentation address (TEST-NET-1) is seen by both."""
     use_strace = _strace_works(tmp_path)
-    script = ("import socket\ntry:\n    socket.create_connection(('192.0.2.1', 443), timeout=0.2)\nexcept OSError:\n"
-              "    pass\ns = socket.socket()\ns.settimeout(0.2)\ntry:\n    s.connect(('192.0.2.1', 80))\nexcept OSError:\n"
-              "    pass\n")
+    script = "\n".join([
+        "import socket",
+        "def plain_connect(address):",
+        "    with socket.socket() as s:",
+        "        s.settimeout(0.2)",
+        "        s.connect(address)",
+        "for connect in (lambda: socket.create_connection(('192.0.2.1', 443), timeout=0.2),",
+        "                lambda: plain_connect(('192.0.2.1', 80))):",
+        "    try:",
+        "        connect()",
+        "    except OSError:",
+        "        pass",
+    ])
     with pytest.raises(AssertionError, match="192.0.2.1"):
         _run(tmp_path, "probe", ["-c", script], use_strace=False)
     if use_strace:

@@ -71,3 +71,4 @@ def test_kill_9_at_random_moments_then_resume_matches_an_uninterrupted_run(tmp_p
     for key, tensor in straight.items():
         assert torch.equal(weights[key], tensor), (where, kills, key)
     assert faults.temporaries(run_dir / "checkpoints") == [] and faults.temporaries(cache) == [], where
+    assert faults.train_steps(run_dir) == list(range(1, faults.STEPS + 1)), (where, kills)  # each step once

@@ -22,7 +22,7 @@ from codex_ml.checkpoint import latest_valid_checkpoint, list_checkpoints, verif
 def cache(tmp_path_factory):
     """A data cache with the tokenizer and shards of the small run."""
     tmp = tmp_path_factory.mktemp("cache")
-    rc, out, err = faults.train(tmp, tmp / "run", tmp / "cache", **{"Trainer.max_steps": "1"})
+    rc, out, err = faults.train(tmp, tmp / "run", tmp / "cache", **{"Trainer.max_steps": "2"})
     assert rc == 0, out[-2000:] + err[-4000:]
     return tmp / "cache"
 
