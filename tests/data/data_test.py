@@ -251,6 +251,25 @@ def test_restoring_with_another_layout_is_refused(tmp):
         data.batches("train", batch_size=2, seq_len=8, seed=0).load_state_dict(state)
 
 
+def test_a_saved_position_is_bound_to_its_shard_set_and_never_rolls_over(tmp):
+    data, _ = prepare(tmp, make_corpus(tmp / "src"))
+    state = data.batches("train", batch_size=2, seq_len=16, seed=0).state_dict()
+    assert state["num_sequences"] > 0 and len(state["shards_sha256"]) == 64
+    more = prepare(tmp, make_corpus(tmp / "src", n=80))[0].batches("train", batch_size=2, seq_len=16, seed=0)
+    with pytest.raises(DataError, match="saved num_sequences=.*this run has"):
+        more.load_state_dict(state)
+    with pytest.raises(DataError, match="saved over another shard set of split 'train'"):
+        more.load_state_dict({**state, "num_sequences": more.num_sequences})
+    fresh = data.batches("train", batch_size=2, seq_len=16, seed=0)
+    per_epoch = fresh.batches_per_epoch
+    fresh.load_state_dict({**state, "position": per_epoch})  # the end of an epoch: the next batch starts epoch 1
+    next(fresh)
+    assert (fresh.epoch, fresh.position) == (1, 1)
+    with pytest.raises(DataError, match=rf"saved position {per_epoch + 1} of epoch 0 is outside split 'train', "
+                                        rf"which has {per_epoch} batches per epoch"):
+        data.batches("train", batch_size=2, seq_len=16, seed=0).load_state_dict({**state, "position": per_epoch + 1})
+
+
 def test_bad_inputs_get_errors_naming_the_problem(tmp):
     with pytest.raises(DataError, match="does not exist"):
         read_corpus([str(tmp / "missing")])

@@ -79,3 +79,22 @@ def test_unknown_flag_exits_2_and_help_shows_this_commands_flags(tmp_path):
     proc = _train("--help", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "Trains a model from gin configs" in proc.stdout and "--gin_file" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("device, cuda_devices, message", [
+    ("cuda:3", 2, "--device='cuda:3' but this machine has 2 CUDA device(s): use cuda:0 to cuda:1, or auto."),
+    ("cuda", 0, "--device='cuda' but this machine has 0 CUDA device(s): use cpu or auto."),
+    ("meta", 0, "--device='meta': generate runs on cpu, cuda, cuda:N or auto."),
+    ("mps", 0, "--device='mps': generate runs on cpu, cuda, cuda:N or auto."),
+])
+def test_generate_on_a_device_this_machine_lacks_is_a_clear_error(tmp_path, monkeypatch, capsys, device,
+                                                                  cuda_devices, message):
+    import torch
+
+    from codex_ml.cli import generate
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_devices > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_devices)
+    monkeypatch.delenv("BUILD_WORKING_DIRECTORY", raising=False)
+    code = generate.main([f"--checkpoint={tmp_path}", "--prompt=x", f"--device={device}"])
+    assert code == 2 and capsys.readouterr().err == f"error: {message}\n"

@@ -5,6 +5,7 @@ separate processes; the stand-in data sends the signal to its own process when t
 a given batch, so the stop lands at a known point of the real loop.
 """
 
+import csv
 import hashlib
 import json
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from standins import TinyConfig, TinyLM, make_trainer
+from standins import StandinData, TinyConfig, TinyLM, make_trainer
 
 from codex_ml.checkpoint import CheckpointError, latest_valid_checkpoint, list_checkpoints, load_model_state
 from codex_ml.training import ConfigError
@@ -77,6 +78,31 @@ def test_stop_and_resume_matches_straight_run(tmp_path, straight, signal_name, e
     _assert_same_as_straight(run_dir, straight)
 
 
+def _records(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.ndjson").read_text().splitlines()]
+
+
+def test_after_kill_9_and_resume_the_metrics_hold_each_step_once_and_say_where_it_resumed(tmp_path, straight):
+    run_dir = tmp_path / "run"
+    # Killed while step N+3 fetches its batch: steps N+1 and N+2 are in the metrics but not in a checkpoint.
+    proc = _run_process(run_dir, {**OPTIONS, "signals": {str(N + 2): ["SIGKILL"]}})
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    assert sorted(_train_losses(run_dir)) == list(range(1, N + 3))
+    with open(run_dir / "metrics.ndjson", "a") as f:  # a line torn by the kill
+        f.write('{"step": 7, "split": "tr')
+
+    make_trainer(run_dir, **OPTIONS).fit(resume="auto")
+    records = _records(run_dir)
+    assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, 2 * N + 1))
+    with open(run_dir / "metrics.csv", newline="") as f:
+        losses = [int(row["step"]) for row in csv.DictReader(f) if row["split"] == "train" and row["name"] == "loss"]
+    assert losses == list(range(1, 2 * N + 1))
+    resumed = [r for r in records if r.get("event") == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["step"] == N, resumed
+    assert "checkpoints/step_00000004 at step 4; 3 metrics row(s) of later steps" in resumed[0]["message"]
+    _assert_same_as_straight(run_dir, straight)
+
+
 def test_second_sigint_exits_at_once_without_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     proc = _run_process(run_dir, {**OPTIONS, "signals": {"5": ["SIGINT", "SIGINT"]}})
@@ -124,7 +150,8 @@ def test_resume_from_a_run_directory_takes_its_newest_valid_checkpoint(tmp_path)
 def earlier_run(tmp_path_factory):
     """A finished run with checkpoints at steps 2 and 4, metrics files, an MLflow store and its operative config."""
     run_dir = tmp_path_factory.mktemp("earlier") / "run"
-    make_trainer(run_dir, max_steps=4, checkpoint_every=2, mlflow=True, operative_config="the earlier run").fit()
+    make_trainer(run_dir, max_steps=4, checkpoint_every=2, mlflow=True, operative_config="the earlier run",
+                 data=StandinData(shards_sha256="a" * 64)).fit()
     assert [step for step, _ in list_checkpoints(run_dir)] == [2, 4]
     return run_dir
 
@@ -156,13 +183,26 @@ def _corrupt_every_optimizer_state(run_dir):
      r"another configuration .*Use the configuration of that run, or start afresh in another --run_dir\.$"),
     (None, {}, "{tmp}/nope", CheckpointError, r"Checkpoint .*/nope does not exist or is not a directory"),
     (None, {"seed": 1}, "auto", ConfigError,
-     r"it was trained with train.seed = 0 and this run has train.seed = 1; its data position is valid only with "
-     r"those values. Keep train.seed = 0, or start afresh in another --run_dir"),
+     r"the data layout changed \(train.seed 0 -> 1\); its data position is valid only with the old values. Restore "
+     r"them \(train.seed = 0\), or start afresh in another --run_dir"),
     (None, {"batch_size": 2, "seq_len": 8}, "auto", ConfigError,
-     r"trained with Trainer.batch_size = 4, Trainer.seq_len = 16 and this run has Trainer.batch_size = 2, "
-     r"Trainer.seq_len = 8;"),
+     r"the data layout changed \(Trainer.batch_size 4 -> 2, Trainer.seq_len 16 -> 8\);"),
+    (None, {"learning_rate": 5e-3, "warmup_steps": 1}, "auto", ConfigError,
+     r"the optimization settings changed \(Trainer.learning_rate 0.01 -> 0.005, Trainer.warmup_steps 2 -> 1\), "
+     r"which changes how the run continues. Restore the old values, or, to continue with the new ones \(the change "
+     r"is recorded in the run's metrics and MLflow\), set Trainer.allow_changed = \['learning_rate', "
+     r"'warmup_steps'\]; or start afresh in another --run_dir"),
+    (None, {"learning_rate": 5e-3, "grad_accum_steps": 2, "allow_changed": ["learning_rate"]}, "auto", ConfigError,
+     r"the optimization settings changed \(Trainer.grad_accum_steps 1 -> 2\).*Trainer.allow_changed = "
+     r"\['grad_accum_steps'\]"),
+    (None, {"betas": (0.8, 0.95), "weight_decay": 0.0}, "auto", ConfigError,
+     r"the optimizer changed \(Trainer.betas \[0.9, 0.95\] -> \[0.8, 0.95\], Trainer.weight_decay 0.1 -> 0.0\); "
+     r"its saved optimizer state holds the old settings"),
+    (None, {"data": StandinData(shards_sha256="b" * 64)}, "auto", ConfigError,
+     r"its data position belongs to another shard set of the training data \(shards_sha256 'a{64}' -> 'b{64}'\): "
+     r"the corpus or its preparation changed"),
 ], ids=["none_verifies", "run_dir_none_verifies", "never_over_checkpoints", "other_model", "missing_path",
-        "other_seed", "other_batch"])
+        "other_seed", "other_batch", "other_learning_rate", "change_not_allowed", "other_betas", "other_shards"])
 def test_a_refused_resume_changes_nothing_in_the_run_directory(tmp_path, earlier_run, damage, options, resume, error,
                                                                message):
     """Refusals come before anything is written: the earlier run's operative_config.gin, metrics, MLflow store and
@@ -177,6 +217,38 @@ def test_a_refused_resume_changes_nothing_in_the_run_directory(tmp_path, earlier
     with pytest.raises(error, match=message):
         trainer.fit(resume=resume.format(tmp=tmp_path))
     assert _contents(run_dir) == before
+
+
+def test_a_change_allowed_by_allow_changed_is_used_and_recorded_in_the_metrics_and_mlflow(tmp_path, earlier_run,
+                                                                                         capsys):
+    from mlflow.tracking import MlflowClient
+
+    from codex_ml.training import LRSchedule
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(earlier_run, run_dir)
+    trainer = make_trainer(run_dir, max_steps=6, learning_rate=5e-3, allow_changed=["learning_rate"], mlflow=True)
+    result = trainer.fit(resume="auto")
+    assert result.status == "finished" and sorted(result.train_losses) == [5, 6]
+    assert ("Resuming with a changed setting (Trainer.allow_changed): Trainer.learning_rate 0.01 -> 0.005."
+            in capsys.readouterr().out)
+    records = _records(run_dir)
+    changed = [r for r in records if r.get("event") == "resume_changed"]
+    assert [(r["step"], r["message"]) for r in changed] == [
+        (4, "Trainer.learning_rate 0.01 -> 0.005 (Trainer.allow_changed)")]
+    lr = {r["step"]: r["lr"] for r in records if r["split"] == "train"}
+    assert lr[5] == pytest.approx(LRSchedule("cosine", 5e-3, 6, 2, 0.1)(4))  # the new peak, not the checkpoint's
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("codex_ml").experiment_id])
+    assert any(r.data.params.get("resume_changed/Trainer.learning_rate") == "0.01 -> 0.005" for r in runs)
+    # The checkpoints since hold the new value: resuming with it needs no override.
+    assert make_trainer(run_dir, max_steps=7, learning_rate=5e-3).fit(resume="auto").step == 7
+
+
+def test_allow_changed_names_only_settings_a_resume_may_change():
+    with pytest.raises(ConfigError, match=r"Trainer.allow_changed = \['seed'\]: a resume may change only "
+                                          r"learning_rate, schedule, warmup_steps"):
+        make_trainer("unused", allow_changed=["seed"])
 
 
 def test_auto_resume_after_an_interrupted_first_save_starts_afresh(tmp_path):

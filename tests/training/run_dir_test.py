@@ -1,8 +1,10 @@
-"""One run per run directory: two train commands (configs/smoke.gin, shortened) started together on one --run_dir:
-one trains, the other is refused naming it; without --run_dir both train, each into its own new directory."""
+"""The train command's run directory (configs/smoke.gin, shortened). Two commands started together on one
+--run_dir: one trains, the other is refused naming it; without --run_dir both train, each into its own new
+directory. Ctrl-C during data preparation exits 130 with one line, leaving nothing half-written."""
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +28,7 @@ def cache(tmp_path_factory):
 
 
 def _start(cwd: Path, cache: Path, *args: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), PYTHONUNBUFFERED="1")  # each line as printed
     env.pop("BUILD_WORKING_DIRECTORY", None)
     bindings = [f"--gin_bindings={b}" for b in (*SHORT, f"train.cache_dir = '{cache}'")]
     return subprocess.Popen([sys.executable, "-m", "codex_ml.cli.train", "--gin_file=configs/smoke.gin", *bindings,
@@ -85,3 +87,19 @@ def test_the_lock_is_shared_within_a_process_and_refuses_another(tmp_path):
     with run_dir_lock(tmp_path, process):  # released at the end of the outer block
         pass
     assert not lock_file.held_elsewhere()
+
+
+def test_ctrl_c_during_data_preparation_exits_130_leaving_nothing_half_written(tmp_path):
+    cache = tmp_path / "fresh_cache"  # the tokenizer is trained: data preparation takes a while
+    proc = _start(tmp_path, cache, "--run_dir=runs/interrupted")
+    for line in proc.stdout:  # the corpus is read; the tokenizer and shards are being built
+        if line.startswith("Corpus:"):
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines() == ["Interrupted (Ctrl-C): nothing half-written was kept (complete cache entries "
+                                        "and checkpoints stay); run the same command again to go on."], err
+    assert not (tmp_path / "runs" / "interrupted").exists()  # made for this run, which never started
+    assert not [p for p in cache.rglob("*") if p.name.startswith(".tmp-")]
+    assert not list(cache.glob("shards/*/manifest.json"))  # it was stopped before the shards were complete

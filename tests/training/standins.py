@@ -18,6 +18,7 @@ class StandinBatches:
         self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.position = 0
+        self.shards_sha256 = None  # set by StandinData: stands for the digest of a prepared split's shards
         self.signals = dict(signals)  # position -> list of signals to send to this process at that position
 
     def __iter__(self):
@@ -37,7 +38,10 @@ class StandinBatches:
         return {"input_ids": rows[:, :-1].clone(), "targets": rows[:, 1:].clone()}
 
     def state_dict(self):
-        return {"position": self.position}
+        state = {"position": self.position}
+        if self.shards_sha256 is not None:
+            state["shards_sha256"] = self.shards_sha256
+        return state
 
     def load_state_dict(self, state):
         self.position = state["position"]
@@ -46,7 +50,7 @@ class StandinBatches:
 class StandinData:
     """A token stream with learnable structure (a noisy repeating pattern) over `vocab_size` tokens."""
 
-    def __init__(self, vocab_size=32, length=5000, signals=None):
+    def __init__(self, vocab_size=32, length=5000, signals=None, shards_sha256=None):
         g = torch.Generator().manual_seed(1234)
         pattern = torch.randint(0, vocab_size, (37,), generator=g)
         self.tokens = pattern.repeat(length // 37 + 1)[:length].clone()
@@ -54,11 +58,14 @@ class StandinData:
         self.tokens[noise] = torch.randint(0, vocab_size, (int(noise.sum()),), generator=g)
         self.val_tokens = self.tokens.roll(11)
         self.signals = signals or {}
+        self.shards_sha256 = shards_sha256
         self.tokenizer = None
 
     def batches(self, split, *, batch_size, seq_len, seed, rank=0, world_size=1):
         if split == "train":
-            return StandinBatches(self.tokens, batch_size, seq_len, seed, rank, world_size, self.signals)
+            batches = StandinBatches(self.tokens, batch_size, seq_len, seed, rank, world_size, self.signals)
+            batches.shards_sha256 = self.shards_sha256
+            return batches
         return StandinBatches(self.val_tokens, batch_size, seq_len, seed + 1, rank, world_size)
 
 

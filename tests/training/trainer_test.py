@@ -400,3 +400,84 @@ def test_train_checks_the_seed_and_the_model_config_type_before_preparing_data(t
                                           r"@HFModelConfig\(\), but it is a GPTConfig"):
         train(tmp_path, data_fn=no_data, model_fn=HFCausalLM, model_config=GPTConfig())
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "xpu"])
+def test_a_device_training_does_not_run_on_is_a_config_error(tmp_path, device):
+    with pytest.raises(ConfigError, match=rf"Trainer.device='{device}': training runs on cpu, cuda, cuda:N or auto"):
+        make_trainer(tmp_path / "run", device=device)
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_batches_beyond_the_val_split_evaluate_each_batch_once(tmp_path, capsys):
+    import numpy as np
+
+    from codex_ml.data import BatchIterator
+
+    val_tokens = np.random.default_rng(0).integers(0, 32, 3 * 4 * 16 + 1)  # three batches of 4 x 16
+
+    class SmallValSplit(StandinData):
+        def batches(self, split, **kwargs):
+            if split == "val":
+                return BatchIterator(val_tokens, split="val", **kwargs)
+            return super().batches(split, **kwargs)
+
+    trainer = make_trainer(tmp_path, data=SmallValSplit(), eval_batches=5, max_steps=2)
+    assert ("Note: Trainer.eval_batches = 5 but the val split holds 3 batch(es) of this size: evaluating on those 3, "
+            "each once.") in capsys.readouterr().out
+    once = evaluate(trainer.model, BatchIterator(val_tokens, split="val", batch_size=4, seq_len=16, seed=0),
+                    num_batches=3, metrics=["loss"])
+    assert trainer.evaluate()["loss"] == pytest.approx(once["loss"], rel=1e-6)
+
+
+def test_mlflow_telemetry_is_off_when_the_trainer_imports_mlflow(tmp_path):
+    """MLflow decides at its first import whether to start its telemetry client: the variables must be set before
+    any import of it, here the one in Trainer.__init__ (a process with none of them set, and no CI marker)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import sys\n"
+              "from standins import make_trainer\n"
+              "make_trainer(sys.argv[1], mlflow=True)\n"
+              "import mlflow.telemetry\n"
+              "from mlflow.telemetry.utils import is_telemetry_disabled\n"
+              "print(mlflow.telemetry.get_telemetry_client() is None, is_telemetry_disabled())\n")
+    markers = ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "PYTEST_CURRENT_TEST", "CI", "GITHUB_ACTIONS", "TF_BUILD",
+               "JENKINS_URL", "BUILDKITE", "GITLAB_CI", "TRAVIS", "CIRCLECI")
+    env = {k: v for k, v in os.environ.items() if k not in markers}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), *sys.path])
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["True", "True"], proc.stdout
+
+
+def test_a_full_disk_for_the_metrics_files_warns_and_training_goes_on(tmp_path, caplog):
+    """metrics.ndjson on /dev/full: every write fails with ENOSPC, as on a full disk."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    (tmp_path / "metrics.ndjson").symlink_to("/dev/full")
+    result = make_trainer(tmp_path, max_steps=4, checkpoint_every=2).fit()
+    assert result.status == "finished" and result.step == 4
+    assert latest_valid_checkpoint(tmp_path).name == "step_00000004"
+    warnings = [r.getMessage() for r in caplog.records if "Cannot write the metrics files" in r.getMessage()]
+    assert len(warnings) == 1 and "incomplete from step 1 on" in warnings[0], warnings
+
+
+def test_the_sample_printed_after_training_goes_through_the_secret_filter(tmp_path, monkeypatch, capsys):
+    from codex_ml.training import TrainerConfig, experiment, setup_process
+
+    class Tokenizer:
+        vocab_size, eos_id = 32, 0
+
+    data = StandinData()
+    data.tokenizer = Tokenizer()
+    secret = "AKIA" + "ABCDEFGHIJKLMNOP"
+    monkeypatch.setattr(experiment, "sample_text", lambda *args, **kwargs: f"def f():\n    key = '{secret}'\n")
+    config = TrainerConfig(device="cpu", mlflow=False, max_steps=1, batch_size=4, seq_len=16, eval_batches=0)
+    experiment.train(tmp_path, config=config, process=setup_process(config), data_fn=lambda **kwargs: data,
+                     model_fn=TinyLM, model_config=TinyConfig())
+    out = capsys.readouterr().out
+    assert "Sample from the trained model" in out and "def f():" in out
+    assert secret not in out and "secret(s) withheld" in out

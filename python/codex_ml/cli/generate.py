@@ -33,9 +33,28 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool("cache", True, "use the KV cache", flag_values=fv)
     flags.DEFINE_bool("filter_secrets", True,
                       "withhold text that matches a secret pattern (API keys, private keys, tokens)", flag_values=fv)
-    flags.DEFINE_string("device", "cpu", "cpu, cuda or auto", flag_values=fv)
+    flags.DEFINE_string("device", "cpu", "cpu, cuda, cuda:N or auto", flag_values=fv)
     flags.DEFINE_string("dtype", "float32", "float32, bfloat16 or float16 (Hugging Face models)", flag_values=fv)
     flags.DEFINE_bool("json", False, "print one JSON object at the end instead of streaming", flag_values=fv)
+
+
+def check_device(device: str, error: type[Exception]) -> None:
+    """Raises `error` unless --device is auto, cpu, or a CUDA device this machine has (torch would otherwise fail
+    later with its own text, or, for a meta device, produce nothing)."""
+    import torch
+
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise error(f"--device={device!r} is not a device: use cpu, cuda, cuda:N or auto.") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise error(f"--device={device!r}: generate runs on cpu, cuda, cuda:N or auto.")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if dev.type == "cuda" and (dev.index or 0) >= count:
+        fix = f"use cuda:0 to cuda:{count - 1}, or auto" if count else "use cpu or auto"
+        raise error(f"--device={device!r} but this machine has {count} CUDA device(s): {fix}.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, stop=tuple(args.stop), seed=args.seed, use_cache=args.cache,
                                 filter_secrets=args.filter_secrets)
+        check_device(args.device, GenerationError)
         model, tokenizer = load_model(args.checkpoint, adapter=args.adapter, device=args.device, dtype=args.dtype)
         info: dict = {}
         pieces = stream(model, tokenizer, prompt, config, result=info)  # raises for a bad prompt, before the echo

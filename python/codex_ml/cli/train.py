@@ -5,7 +5,8 @@
     torchrun --nproc_per_node=2 -m codex_ml.cli.train --gin_file=configs/default.gin --run_dir=runs/ddp
 
 Later --gin_file flags override earlier ones; --gin_bindings are applied last. Exit codes: 0 finished or
-stopped by a signal (after a checkpoint), 1 stopped on a non-finite loss, 2 bad input.
+stopped by a signal (after a checkpoint), 1 stopped on a non-finite loss, 2 bad input (or another live run holds
+--run_dir), 130 Ctrl-C before training started (data preparation) or a second Ctrl-C.
 """
 
 from __future__ import annotations
@@ -283,7 +284,7 @@ def run() -> int:
             try:
                 result = train(run_dir=run_dir, config=config, process=process, resume=FLAGS.resume,
                                operative_config=gin.operative_config_str)
-            except errors:
+            except (*errors, KeyboardInterrupt):  # Ctrl-C before the loop (data preparation): main() reports it
                 if created and process.is_main:
                     _remove_unused(run_dir)
                 raise
@@ -306,6 +307,10 @@ def main(argv: list[str]) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # during the training loop the first Ctrl-C is handled there (a checkpoint, exit 0)
+        print("Interrupted (Ctrl-C): nothing half-written was kept (complete cache entries and checkpoints stay); "
+              "run the same command again to go on.", file=sys.stderr)
+        return 130
     finally:
         from codex_ml.training import shutdown_distributed
 

@@ -2,7 +2,9 @@
 
 A split's tokens (documents joined with eos) are cut into sequences of seq_len + 1 tokens. Each epoch
 visits them in a permutation drawn from (seed, epoch); rank r of w takes every w-th sequence of it,
-so ranks see disjoint data. The iterator's state (epoch, position) restores it exactly.
+so ranks see disjoint data. The iterator's state (epoch, position) restores it exactly; it also records the
+split's sequence count and, when given, the digest of its shards, so that a position is never applied to another
+shard set, and a position outside the epoch is an error rather than a silent roll into the next epoch.
 
 Packed documents attend across their eos unless the model masks it: with `document_ids=True` each batch
 also carries "segment_ids" [B, T] (which document of the row each position belongs to; the eos belongs
@@ -30,7 +32,7 @@ class BatchIterator:
 
     def __init__(self, tokens: np.ndarray, *, split: str, batch_size: int, seq_len: int, seed: int,
                  rank: int = 0, world_size: int = 1, epoch_limit: int | None = None,
-                 document_ids: bool = False, eos_id: int | None = None):
+                 document_ids: bool = False, eos_id: int | None = None, shards_sha256: str | None = None):
         if batch_size < 1 or seq_len < 1:
             raise DataError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
         if document_ids and eos_id is None:
@@ -41,6 +43,7 @@ class BatchIterator:
         self.tokens, self.split = tokens, split
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.rank, self.world_size, self.epoch_limit = rank, world_size, epoch_limit
+        self.shards_sha256 = shards_sha256
         self.num_sequences = (len(tokens) - 1) // seq_len if len(tokens) > 1 else 0
         self.batches_per_epoch = self.num_sequences // world_size // batch_size
         if self.batches_per_epoch == 0:
@@ -78,15 +81,30 @@ class BatchIterator:
         return batch
 
     def state_dict(self) -> dict:
-        """JSON-serialisable position of the iterator."""
-        return {"split": self.split, "epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size,
-                "seq_len": self.seq_len}
+        """JSON-serialisable position of the iterator, with what it indexes (sequence count, shard digest)."""
+        state = {"split": self.split, "epoch": self.epoch, "position": self.position, "seed": self.seed,
+                 "rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size,
+                 "seq_len": self.seq_len, "num_sequences": self.num_sequences}
+        if self.shards_sha256 is not None:
+            state["shards_sha256"] = self.shards_sha256
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Continues exactly where `state` was taken; the layout (batch, seq_len, ranks) must match."""
-        for key in ("split", "seed", "rank", "world_size", "batch_size", "seq_len"):
+        """Continues exactly where `state` was taken; the layout (batch, seq_len, ranks) and the data it indexes
+        (sequence count, shard digest, where recorded on both sides) must match, and the position be in range."""
+        for key in ("split", "seed", "rank", "world_size", "batch_size", "seq_len", "num_sequences"):
             if key in state and state[key] != getattr(self, key):
                 raise DataError(f"cannot restore the data iterator: saved {key}={state[key]!r}, "
                                 f"this run has {getattr(self, key)!r}")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        saved_digest = state.get("shards_sha256")
+        if saved_digest is not None and self.shards_sha256 is not None and saved_digest != self.shards_sha256:
+            raise DataError(f"cannot restore the data iterator: it was saved over another shard set of split "
+                            f"{self.split!r} (SHA-256 {saved_digest[:12]}..., this run reads "
+                            f"{self.shards_sha256[:12]}...); use the data of that run")
+        epoch, position = int(state["epoch"]), int(state["position"])
+        # position == batches_per_epoch: the epoch's last batch was taken; the next call starts the next epoch.
+        if epoch < 0 or not 0 <= position <= self.batches_per_epoch:
+            raise DataError(f"cannot restore the data iterator: saved position {position} of epoch {epoch} is "
+                            f"outside split {self.split!r}, which has {self.batches_per_epoch} batches per epoch "
+                            "here; the state belongs to other data or was edited")
+        self.epoch, self.position = epoch, position

@@ -141,9 +141,12 @@ class PreparedData:
 
         document_ids: also yield "segment_ids" for document-boundary masks (see `document_attention_mask`).
         """
-        return BatchIterator(self.tokens(split), split=split, batch_size=batch_size, seq_len=seq_len, seed=seed,
-                             rank=rank, world_size=world_size, epoch_limit=epoch_limit, document_ids=document_ids,
-                             eos_id=self.manifest["eos_id"])
+        tokens = self.tokens(split)  # a DataError for an unknown split
+        # The split's shard set: a saved position is valid only over these tokens (checked on resume).
+        digest = hashlib.sha256(" ".join(s["sha256"] for s in self.manifest["splits"][split]["shards"]).encode())
+        return BatchIterator(tokens, split=split, batch_size=batch_size, seq_len=seq_len, seed=seed, rank=rank,
+                             world_size=world_size, epoch_limit=epoch_limit, document_ids=document_ids,
+                             eos_id=self.manifest["eos_id"], shards_sha256=digest.hexdigest())
 
 
 def prepare_data(

@@ -11,11 +11,24 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from codex_ml._files import atomic_write_bytes
+
 log = logging.getLogger(__name__)
 
 
+def disable_telemetry() -> None:
+    """Switches MLflow's usage telemetry off (unless the user set the variables): MLflow reads them when it is first
+    imported, so this runs before any import of it, here and in import_mlflow()."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+
+
+disable_telemetry()  # at import of codex_ml.tracking: before anything (ours or a library's) imports mlflow
+
+
 def import_mlflow() -> Any:
-    """The mlflow module, or RuntimeError saying how to install it or turn it off."""
+    """The mlflow module (its telemetry off), or RuntimeError saying how to install it or turn it off."""
+    disable_telemetry()
     try:
         import mlflow
     except ImportError as e:
@@ -30,10 +43,13 @@ class MetricsLogger:
 
     metrics.ndjson lines look like {"step": 10, "split": "train", "loss": 3.2, "lr": 0.0003, ...};
     metrics.csv has the columns step, split, name, value. Both are appended to, so a resumed run
-    continues the same files. MLflow is imported only when enabled; its telemetry is switched off and,
-    without `tracking_uri`, it writes to sqlite:///<run_dir>/mlflow.db and nowhere else. MLflow is a mirror:
-    if it fails (a locked or unwritable database, a full disk), a warning says so once and the run goes on
-    without it, its metrics still in the two files.
+    continues the same files; `resume_step` first removes the rows of later steps (written before a crash, and
+    about to be written again) and any torn last line, so that each step appears once (`dropped` counts them).
+    MLflow is imported only when enabled; its telemetry is switched off and, without `tracking_uri`, it writes
+    to sqlite:///<run_dir>/mlflow.db and nowhere else. MLflow is a mirror: if it fails (a locked or unwritable
+    database, a full disk), a warning says so once and the run goes on without it, its metrics still in the two
+    files. If the files cannot be written (a full disk), a warning says so once, `incomplete` says why, and the
+    run goes on: the files stop at that step, MLflow gets the rest and a tag saying so.
     """
 
     def __init__(
@@ -44,9 +60,12 @@ class MetricsLogger:
         tracking_uri: str | None = None,
         experiment_name: str = "codex_ml",
         run_name: str | None = None,
+        resume_step: int | None = None,
     ):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.incomplete: str | None = None  # why the files stopped being written, or None
+        self.dropped = self._drop_after(resume_step) if resume_step is not None else 0
         self._ndjson = open(self.run_dir / "metrics.ndjson", "a", encoding="utf-8")
         csv_path = self.run_dir / "metrics.csv"
         new_csv = not csv_path.exists() or csv_path.stat().st_size == 0
@@ -59,8 +78,6 @@ class MetricsLogger:
             self._start_mlflow(tracking_uri, experiment_name, run_name or self.run_dir.name)
 
     def _start_mlflow(self, tracking_uri: str | None, experiment_name: str, run_name: str) -> None:
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-        os.environ.setdefault("DO_NOT_TRACK", "true")
         try:
             mlflow = import_mlflow()
         except RuntimeError:
@@ -114,22 +131,85 @@ class MetricsLogger:
         (MLflow gets every log_every-th training step: a database write per step would slow short steps)."""
         values = {key: float(value) for key, value in metrics.items()}
         record = {"step": step, "split": split, **{k: (v if math.isfinite(v) else str(v)) for k, v in values.items()}}
-        self._ndjson.write(json.dumps(record) + "\n")
-        self._ndjson.flush()
-        for key, value in values.items():
-            self._csv.writerow([step, split, key, repr(value)])
-        self._csv_file.flush()
-        if mlflow and self._mlflow is not None:
+        self._write(step, record, [[step, split, key, repr(value)] for key, value in values.items()])
+        if (mlflow or self.incomplete is not None) and self._mlflow is not None:
             finite = {f"{split}/{k}": v for k, v in values.items() if math.isfinite(v)}
             self._mirror(lambda: self._mlflow.log_metrics(finite, step=step))
 
     def event(self, step: int, kind: str, message: str) -> None:
-        """Records a notable event (NaN skipped, checkpoint written, interrupted) in metrics.ndjson."""
-        self._ndjson.write(json.dumps({"step": step, "split": "event", "event": kind, "message": message}) + "\n")
-        self._ndjson.flush()
+        """Records a notable event (NaN skipped, checkpoint written, interrupted, resumed) in metrics.ndjson."""
+        self._write(step, {"step": step, "split": "event", "event": kind, "message": message}, [])
+
+    def _write(self, step: int, record: dict, csv_rows: list[list]) -> None:
+        """Appends to both files; the first failure (a full disk) warns once and stops the file writes."""
+        if self.incomplete is not None or self._ndjson.closed:
+            return
+        try:
+            self._ndjson.write(json.dumps(record) + "\n")
+            self._ndjson.flush()
+            if csv_rows:
+                self._csv.writerows(csv_rows)
+                self._csv_file.flush()
+        except OSError as e:
+            self.incomplete = f"step {step}: {e.strerror or e}"
+            log.warning("Cannot write the metrics files in %s (%s); training goes on, but metrics.ndjson and "
+                        "metrics.csv are incomplete from step %d on (MLflow, if on, gets the rest). Free space there.",
+                        self.run_dir, e.strerror or e, step)
+            self._mirror(lambda: self._mlflow.set_tag("metrics_files_incomplete", self.incomplete))
+
+    def _drop_after(self, step: int) -> int:
+        """Removes the rows of steps after `step` (and a torn last line) from both files; returns how many NDJSON
+        records went. Each file is replaced whole (atomically), or left as it was."""
+        dropped = 0
+        ndjson, csv_path = self.run_dir / "metrics.ndjson", self.run_dir / "metrics.csv"
+        if ndjson.is_file():
+            lines = ndjson.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+            kept = [line for line in lines if _record_step(line) is not None and _record_step(line) <= step]
+            dropped = len(lines) - len(kept)
+            if dropped:
+                atomic_write_bytes(ndjson, "".join(kept).encode())
+        if csv_path.is_file():
+            lines = csv_path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+            kept = lines[:1] + [line for line in lines[1:] if _row_step(line) is not None and _row_step(line) <= step]
+            if len(kept) != len(lines):
+                atomic_write_bytes(csv_path, "".join(kept).encode())
+        return dropped
 
     def close(self, status: str = "FINISHED") -> None:
+        """Ends the MLflow run and closes the files; never raises for a full disk (already reported)."""
+        if self.incomplete is not None and not self._ndjson.closed:  # marked in the file too, if space came back
+            marker = {"step": -1, "split": "event", "event": "metrics_incomplete",
+                      "message": f"the metrics files miss rows from {self.incomplete}"}
+            try:
+                self._ndjson.write(json.dumps(marker) + "\n")
+                self._ndjson.flush()
+            except OSError:
+                pass
         self._mirror(lambda: self._mlflow.end_run(status=status))
         self._mlflow = None
-        self._ndjson.close()
-        self._csv_file.close()
+        for file in (self._ndjson, self._csv_file):
+            try:
+                file.close()
+            except OSError:  # the data of a failed write, flushed again: reported when it first failed
+                pass
+
+
+def _record_step(line: str) -> int | None:
+    """The step of a complete metrics.ndjson line, or None for a torn or foreign one."""
+    if not line.endswith("\n"):
+        return None
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def _row_step(line: str) -> int | None:
+    """The step of a complete metrics.csv row, or None for a torn one."""
+    if not line.endswith("\n"):
+        return None
+    try:
+        return int(line.split(",", 1)[0])
+    except ValueError:
+        return None

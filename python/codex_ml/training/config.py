@@ -16,6 +16,10 @@ from codex_ml.eval import get_metric
 from codex_ml.training.optim import LRSchedule, check_optimizer
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+# The settings a resume may change when Trainer.allow_changed names them (each change is recorded in the run's
+# metrics); a resume refuses any other change of what it checks (training/resume.py).
+RESUME_CHANGEABLE = ("learning_rate", "schedule", "warmup_steps", "min_lr_ratio", "grad_accum_steps",
+                     "clip_grad_norm")
 NAN_POLICIES = ("skip", "stop")
 
 
@@ -29,7 +33,8 @@ class TrainerConfig:
 
     `batch_size` is the global batch of one micro-step: under torchrun each of the N processes reads
     batch_size / N rows of it. One optimizer step uses `grad_accum_steps` micro-steps. `seed` is
-    `train.seed` (gin binds it there, not here).
+    `train.seed` (gin binds it there, not here). `allow_changed` names the settings of RESUME_CHANGEABLE that
+    may differ from the checkpoint a run resumes from, e.g. ('learning_rate',); each change is recorded.
     """
 
     seed: int = 0
@@ -64,12 +69,14 @@ class TrainerConfig:
     mlflow: bool = True
     tracking_uri: str | None = None
     peak_flops_per_device: float | None = None
+    allow_changed: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         validate(self)
         # Lists from gin become tuples: the config is frozen all the way down.
         object.__setattr__(self, "betas", tuple(self.betas))
         object.__setattr__(self, "metrics", tuple(self.metrics))
+        object.__setattr__(self, "allow_changed", tuple(self.allow_changed))
 
     def lr_schedule(self) -> LRSchedule:
         return LRSchedule(self.schedule, self.learning_rate, self.max_steps, self.warmup_steps, self.min_lr_ratio)
@@ -96,6 +103,7 @@ def validate(config: TrainerConfig) -> None:
     check_seed(config.seed)
     _check_optimization(config)
     _check_evaluation(config)
+    _check_resume(config)
 
 
 def _check_choices_and_counts(c: TrainerConfig) -> None:
@@ -164,3 +172,9 @@ def _check_evaluation(c: TrainerConfig) -> None:
             get_metric(name)
         except ValueError as e:
             raise ConfigError(f"Trainer.metrics: {e}") from e
+
+
+def _check_resume(c: TrainerConfig) -> None:
+    if isinstance(c.allow_changed, str) or any(name not in RESUME_CHANGEABLE for name in c.allow_changed):
+        raise ConfigError(f"Trainer.allow_changed = {c.allow_changed!r}: a resume may change only "
+                          f"{', '.join(RESUME_CHANGEABLE)}; give a list of those names, e.g. ['learning_rate'].")

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from codex_ml.data.secrets import redact_model_output
 from codex_ml.models.gpt import GPT, GPTConfig
 from codex_ml.models.hf import HFCausalLM, HFModelConfig
 from codex_ml.training.config import ConfigError, TrainerConfig
@@ -94,7 +95,9 @@ def train(
         max_len = getattr(getattr(model, "config", None), "max_seq_len", None)
         text = sample_text(model, data.tokenizer, sample_prompt, max_new_tokens=sample_tokens, seed=seed,
                            max_seq_len=max_len)
-        say("Sample from the trained model:\n" + "-" * 60 + "\n" + text + "\n" + "-" * 60)
+        text, withheld = redact_model_output(text)  # as generation does: a model may reproduce a secret
+        note = f"\n[{len(withheld)} secret(s) withheld: {', '.join(sorted(set(withheld)))}]" if withheld else ""
+        say("Sample from the trained model:\n" + "-" * 60 + "\n" + text + "\n" + "-" * 60 + note)
     return result
 
 

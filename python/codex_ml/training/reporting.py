@@ -47,7 +47,9 @@ class Reporter:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "operative_config.gin").write_text(config_text)
-        self._logger = MetricsLogger(self.run_dir, mlflow=self.config.mlflow, tracking_uri=self.config.tracking_uri)
+        # Rows of steps after start_step were written before a crash and are about to be written again: removed.
+        self._logger = MetricsLogger(self.run_dir, mlflow=self.config.mlflow, tracking_uri=self.config.tracking_uri,
+                                     resume_step=start_step)
         device = self.process.device
         gpu = None
         if device.type == "cuda":  # "cuda" without an index is the current device
@@ -56,6 +58,22 @@ class Reporter:
         self._logger.log_params({"world_size": self.process.world_size, "seed": self.config.seed,
                                  "device": str(device), "start_step": start_step})
         self._logger.log_text(config_text, "operative_config.gin")
+
+    def resumed(self, step: int, checkpoint: Path, changes: list[tuple[str, Any, Any]]) -> None:
+        """Records where the run resumed (an event row and an MLflow parameter) and each setting it changed under
+        Trainer.allow_changed (old -> new)."""
+        if not self.process.is_main:
+            return
+        dropped = self._logger.dropped
+        note = f"; {dropped} metrics row(s) of later steps, from before the run stopped, removed" if dropped else ""
+        self._logger.event(step, "resumed", f"from {checkpoint} at step {step}{note}")
+        params = {"resumed_from": str(checkpoint)}
+        for binding, old, new in changes:
+            text = f"{binding} {old!r} -> {new!r}"
+            self.say(f"Resuming with a changed setting (Trainer.allow_changed): {text}.")
+            self._logger.event(step, "resume_changed", f"{text} (Trainer.allow_changed)")
+            params[f"resume_changed/{binding}"] = f"{old!r} -> {new!r}"
+        self._logger.log_params(params)
 
     def start_progress(self, step: int) -> None:
         if self.process.is_main:
@@ -93,3 +111,6 @@ class Reporter:
             self._progress = None
         if self._logger is not None:
             self._logger.close("FINISHED" if status in ("finished", "interrupted") else "FAILED")
+            if self._logger.incomplete is not None:
+                self.say(f"Warning: metrics.ndjson and metrics.csv in {self.run_dir} are incomplete (a write failed "
+                         f"at {self._logger.incomplete}); the checkpoints are not affected.")

@@ -1,32 +1,41 @@
 """Which checkpoint a run continues from, and whether it may: a resume that would not continue the same run
-(another model, tokenizer, optimizer, data layout or process count) is refused with the difference named.
+(another model, tokenizer, shard set, optimizer or schedule, data layout or process count) is refused with what
+changed named (old -> new) and the fix.
 
 A setting that decides how a run continues is recorded in trainer_state.json by the Trainer (`resume_state`)
-and compared here; a new one is a line in `_LAYOUT` (or a check of its own when it needs its own advice).
+and compared here; a new one is a line in one of the tables below. The settings of RESUME_CHANGEABLE may change
+on resume when Trainer.allow_changed names them: the Trainer then records each change (old -> new) in the run's
+metrics and MLflow.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
 from codex_ml.checkpoint import CheckpointError, latest_valid_checkpoint, list_checkpoints, verify_checkpoint
-from codex_ml.training.config import ConfigError, TrainerConfig
+from codex_ml.training.config import RESUME_CHANGEABLE, ConfigError, TrainerConfig
 from codex_ml.training.setup import ProcessInfo
 
-# trainer_state.json key -> the binding that sets it. The data iterator's saved position fits only these values.
-_LAYOUT = (("seed", "train.seed"), ("batch_size", "Trainer.batch_size"), ("seq_len", "Trainer.seq_len"))
+# trainer_state.json keys. The data iterator's saved position fits only these values:
+_LAYOUT = ("seed", "batch_size", "seq_len")
+# Kept in the optimizer's saved state, which a resume restores (the old values would silently win):
+_OPTIMIZER_STATE = ("optimizer", "betas", "weight_decay", "momentum")
+
+
+def _binding(key: str) -> str:
+    return "train.seed" if key == "seed" else f"Trainer.{key}"
 
 
 def resume_state(config: TrainerConfig) -> dict[str, Any]:
-    """The settings a checkpoint records so that a resume can be checked against them."""
-    return {"seed": config.seed, "batch_size": config.batch_size, "seq_len": config.seq_len,
-            "optimizer": config.optimizer}
+    """The settings a checkpoint records so that a resume can be checked against them (JSON values)."""
+    keys = (*_LAYOUT, *_OPTIMIZER_STATE, *RESUME_CHANGEABLE)
+    return json.loads(json.dumps({key: getattr(config, key) for key in keys}))
 
 
 def resolve_resume(resume: str | os.PathLike | None, run_dir: Path, process: ProcessInfo,
@@ -82,9 +91,12 @@ def _describe_difference(saved: dict, current: dict) -> str:
 
 
 def check_compatible(path: Path, *, now: dict[str, Any], model_config: dict[str, Any] | None,
-                     tokenizer_sha256: str | None, world_size: int) -> None:
-    """Refuses checkpoint `path` when it holds another model shape, tokenizer, optimizer, data layout or process
-    count than this run (`now` is resume_state() of this run's config), with the difference named."""
+                     tokenizer_sha256: str | None, world_size: int, data_now: dict[str, Any] | None = None,
+                     rank: int = 0, allow_changed: Sequence[str] = ()) -> list[tuple[str, Any, Any]]:
+    """Refuses checkpoint `path` when it holds another model shape, tokenizer, shard set, optimizer or schedule,
+    data layout or process count than this run (`now` is resume_state() of this run's config, `data_now` the
+    state_dict() of this rank's fresh training iterator), with what changed named. Returns the changes of the
+    settings that `allow_changed` lets through: (binding, old, new)."""
     manifest = json.loads((path / "manifest.json").read_text())
     saved_config_file = path / "model_config.json"
     if model_config is not None and saved_config_file.is_file():
@@ -103,7 +115,8 @@ def check_compatible(path: Path, *, now: dict[str, Any], model_config: dict[str,
             "start afresh in another --run_dir."
         )
     state_file = path / "trainer_state.json"
-    _check_state(path, json.loads(state_file.read_text()) if state_file.is_file() else {}, now)
+    changes = _check_state(path, json.loads(state_file.read_text()) if state_file.is_file() else {}, now,
+                           allow_changed)
     saved_world = manifest.get("world_size", 1)
     if saved_world != world_size:
         raise ConfigError(
@@ -111,21 +124,56 @@ def check_compatible(path: Path, *, now: dict[str, Any], model_config: dict[str,
             f"{world_size}; each process's data position is stored, so resume with the same "
             "--nproc_per_node."
         )
+    if data_now is not None and (path / "data_state.json").is_file():
+        ranks = json.loads((path / "data_state.json").read_text()).get("ranks") or [{}]
+        _check_data(path, ranks[rank] if rank < len(ranks) else {}, data_now)
+    return changes
 
 
-def _check_state(path: Path, state: dict[str, Any], now: dict[str, Any]) -> None:
-    saved_optimizer = state.get("optimizer")
-    if saved_optimizer is not None and saved_optimizer != now["optimizer"]:
+def _check_data(path: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """The saved position indexes one order of one shard set's sequences: another set (sources, max_documents,
+    splits, tokenizer changed) would silently read other data from it."""
+    changed = [f"{key} {saved[key]!r} -> {now[key]!r}" for key in ("shards_sha256", "num_sequences")
+               if key in saved and key in now and saved[key] != now[key]]
+    if changed:
         raise ConfigError(
-            f"Cannot resume from {path}: it was trained with Trainer.optimizer = {saved_optimizer!r} and this "
-            f"run has {now['optimizer']!r}, whose state is another. Resume with "
-            f"Trainer.optimizer = {saved_optimizer!r}, or start afresh in another --run_dir."
+            f"Cannot resume from {path}: its data position belongs to another shard set of the training data "
+            f"({', '.join(changed)}): the corpus or its preparation changed (prepare_data sources, "
+            "max_documents, splits or tokenizer). Restore the data settings of that run, or start afresh in "
+            "another --run_dir."
         )
-    layout = [(binding, state[key], now[key]) for key, binding in _LAYOUT if key in state and state[key] != now[key]]
+
+
+def _check_state(path: Path, state: dict[str, Any], now: dict[str, Any],
+                 allow_changed: Sequence[str]) -> list[tuple[str, Any, Any]]:
+    def changed(keys: Sequence[str]) -> list[tuple[str, Any, Any]]:
+        return [(_binding(k), state[k], now[k]) for k in keys if k in state and k in now and state[k] != now[k]]
+
+    def listed(items: list[tuple[str, Any, Any]]) -> str:
+        return ", ".join(f"{binding} {old!r} -> {new!r}" for binding, old, new in items)
+
+    layout = changed(_LAYOUT)
     if layout:
-        saved = ", ".join(f"{binding} = {value!r}" for binding, value, _ in layout)
-        current = ", ".join(f"{binding} = {value!r}" for binding, _, value in layout)
         raise ConfigError(
-            f"Cannot resume from {path}: it was trained with {saved} and this run has {current}; its data position "
-            f"is valid only with those values. Keep {saved}, or start afresh in another --run_dir."
+            f"Cannot resume from {path}: the data layout changed ({listed(layout)}); its data position is valid "
+            f"only with the old values. Restore them ({', '.join(f'{b} = {old!r}' for b, old, _ in layout)}), or "
+            "start afresh in another --run_dir."
         )
+    optimizer = changed(_OPTIMIZER_STATE)
+    if optimizer:
+        raise ConfigError(
+            f"Cannot resume from {path}: the optimizer changed ({listed(optimizer)}); its saved optimizer state "
+            f"holds the old settings. Restore them ({', '.join(f'{b} = {old!r}' for b, old, _ in optimizer)}), or "
+            "start afresh in another --run_dir."
+        )
+    schedule = changed(RESUME_CHANGEABLE)
+    refused = [(b, old, new) for b, old, new in schedule if b.split(".", 1)[1] not in allow_changed]
+    if refused:
+        names = [b.split(".", 1)[1] for b, _, _ in refused]
+        raise ConfigError(
+            f"Cannot resume from {path}: the optimization settings changed ({listed(refused)}), which changes how "
+            f"the run continues. Restore the old values, or, to continue with the new ones (the change is recorded "
+            f"in the run's metrics and MLflow), set Trainer.allow_changed = {names!r}; or start afresh in another "
+            "--run_dir."
+        )
+    return schedule

@@ -72,6 +72,8 @@ def _resolve_device(device: str, local_rank: int) -> torch.device:
         resolved = resolve_device(device, error=ConfigError)
     except ConfigError as e:  # "device='cuda' but no CUDA device is available: ...": a Trainer binding
         raise ConfigError(f"Trainer.{e}") from e
+    if resolved.type not in ("cpu", "cuda"):  # meta trains nothing; mps, xpu: untested, the kernels have no path
+        raise ConfigError(f"Trainer.device={device!r}: training runs on cpu, cuda, cuda:N or auto.")
     if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
         raise ConfigError(f"Trainer.device={device!r} but this machine has {torch.cuda.device_count()} CUDA "
                           f"device(s): use cuda:0 to cuda:{torch.cuda.device_count() - 1}, or auto.")

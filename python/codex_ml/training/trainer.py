@@ -66,6 +66,7 @@ class Trainer:
         flops_fn = getattr(model, "flops_per_token", None)
         self.report = Reporter(config, process, self.run_dir,
                                float(flops_fn(config.seq_len)) if callable(flops_fn) else None)
+        self.eval_batches = config.eval_batches  # at most the val split's batches: a wrap would count some twice
         if config.eval_batches > 0:
             self._check_val_split()
         self.model = model.to(process.device)
@@ -87,12 +88,18 @@ class Trainer:
     def _check_val_split(self) -> None:
         """Found now rather than at the first evaluation, after the training it would lose."""
         try:
-            next(iter(self._batches("val")))
+            batches = self._batches("val")
+            next(iter(batches))
         except (DataError, StopIteration) as e:
             reason = str(e) or "the val split gives no batch"
             raise DataError(f"Evaluation is on (Trainer.eval_batches = {self.config.eval_batches}) but {reason}; or "
                             "give the val split a larger share (prepare_data.splits), or set Trainer.eval_batches = "
                             "0 to train without evaluation.") from e
+        available = getattr(batches, "batches_per_epoch", None)  # an iterator that wraps into another epoch
+        if available is not None and available < self.eval_batches:
+            self._say(f"Note: Trainer.eval_batches = {self.eval_batches} but the val split holds {available} "
+                      f"batch(es) of this size: evaluating on those {available}, each once.")
+            self.eval_batches = available
 
     # ------------------------------------------------------------------------------------------- the run
     def fit(self, resume: str | os.PathLike | None = "auto") -> TrainResult:
@@ -106,10 +113,11 @@ class Trainer:
             if self.process.is_main:  # a complete checkpoint moved aside by an interrupted re-save goes back first
                 self.checkpoints.remove_stale_temporaries()
             checkpoint = resolve_resume(resume, self.run_dir, self.process, self._say)
-            if checkpoint is not None:
-                self._load_checkpoint(checkpoint, train_iter)
+            changes = self._load_checkpoint(checkpoint, train_iter) if checkpoint is not None else []
             # Only once the resume is accepted is anything written: a refusal leaves the run directory as it was.
             self.report.open(self._config_text(), start_step=self.step)
+            if checkpoint is not None:
+                self.report.resumed(self.step, checkpoint, changes)
             status = "failed"
             try:
                 result = self._loop(train_iter)
@@ -188,8 +196,9 @@ class Trainer:
         self.report.event(self.step, "interrupted", checkpoint)
 
     def evaluate(self) -> dict[str, float]:
-        """Validation metrics over `eval_batches` batches of the "val" split (the same batches every time)."""
-        return evaluate(self.model, self._batches("val"), num_batches=self.config.eval_batches,
+        """Validation metrics over `eval_batches` batches of the "val" split (the same batches every time; no more
+        than the split holds)."""
+        return evaluate(self.model, self._batches("val"), num_batches=self.eval_batches,
                         metrics=self.config.metrics, device=self.process.device,
                         autocast_dtype=self.train_step.autocast_dtype)
 
@@ -264,9 +273,12 @@ class Trainer:
             operative_config=self._config_text(), manifest_extra=extra,
         )
 
-    def _load_checkpoint(self, path: Path, train_iter: Any) -> None:
-        check_compatible(path, now=resume_state(self.config), model_config=self.model_config,
-                         tokenizer_sha256=self.tokenizer_sha256, world_size=self.process.world_size)
+    def _load_checkpoint(self, path: Path, train_iter: Any) -> list[tuple[str, Any, Any]]:
+        """Restores the run from checkpoint `path`; returns the settings changed under Trainer.allow_changed."""
+        changes = check_compatible(path, now=resume_state(self.config), model_config=self.model_config,
+                                   tokenizer_sha256=self.tokenizer_sha256, world_size=self.process.world_size,
+                                   data_now=train_iter.state_dict(), rank=self.process.rank,
+                                   allow_changed=self.config.allow_changed)
         try:
             self.model.load_state_dict(load_model_state(path, self.process.device))
         except RuntimeError as e:
@@ -292,6 +304,7 @@ class Trainer:
         if self.step >= self.config.max_steps:
             self._say(f"Nothing to train: the checkpoint is at step {self.step} and Trainer.max_steps = "
                       f"{self.config.max_steps}; raise Trainer.max_steps to train further.")
+        return changes
 
 
 def _check_model_fits(config: TrainerConfig, model: torch.nn.Module) -> None:
