@@ -92,6 +92,13 @@ def train(cwd: Path, run_dir: Path, cache: Path, *args: str, faults: Mapping[str
     return finish(start(cwd, run_dir, cache, *args, faults=faults, **overrides))
 
 
+def prepared_cache(tmp: Path) -> Path:
+    """A data cache in `tmp` holding the tokenizer and shards of the small run (built by a two-step run)."""
+    rc, out, err = train(tmp, tmp / "run", tmp / "cache", **{"Trainer.max_steps": "2"})
+    assert rc == 0, out[-2000:] + err[-4000:]
+    return tmp / "cache"
+
+
 def wait_for(condition: Callable[[], bool], proc: subprocess.Popen, timeout: float = TIMEOUT,
              interval: float = 0.002) -> bool:
     """Polls `condition` until it holds (True) or `proc` has ended (False)."""
