@@ -401,3 +401,42 @@ def test_strided_targets_and_masked_vocabulary_blocks(impl):
     t = torch.randint(0, 30, (4, 3))[:, 1]
     torch.testing.assert_close(linear_cross_entropy(h, w, t, impl=impl), F.cross_entropy(h @ w.T, t.contiguous()),
                                rtol=1e-5, atol=1e-6)
+
+
+
+# fp16 gradients: the outputs are rounded to 11 bits and their smallest entries are subnormal in fp16.
+FP16_GRAD_BOUND = 3e-3
+
+
+def fp16_gradient_errors(n, v, impl, reduction, grad_scale):
+    """Relative errors of grad_hidden and grad_weight of fp16 inputs against float64, the loss's gradient scaled by
+    grad_scale per row. hidden and weight each carry a shared offset: it shifts all logits of a row alike (the
+    softmax is unchanged) and makes the softmax part of each gradient cancel most of the target part, so that a
+    softmax part rounded to 0 shows as a large error instead of a small share of the gradient's norm."""
+    torch.manual_seed(n + v)
+    h = 32
+    hidden = (torch.randn(n, h) + 1).half().requires_grad_()
+    weight = ((torch.randn(v, h) + 1) / h ** 0.5).half().requires_grad_()
+    target = torch.randint(0, v, (n,))
+    loss = linear_cross_entropy(hidden, weight, target, reduction=reduction, impl=impl)
+    grads = torch.autograd.grad(loss.float().sum() * grad_scale, [hidden, weight])
+    ref_params = [hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()]
+    ref = reference(*ref_params, None, target, reduction=reduction)
+    ref_grads = torch.autograd.grad(ref.sum() * grad_scale, ref_params)
+    return [rel_err(g, r) for g, r in zip(grads, ref_grads)]
+
+
+def test_fp16_mean_gradients_do_not_underflow_at_large_n():
+    """At N = 8192, V = 4096 a softmax probability over N (1/N of a "mean") is about 3e-8, below half of fp16's
+    smallest subnormal: the rows' gradient in fp16 must not carry the 1/N (the products apply it)."""
+    errors = fp16_gradient_errors(8192, 4096, "torch", "mean", 1.0)
+    assert max(errors) < FP16_GRAD_BOUND, errors
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_fp16_gradients_scaled_by_many_tokens_do_not_underflow(impl):
+    """A per-token loss normalized by the tokens of many accumulated steps (grad_output 2^-12 per row) puts the same
+    magnitudes (about 4e-9) into the rows' gradient at a few rows, which the Triton interpreter runs."""
+    errors = fp16_gradient_errors(16, 16384, impl, "none", 2.0 ** -12)
+    assert max(errors) < FP16_GRAD_BOUND, errors
+
