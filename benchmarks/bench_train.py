@@ -9,8 +9,8 @@
                enable_gqa) with the loss a careful user writes with PyTorch alone (--plain_loss):
                torch_chunked (the default), PyTorch's chunked F.linear_cross_entropy in chunks of 1,024 tokens,
                which never holds the logits, or full_logits, F.cross_entropy on the full [tokens, vocabulary]
-               logits. torch_chunked is the default because it is the fastest of the loss references of
-               //kernels:bench_linear_cross_entropy that a plain loop can use eagerly, and faster than the full
+               logits. torch_chunked is the default: of the loss references of //kernels:bench_linear_cross_entropy
+               it is the one that needs no torch.compile (nothing here is compiled), and it is faster than the full
                logits at the cpu preset's shape (docs/kernels.md); its "auto" chunking would be several times
                slower there on the CPU (train_bench/runners.py, PLAIN_CHUNKING).
 
