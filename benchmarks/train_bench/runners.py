@@ -109,19 +109,20 @@ def run_hf(spec: BenchSpec, corpus: SyntheticCorpus, init: dict[str, torch.Tenso
 # PyTorch's chunked loss in chunks of 1,024 tokens: on the CPU its "auto" chunking (chunks of a few dozen rows at the
 # cpu preset's shape) is several times slower than the full logits, since grad_weight ([V, d_model]) is read and
 # written once per chunk; 1,024-token chunks make it faster than them (docs/kernels.md).
-PLAIN_CHUNKING = torch.nn.LinearCrossEntropyOptions(chunking_method=None, batch_chunk_size=1024)
+PLAIN_CHUNK_TOKENS = 1024
 
 
 def plain_loss(model: PlainGPT, x: torch.Tensor, y: torch.Tensor, spec: BenchSpec) -> torch.Tensor:
-    """The plain loop's loss (spec.plain_loss): "torch_chunked", PyTorch's chunked F.linear_cross_entropy
-    (PLAIN_CHUNKING) on the hidden states and the output weight, which never holds the logits; "full_logits",
+    """The plain loop's loss (spec.plain_loss): "torch_chunked", PyTorch's chunked F.linear_cross_entropy (chunks of
+    PLAIN_CHUNK_TOKENS) on the hidden states and the output weight, which never holds the logits; "full_logits",
     F.cross_entropy on the full [tokens, vocabulary] logits, held through the backward pass as a nanoGPT-style
     `logits, loss = model(x, y)` loop holds them."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=spec.precision == "bf16"):
         if spec.plain_loss == "torch_chunked":
             hidden = model.hidden(x)
+            options = torch.nn.LinearCrossEntropyOptions(chunking_method=None, batch_chunk_size=PLAIN_CHUNK_TOKENS)
             return F.linear_cross_entropy(hidden.view(-1, hidden.size(-1)), model.lm_head.weight, y.view(-1),
-                                          options=PLAIN_CHUNKING)
+                                          options=options)
         logits = model(x)
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
 

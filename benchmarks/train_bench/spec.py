@@ -15,6 +15,11 @@ SETTINGS = ("as_shipped", "same_settings")
 PLAIN_LOSSES = ("torch_chunked", "full_logits")
 
 
+def chunked_loss_available() -> bool:
+    """Whether this PyTorch has the chunked F.linear_cross_entropy (LinearCrossEntropyOptions)."""
+    return hasattr(torch.nn, "LinearCrossEntropyOptions")
+
+
 @dataclass(frozen=True)
 class BenchSpec:
     """Everything that defines one benchmark run; every implementation gets the same."""
