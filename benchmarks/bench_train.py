@@ -6,7 +6,14 @@
 - codex_ml:    codex_ml.training.Trainer on codex_ml.models.GPT (attention and loss on codex_ml.ops kernels);
 - hf_trainer:  transformers.Trainer on LlamaForCausalLM of the same shape (SDPA attention, full logits);
 - plain_torch: a nanoGPT-style loop over train_bench/plain_gpt.py (F.scaled_dot_product_attention with
-               enable_gqa, F.cross_entropy on the full [tokens, vocabulary] logits).
+               enable_gqa) with the loss a careful user writes with PyTorch alone (--plain_loss):
+               torch_chunked, PyTorch's chunked F.linear_cross_entropy in chunks of 1,024 tokens, which never
+               holds the logits, or full_logits, F.cross_entropy on the full [tokens, vocabulary] logits.
+               torch_chunked is the default (where PyTorch has it; full_logits otherwise): of the loss references
+               of //kernels:bench_linear_cross_entropy it is the one that needs no torch.compile (nothing here is
+               compiled), and it is faster than the full logits at the cpu preset's shape (docs/kernels.md); its
+               "auto" chunking would be several times slower there on the CPU (train_bench/runners.py,
+               PLAIN_CHUNK_TOKENS).
 
 Two comparisons in one run (--settings), each with its own ratios:
 - as_shipped: each framework as its users run it. codex_ml sets glibc to keep freed blocks (its Trainer's
@@ -32,8 +39,9 @@ Fairness, by construction:
   Trainer always writes (after the last step: outside the timing, inside its process's peak RSS).
 - Same threads (torch.set_num_threads; each row records the count after training) and precision (fp32 on CPU,
   bf16 autocast on CUDA). Nothing is compiled.
-- Not the same, on purpose: the plain loop holds its logits through the backward pass, as a nanoGPT-style
-  `logits, loss = model(x, y)` loop does.
+- Not the same, on purpose: each computes its loss its own way (codex_ml's fused kernel, the HF model's full
+  logits, the plain loop's --plain_loss; with full_logits it holds them through the backward pass, as a
+  nanoGPT-style `logits, loss = model(x, y)` loop does).
 
 Measurements. Each implementation runs, under each settings, in its own fresh Python process
 (train_bench/worker.py). The processes are alive at once but run in lockstep (train_bench/lockstep.py): an
@@ -54,6 +62,7 @@ during it. All six processes are alive at once: the cpu preset needs about 10 GB
   optimizer step and base_rss_mb the resident set when the worker starts (torch imported, the framework of the
   implementation not yet: the HF side's transformers and accelerate add about 230 MB to its peak after it).
 - final_loss: the training loss of the last step (the same batch for all three); losses: every step's.
+- plain_loss: the plain loop's loss (--plain_loss) in its rows, null in the others.
 
 The result file (--json; default runs/bench_train/<preset>.json) is codex_ml.kernels.bench.record's format:
 {"meta": {...}, "rows": [...]}, one row per implementation and settings; a PNG plot is written beside it.
@@ -73,7 +82,15 @@ from absl import flags
 
 from benchmarks.train_bench.lockstep import run_lockstep
 from benchmarks.train_bench.report import make_rows, print_table, write_plot
-from benchmarks.train_bench.spec import IMPLS, PRESETS, SETTINGS, BenchSpec, gpt_config
+from benchmarks.train_bench.spec import (
+    IMPLS,
+    PLAIN_LOSSES,
+    PRESETS,
+    SETTINGS,
+    BenchSpec,
+    chunked_loss_available,
+    gpt_config,
+)
 from codex_ml.cli.common import enter_working_directory, parse_flags, usage_error
 from codex_ml.kernels.bench.record import ResultFile
 
@@ -91,6 +108,10 @@ def define_flags(fv: flags.FlagValues) -> None:
                       " (see the description above)", flag_values=fv)
     flags.DEFINE_integer("steps", None, "override the preset's optimizer steps", flag_values=fv)
     flags.DEFINE_integer("threads", None, "torch threads in every process", flag_values=fv)
+    flags.DEFINE_enum("plain_loss", BenchSpec.plain_loss if chunked_loss_available() else "full_logits",
+                      list(PLAIN_LOSSES), "the plain loop's loss: torch_chunked (PyTorch's chunked "
+                      "F.linear_cross_entropy; the default where PyTorch has it) or full_logits (F.cross_entropy on "
+                      "the full logits)", flag_values=fv)
     flags.DEFINE_string("work_dir", None,
                         "keep the children's logs and run directories here (default: a temporary directory)",
                         flag_values=fv)
@@ -108,9 +129,12 @@ def resolve_spec(args: flags.FlagValues) -> BenchSpec:
     spec = PRESETS[args.preset]
     if args.steps is not None:
         spec = replace(spec, steps=args.steps)
-    spec = replace(spec, threads=args.threads or spec.threads or torch.get_num_threads())
+    spec = replace(spec, threads=args.threads or spec.threads or torch.get_num_threads(), plain_loss=args.plain_loss)
     if spec.timing_warmup < 1 or spec.steps <= spec.timing_warmup:
         usage_error(PROG, f"--steps must exceed the {spec.timing_warmup} untimed warmup steps")
+    if spec.plain_loss == "torch_chunked" and not chunked_loss_available():
+        usage_error(PROG, f"--plain_loss=torch_chunked needs PyTorch's chunked F.linear_cross_entropy, which torch "
+                          f"{torch.__version__} does not have: use --plain_loss=full_logits")
     if spec.device.startswith("cuda") and not torch.cuda.is_available():
         usage_error(PROG, f"--preset={args.preset} needs a CUDA device and none is available")
     return spec

@@ -3,7 +3,8 @@
 Its math and parameter names are codex_ml GPT's (RMSNorm, rotate-half RoPE, grouped-query attention, SwiGLU, no
 biases, tied embedding), so a codex_ml GPT state dict loads into it as is. Attention is
 F.scaled_dot_product_attention with enable_gqa; forward returns the full [B, T, V] logits, as a nanoGPT-style
-`logits, loss = model(x, y)` loop holds them through the backward pass.
+`logits, loss = model(x, y)` loop holds them through the backward pass; hidden(idx) returns what enters the output
+projection, for a loss that fuses the projection (F.linear_cross_entropy).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class _PlainBlock(nn.Module):
 
 class PlainGPT(nn.Module):
     """nanoGPT-style decoder with codex_ml GPT's math and parameter names (so its state dict loads as is);
-    forward(idx) -> full logits [B, T, V]."""
+    forward(idx) -> full logits [B, T, V]; hidden(idx) -> the final norm's output [B, T, d_model]."""
 
     def __init__(self, s: BenchSpec):
         super().__init__()
@@ -89,10 +90,13 @@ class PlainGPT(nn.Module):
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
         t = idx.shape[1]
         cos, sin = self.rope_cos[:t], self.rope_sin[:t]
         x = self.embed(idx)
         for block in self.blocks:
             x = block(x, cos, sin)
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.hidden(idx))

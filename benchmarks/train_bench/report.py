@@ -25,6 +25,7 @@ def make_rows(spec: BenchSpec, results: list[dict[str, Any]]) -> list[dict[str, 
             "final_loss": r["losses"][-1], "threads": r["threads"], "device": spec.device,
             "precision": spec.precision, "wall_s": r["wall_s"], "load_avg_1m": r["load_avg_1m"],
             "losses": r["losses"], "step_s": r["step_s"],
+            "plain_loss": spec.plain_loss if r["impl"] == "plain_torch" else None,
         })
     for settings in SETTINGS:
         group = [row for row in rows if row["settings"] == settings]

@@ -106,9 +106,30 @@ def run_hf(spec: BenchSpec, corpus: SyntheticCorpus, init: dict[str, torch.Tenso
             "clock": clock}
 
 
+# PyTorch's chunked loss in chunks of 1,024 tokens: on the CPU its "auto" chunking (chunks of a few dozen rows at the
+# cpu preset's shape) is several times slower than the full logits, since grad_weight ([V, d_model]) is read and
+# written once per chunk; 1,024-token chunks make it faster than them (docs/kernels.md).
+PLAIN_CHUNK_TOKENS = 1024
+
+
+def plain_loss(model: PlainGPT, x: torch.Tensor, y: torch.Tensor, spec: BenchSpec) -> torch.Tensor:
+    """The plain loop's loss (spec.plain_loss): "torch_chunked", PyTorch's chunked F.linear_cross_entropy (chunks of
+    PLAIN_CHUNK_TOKENS) on the hidden states and the output weight, which never holds the logits; "full_logits",
+    F.cross_entropy on the full [tokens, vocabulary] logits, held through the backward pass as a nanoGPT-style
+    `logits, loss = model(x, y)` loop holds them."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=spec.precision == "bf16"):
+        if spec.plain_loss == "torch_chunked":
+            hidden = model.hidden(x)
+            options = torch.nn.LinearCrossEntropyOptions(chunking_method=None, batch_chunk_size=PLAIN_CHUNK_TOKENS)
+            return F.linear_cross_entropy(hidden.view(-1, hidden.size(-1)), model.lm_head.weight, y.view(-1),
+                                          options=options)
+        logits = model(x)
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+
+
 def run_plain(spec: BenchSpec, corpus: SyntheticCorpus, init: dict[str, torch.Tensor], run_dir: str,
               gate: Gate) -> dict[str, Any]:
-    """A nanoGPT-style loop over PlainGPT: F.cross_entropy on the full [tokens, vocabulary] logits."""
+    """A nanoGPT-style loop over PlainGPT with the loss of plain_loss."""
     device = torch.device(spec.device)
     model = PlainGPT(spec)
     model.load_state_dict(init)
@@ -121,9 +142,7 @@ def run_plain(spec: BenchSpec, corpus: SyntheticCorpus, init: dict[str, torch.Te
             group["lr"] = spec.learning_rate * lr_factor(spec, step)
         batch = corpus.batch_at(step)
         x, y = batch["input_ids"].to(device), batch["targets"].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.precision == "bf16"):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+        loss = plain_loss(model, x, y, spec)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec.clip_grad_norm)
         optimizer.step()

@@ -11,6 +11,13 @@ import torch.nn as nn
 IMPLS = ("codex_ml", "hf_trainer", "plain_torch")
 # as_shipped: each framework as its users run it; same_settings: the process settings identical for all three.
 SETTINGS = ("as_shipped", "same_settings")
+# The plain loop's loss: PyTorch's chunked F.linear_cross_entropy, or F.cross_entropy on the full logits.
+PLAIN_LOSSES = ("torch_chunked", "full_logits")
+
+
+def chunked_loss_available() -> bool:
+    """Whether this PyTorch has the chunked F.linear_cross_entropy (LinearCrossEntropyOptions)."""
+    return hasattr(torch.nn, "LinearCrossEntropyOptions")
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,7 @@ class BenchSpec:
     device: str = "cpu"
     precision: str = "fp32"  # "fp32" or "bf16" (autocast)
     threads: int = 0  # torch.set_num_threads in every process (0: the driver's torch.get_num_threads())
+    plain_loss: str = "torch_chunked"  # one of PLAIN_LOSSES
 
 
 PRESETS: dict[str, BenchSpec] = {

@@ -12,12 +12,23 @@ saves its fp32 accumulator. On CUDA, where the liger-kernel package is importabl
 it for the GPU machine; it is no dependency of codex_ml), Liger-Kernel's fused linear cross-entropy gets rows
 too (impl "liger").
 
+The strongest references a user would pick instead get rows of their own (impl), measured like codex_ml's:
+- "torch_chunked": PyTorch's chunked torch.nn.functional.linear_cross_entropy (LinearCrossEntropyOptions) with
+  its best chunking at the shape: each of its documented choices (CHUNKINGS: chunking_method "aspect_ratio",
+  "aspect_ratio:2", which "auto" picks for fp32, or a fixed batch_chunk_size) runs fwd+bwd once after a warm-up
+  call, the fastest is used for both passes and named in the rows' "chunking" field (None in the other rows);
+- "cce_compile": Cut Cross-Entropy's torch.compile implementation (cut_cross_entropy.linear_cross_entropy with
+  impl="torch_compile");
+- "torch_compile": the reference under torch.compile (its time is compiled_ref_time_ms).
+Compilation happens in an untimed warm-up call of each pass before the timing and the memory measurement.
+
     tools/bazel run //kernels:bench_linear_cross_entropy -- --preset=cpu --json=lce_cpu.json
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +37,15 @@ from codex_ml.kernels.bench import common
 from codex_ml.ops.cross_entropy import linear_cross_entropy
 from codex_ml.ops.dispatch import load_extension
 
+REFERENCES = ("torch_chunked", "cce_compile", "torch_compile")
+# LinearCrossEntropyOptions' documented ways to chunk: a chunking_method ("auto" resolves to "aspect_ratio:2" for
+# fp32) or, with chunking_method=None, a fixed batch_chunk_size (rows per chunk).
+CHUNKINGS = ("aspect_ratio", "aspect_ratio:2", "batch_chunk_size=1024", "batch_chunk_size=4096")
+
 PRESETS = {
     # (N, H, V, dtype, device, impls, repeats)
-    "quick": [(512, 256, 4096, torch.float32, "cpu", ("cpu",), 3)],
-    "cpu": [(8192, 1024, 32768, torch.float32, "cpu", ("cpu",), 3)],
+    "quick": [(512, 256, 4096, torch.float32, "cpu", ("cpu", *REFERENCES), 3)],
+    "cpu": [(8192, 1024, 32768, torch.float32, "cpu", ("cpu", *REFERENCES), 3)],
     # Issue 3's GPU shape: 16k tokens of a Llama-3-sized head (vocabulary 128256), bf16.
     "gpu": [(16384, 4096, 128256, torch.bfloat16, "cuda", ("triton", "triton+input_accum", "cuda", "liger"), 10)],
 }
@@ -86,8 +102,34 @@ def _compiled_reference():
         return None
 
 
+def _torch_chunked(chunking: str):
+    """PyTorch's chunked op with one of CHUNKINGS."""
+    name, _, rows = chunking.partition("=")
+    if name == "batch_chunk_size":
+        options = torch.nn.LinearCrossEntropyOptions(chunking_method=None, batch_chunk_size=int(rows))
+    else:
+        options = torch.nn.LinearCrossEntropyOptions(chunking_method=chunking)
+    return lambda hidden, weight, target: F.linear_cross_entropy(hidden, weight, target, options=options)
+
+
+def _best_chunking(hidden, weight, target) -> str:
+    """The chunking of CHUNKINGS with which PyTorch's chunked op runs fwd+bwd fastest on these inputs."""
+    times = {}
+    for chunking in CHUNKINGS:
+        times[chunking] = common.time_ms(_passes(_torch_chunked(chunking), hidden, weight, target)[1], repeats=1)
+        print(f"torch_chunked, {chunking}: fwd+bwd {times[chunking]:.1f} ms")
+    return min(times, key=times.get)
+
+
+def _cce_compile(hidden, weight, target):
+    from cut_cross_entropy import linear_cross_entropy as cce  # embeddings, classifier, targets
+
+    return cce(hidden, weight, target, impl="torch_compile")
+
+
 def run_case(n: int, h: int, v: int, dtype: torch.dtype, device: str, impls: tuple[str, ...],
-             repeats: int) -> list[dict]:
+             repeats: int) -> Iterator[dict]:
+    """The rows of one shape, each yielded as soon as it is measured."""
     torch.manual_seed(0)
     hidden = (torch.randn(n, h, device=device) / h ** 0.5).to(dtype).requires_grad_()
     weight = torch.randn(v, h, device=device).to(dtype).requires_grad_()
@@ -96,8 +138,13 @@ def run_case(n: int, h: int, v: int, dtype: torch.dtype, device: str, impls: tup
     compiled = _compiled_reference()
     compiled_passes = dict(zip(("fwd", "fwd+bwd"), _passes(compiled, hidden, weight, target))) if compiled else {}
     functional = common.liger_functional() if "liger" in impls else None
-    liger = functional.liger_fused_linear_cross_entropy if functional else None
-    rows = []
+    chunking = _best_chunking(hidden, weight, target) if "torch_chunked" in impls else None
+    others = {
+        "liger": functional.liger_fused_linear_cross_entropy if functional else None,
+        "torch_chunked": _torch_chunked(chunking) if chunking else None,
+        "cce_compile": _cce_compile,
+        "torch_compile": compiled,
+    }
     for pass_name in ("fwd", "fwd+bwd"):
         ref_time = common.time_ms(ref[pass_name], repeats)
         ref_mem = common.peak_mem_mb(ref[pass_name], device)
@@ -116,24 +163,28 @@ def run_case(n: int, h: int, v: int, dtype: torch.dtype, device: str, impls: tup
                 return linear_cross_entropy(hd, wt, tg, impl=base,
                                             accum_dtype=hd.dtype if accum == "input_accum" else torch.float32)
 
-            loss_fn = liger if impl == "liger" else ours
+            loss_fn = others[impl] if impl in others else ours
             if loss_fn is None:
                 continue
-            # Ours fail only with our clear errors; whatever the other library raises only drops its rows.
-            failures = Exception if impl == "liger" else (ValueError, RuntimeError)
+            # Ours fail only with our clear errors; whatever another library raises only drops its rows.
+            failures = Exception if impl in others else (ValueError, RuntimeError)
             try:
                 fn = dict(zip(("fwd", "fwd+bwd"), _passes(loss_fn, hidden, weight, target)))[pass_name]
-                time_ms, mem = common.time_ms(fn, repeats), common.peak_mem_mb(fn, device)
+                if impl == "torch_compile" and compiled_time is not None:  # timed above
+                    time_ms = compiled_time
+                else:
+                    time_ms = common.time_ms(fn, repeats)  # its warm-up call compiles
+                mem = common.peak_mem_mb(fn, device)
             except failures as err:
                 print(f"impl {impl} unavailable: {err}")
                 continue
-            rows.append({
+            yield {
                 "kernel": "linear_cross_entropy", "impl": impl, "N": n, "H": h, "V": v,
                 "dtype": str(dtype).removeprefix("torch."), "pass": pass_name, "time_ms": time_ms,
                 "peak_mem_mb": mem, "ref_time_ms": ref_time, "ref_peak_mem_mb": ref_mem,
                 "floor_time_ms": floor, "floor_aten_time_ms": floor_aten, "compiled_ref_time_ms": compiled_time,
-            })
-    return rows
+                "chunking": chunking if impl == "torch_chunked" else None,
+            }
 
 
 def main() -> None:
@@ -143,8 +194,9 @@ def main() -> None:
     for n, h, v, dtype, device, impls, repeats in PRESETS[args.preset]:
         if device == "cuda" and not torch.cuda.is_available():
             sys.exit(f"preset {args.preset!r} needs a CUDA GPU and none is available")
-        rows += run_case(n, h, v, dtype, device, impls, args.repeats or repeats)
-        results.write(rows)  # the rows so far
+        for row in run_case(n, h, v, dtype, device, impls, args.repeats or repeats):
+            rows.append(row)
+            results.write(rows)  # the rows so far
     common.print_table(rows)
     results.write(rows, quiet=False)
 

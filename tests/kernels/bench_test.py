@@ -34,6 +34,13 @@ def test_quick_preset_writes_json_rows(bench, tmp_path):
         assert FIELDS[bench] <= set(row), FIELDS[bench] - set(row)
         assert row["time_ms"] > 0 and row["ref_time_ms"] > 0
     assert "time_ms" in result.stdout  # the table
+    if bench == "bench_linear_cross_entropy":  # codex_ml's kernel and the references a user would pick instead
+        from codex_ml.kernels.bench.bench_linear_cross_entropy import CHUNKINGS, REFERENCES
+
+        assert sorted((row["impl"], row["pass"]) for row in rows) == sorted(
+            (impl, p) for impl in ("cpu", *REFERENCES) for p in ("fwd", "fwd+bwd"))
+        for row in rows:
+            assert (row["chunking"] in CHUNKINGS) if row["impl"] == "torch_chunked" else row["chunking"] is None
 
 
 def test_paired_timing_alternates_and_reports_each_median():

@@ -5,6 +5,7 @@ fp32 inputs 1e-5; bf16 inputs 2e-2 (bf16 rounding of inputs/outputs; arithmetic 
 """
 
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -401,3 +402,79 @@ def test_strided_targets_and_masked_vocabulary_blocks(impl):
     t = torch.randint(0, 30, (4, 3))[:, 1]
     torch.testing.assert_close(linear_cross_entropy(h, w, t, impl=impl), F.cross_entropy(h @ w.T, t.contiguous()),
                                rtol=1e-5, atol=1e-6)
+
+
+
+# fp16 gradients: the outputs are rounded to 11 bits and their smallest entries are subnormal in fp16.
+FP16_GRAD_BOUND = 3e-3
+
+
+def fp16_gradient_errors(n, v, impl, reduction, grad_scale):
+    """Relative errors of grad_hidden and grad_weight of fp16 inputs against float64, the loss's gradient scaled by
+    grad_scale per row. hidden and weight each carry a shared offset: it shifts all logits of a row alike (the
+    softmax is unchanged) and makes the softmax part of each gradient cancel most of the target part, so that a
+    softmax part rounded to 0 shows as a large error instead of a small share of the gradient's norm."""
+    torch.manual_seed(n + v)
+    h = 32
+    hidden = (torch.randn(n, h) + 1).half().requires_grad_()
+    weight = ((torch.randn(v, h) + 1) / h ** 0.5).half().requires_grad_()
+    target = torch.randint(0, v, (n,))
+    loss = linear_cross_entropy(hidden, weight, target, reduction=reduction, impl=impl)
+    grads = torch.autograd.grad(loss.float().sum() * grad_scale, [hidden, weight])
+    ref_params = [hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()]
+    ref = reference(*ref_params, None, target, reduction=reduction)
+    ref_grads = torch.autograd.grad(ref.sum() * grad_scale, ref_params)
+    return [rel_err(g, r) for g, r in zip(grads, ref_grads)]
+
+
+def test_fp16_mean_gradients_do_not_underflow_at_large_n():
+    """At N = 8192, V = 4096 a softmax probability over N (1/N of a "mean") is about 3e-8, below half of fp16's
+    smallest subnormal: the rows' gradient in fp16 must not carry the 1/N (the products apply it)."""
+    errors = fp16_gradient_errors(8192, 4096, "torch", "mean", 1.0)
+    assert max(errors) < FP16_GRAD_BOUND, errors
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_fp16_gradients_scaled_by_many_tokens_do_not_underflow(impl):
+    """A per-token loss normalized by the tokens of many accumulated steps (grad_output 2^-12 per row) puts the same
+    magnitudes (about 4e-9) into the rows' gradient at a few rows, which the Triton interpreter runs."""
+    errors = fp16_gradient_errors(16, 16384, impl, "none", 2.0 ** -12)
+    assert max(errors) < FP16_GRAD_BOUND, errors
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", [{}, {"ignore_index": 5}, {"label_smoothing": 0.1}, {"bias": True}],
+                         ids=["ignore_-100", "ignore_5", "label_smoothing", "bias"])
+def test_matches_pytorchs_chunked_op(impl, reduction, options):
+    """Against a second reference: PyTorch's own chunked torch.nn.functional.linear_cross_entropy (with
+    LinearCrossEntropyOptions; here its rows are split into chunks of a few rows), forward and backward (a random
+    grad_output per row for "none"), on the options both support. Its chunked path takes no label smoothing and
+    says so (a warning, then it runs F.linear + F.cross_entropy); it must not fall back on the other options."""
+    torch.manual_seed(11)
+    n, h, v = 24, 16, 301
+    ignore_index = options.get("ignore_index", -100)
+    hidden = torch.randn(n, h, requires_grad=True)
+    weight = (torch.randn(v, h) / h ** 0.5).requires_grad_()
+    bias = torch.randn(v, requires_grad=True) if options.get("bias") else None
+    target = torch.randint(0, v, (n,))
+    target[::4] = ignore_index
+    smoothing = options.get("label_smoothing", 0.0)
+    params = [hidden, weight] + ([bias] if bias is not None else [])
+    loss = linear_cross_entropy(hidden, weight, target, bias=bias, ignore_index=ignore_index, reduction=reduction,
+                                label_smoothing=smoothing, impl=impl)
+    grad_out = torch.randn_like(loss)
+    grads = torch.autograd.grad((loss * grad_out).sum(), params)
+    ref_params = [p.detach().clone().requires_grad_() for p in params]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ref_bias = ref_params[2] if bias is not None else None
+        ref = F.linear_cross_entropy(ref_params[0], ref_params[1], target, linear_bias=ref_bias,
+                                     ignore_index=ignore_index, reduction=reduction, label_smoothing=smoothing,
+                                     options=torch.nn.LinearCrossEntropyOptions())
+        ref_grads = torch.autograd.grad((ref * grad_out).sum(), ref_params)
+    fell_back = any("options`` ignored" in str(w.message) for w in caught)
+    assert fell_back == (smoothing > 0), [str(w.message) for w in caught]
+    assert rel_err(loss.detach(), ref.detach()) < 2 * BOUNDS[torch.float32]
+    for g, r in zip(grads, ref_grads):
+        assert rel_err(g, r) < 2 * BOUNDS[torch.float32]

@@ -13,6 +13,7 @@ and 2^-8), lse within 1e-4 absolute (fp32 arithmetic on exact inputs); cross-ent
 """
 
 import ctypes
+import importlib
 import math
 from pathlib import Path
 
@@ -352,3 +353,31 @@ def test_emulator_reports_misuse(cases):
     out = torch.zeros(32)
     assert cases.emu_uninitialized(ctypes.c_void_p(out.data_ptr())) == 0
     assert out.isnan().all()  # shared memory starts poisoned
+
+
+
+def test_cuda_path_fp16_gradients_do_not_underflow(cross_entropy_lib, monkeypatch):
+    """linear_cross_entropy(impl="cuda") with the emulated row kernel on fp16 inputs whose gradient is scaled by
+    2^-12 per row (a loss normalized by the tokens of many steps): the rows' gradient, rounded to fp16 for the
+    products, must not carry that scale (about 4e-9 per logit, below fp16's smallest subnormal); the products apply
+    it. The case and bound of tests/kernels/cross_entropy_test.py's fp16 gradient tests: hidden and weight carry a
+    shared offset (the softmax is unchanged; a softmax part rounded to 0 shows as a large error), 3e-3 relative."""
+    loss_module = importlib.import_module("codex_ml.ops.cross_entropy")
+
+    def emulated_rows(logits, target, row_scale, **options):
+        return _cross_entropy_cuda.rows_on(cross_entropy_lib, None, logits, target, row_scale, **options)
+
+    monkeypatch.setattr(_cross_entropy_cuda, "cross_entropy_rows", emulated_rows)
+    monkeypatch.setattr(loss_module, "choose_impl", lambda op, device, impl: "cuda")
+    torch.manual_seed(3)
+    n, h, v, grad_scale = 16, 32, 16384, 2.0 ** -12
+    hidden = (torch.randn(n, h) + 1).half().requires_grad_()
+    weight = ((torch.randn(v, h) + 1) / h ** 0.5).half().requires_grad_()
+    target = torch.randint(0, v, (n,))
+    loss = loss_module.linear_cross_entropy(hidden, weight, target, reduction="none", impl="cuda")
+    grads = torch.autograd.grad(loss.float().sum() * grad_scale, [hidden, weight])
+    ref_params = [hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()]
+    ref = cross_entropy_reference(ref_params[0] @ ref_params[1].t(), target, reduction="none")
+    ref_grads = torch.autograd.grad(ref.sum() * grad_scale, ref_params)
+    for g, r in zip(grads, ref_grads):
+        assert rel_err(g, r) < 3e-3, rel_err(g, r)

@@ -6,6 +6,7 @@ checked too. The implementations start from the same weights and read the same b
 agree step by step, and fall.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -19,7 +20,8 @@ from benchmarks import bench_train
 from benchmarks.train_bench.spec import IMPLS, PRESETS, SETTINGS
 
 FIELDS = {"impl", "settings", "allocator", "cpu_gemm", "params", "seq_len", "batch", "steps", "tokens_per_s",
-          "peak_rss_mb", "final_loss", "first_loss", "losses", "train_peak_rss_mb", "tokens_per_s_median", "threads"}
+          "peak_rss_mb", "final_loss", "first_loss", "losses", "train_peak_rss_mb", "tokens_per_s_median", "threads",
+          "plain_loss"}
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +61,7 @@ def test_six_rows_with_all_fields(run):
         assert row["peak_rss_mb"] >= row["train_peak_rss_mb"]
         assert len(row["losses"]) == spec.steps and all(math.isfinite(x) for x in row["losses"])
         assert row["final_loss"] == row["losses"][-1]
+        assert row["plain_loss"] == ("torch_chunked" if row["impl"] == "plain_torch" else None)
     for settings in SETTINGS:
         codex = next(row for row in rows if row["settings"] == settings and row["impl"] == "codex_ml")
         for other in ("hf_trainer", "plain_torch"):
@@ -105,10 +108,37 @@ def test_same_problem_same_losses(run):
     assert all(row["final_loss"] < row["first_loss"] - 0.5 for row in rows), [r["losses"] for r in rows]
 
 
+def test_plain_losses_train_alike(monkeypatch):
+    """The plain loop's two losses (PyTorch's chunked F.linear_cross_entropy, F.cross_entropy on the full logits)
+    give the same losses step by step from the same weights and batches, and each runs the loss it names."""
+    import torch
+
+    chunked_calls = []
+    chunked = torch.nn.functional.linear_cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "linear_cross_entropy",
+                        lambda *args, **kwargs: chunked_calls.append(kwargs["options"]) or chunked(*args, **kwargs))
+
+    from benchmarks.train_bench.runners import run_plain
+    from benchmarks.train_bench.spec import SyntheticCorpus
+
+    spec = dataclasses.replace(PRESETS["quick"], steps=3)
+    corpus = SyntheticCorpus(spec)
+    bench_train.save_init(spec, init := os.path.join(os.environ["TEST_TMPDIR"], "init.pt"))
+    losses = {}
+    for loss in ("torch_chunked", "full_logits"):
+        run_spec = dataclasses.replace(spec, plain_loss=loss, threads=1)
+        losses[loss] = run_plain(run_spec, corpus, torch.load(init, weights_only=True), "", None)["losses"]
+        assert len(chunked_calls) == (spec.steps if loss == "torch_chunked" else 0)
+        chunked_calls.clear()
+    assert losses["torch_chunked"] == pytest.approx(losses["full_logits"], abs=1e-4)
+    assert len(set(losses["full_logits"])) == spec.steps  # it trains
+
+
 @pytest.mark.parametrize("flag, message", [
     ("--impls=codex_ml,bogus", "--impls must name some of codex_ml, hf_trainer, plain_torch, got 'codex_ml,bogus'"),
     ("--settings=", "--settings must name some of as_shipped, same_settings, got ''"),
     ("--steps=2", "--steps must exceed the 2 untimed warmup steps"),
+    ("--plain_loss=bogus", "flag --plain_loss=bogus: value should be one of <torch_chunked|full_logits>"),
 ])
 def test_bad_flags_are_one_line_usage_errors(flag, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -129,19 +129,19 @@ def _rows(impl, logits, t, row_scale, ignore_index, label_smoothing, z_loss, sof
 _HALF_ADDMM_FAILED: list[str] = []  # why torch.addmm(out_dtype=) failed here, once: then the fallback runs
 
 
-def _addmm_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """out (fp32) += a @ b for half-precision a, b: on CUDA one cuBLAS product with half operands and an fp32
-    result (tensor cores, fp32 accumulation); elsewhere the same arithmetic on the operands upcast (exactly)."""
+def _addmm_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
+    """out (fp32) += alpha * a @ b for half-precision a, b: on CUDA one cuBLAS product with half operands and an
+    fp32 result (tensor cores, fp32 accumulation); elsewhere the same arithmetic on the operands upcast (exactly)."""
     if out.is_cuda and not _HALF_ADDMM_FAILED:
         try:
-            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+            torch.addmm(out, a, b, alpha=alpha, out_dtype=torch.float32, out=out)
             return
         except (RuntimeError, TypeError) as err:  # a PyTorch without addmm(out_dtype=) for these operands
             _HALF_ADDMM_FAILED.append(str(err))
             warnings.warn(f"linear_cross_entropy: torch.addmm(out_dtype=torch.float32) failed ({err}); grad_weight "
                           "is accumulated from fp32 copies of its operands instead (slower, same result)",
                           stacklevel=2)
-    out.addmm_(a.float(), b.float())
+    out.addmm_(a.float(), b.float(), alpha=alpha)
 
 
 def _chunked(impl, hidden, weight, bias, target, row_scale, ignore_index, label_smoothing, z_loss, softcap, dtype,
@@ -153,6 +153,11 @@ def _chunked(impl, hidden, weight, bias, target, row_scale, ignore_index, label_
     their gradient over them, in place; the others take an fp32 copy); grad_hidden rows written once from one
     product each; grad_weight and grad_bias accumulated over the chunks in fp32, or for half products in `dtype`
     where accum_dtype says so (half the memory, a rounding per chunk). No fp32 copy of a half weight or hidden.
+
+    The rows' gradient (the products' operand, in `dtype`) is that of sum_i (row_scale[i] / c) * loss_i with c the
+    largest |row_scale[i]|, and the products apply c (alpha): 1/N of a "mean", or a gradient normalized by the
+    tokens of many steps, times a softmax probability lies below fp16's smallest subnormal (6e-8) at large N and
+    would round to 0.
     """
     half = dtype in _HALF
     accum = dtype if half and accum_dtype not in (None, torch.float32) else torch.float32
@@ -169,6 +174,10 @@ def _chunked(impl, hidden, weight, bias, target, row_scale, ignore_index, label_
     gh = hidden.new_empty(hidden.shape, dtype=dtype) if grad else empty()
     gw = torch.zeros(weight.shape, dtype=accum, device=weight.device) if grad else empty()  # contiguous, as the fake
     gb = torch.zeros(v, dtype=accum, device=weight.device) if grad and bias is not None else empty()
+    factor = 1.0
+    if grad:
+        factor = float(row_scale.abs().max()) or 1.0  # (all-zero scales: zero gradients either way)
+        row_scale = row_scale / factor
     chunk = _chunk_size(v, hidden.device)
     for s in range(0, n, chunk):
         h = hidden[s:s + chunk].to(dtype)
@@ -181,13 +190,14 @@ def _chunked(impl, hidden, weight, bias, target, row_scale, ignore_index, label_
         loss[s:s + chunk], lse[s:s + chunk] = rows, row_lse
         if grad:
             g = g.to(dtype)
-            torch.mm(g, weight, out=gh[s:s + chunk])
+            rows_gh = gh[s:s + chunk]
+            torch.addmm(rows_gh, g, weight, beta=0, alpha=factor, out=rows_gh)  # beta=0: rows_gh is not read
             if half and accum == torch.float32:
-                _addmm_fp32(gw, g.t(), h)
+                _addmm_fp32(gw, g.t(), h, factor)
             else:
-                gw.addmm_(g.t(), h)
+                gw.addmm_(g.t(), h, alpha=factor)
             if bias is not None:
-                gb += g.sum(0, dtype=torch.float32).to(accum)
+                gb += g.sum(0, dtype=torch.float32).mul_(factor).to(accum)
     return loss, lse, gh, gw, gb
 
 
