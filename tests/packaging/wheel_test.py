@@ -37,6 +37,7 @@ BUILD_WHEEL = RUNFILES / "tools" / "build_wheel.py"
 SMOKE = RUNFILES / "configs" / "smoke.gin"
 CHECK_OPS = RUNFILES / "tests" / "packaging" / "check_ops.py"
 TAG = f"cp{sys.version_info.major}{sys.version_info.minor}"
+WHEEL_TAG = f"{TAG}-abi3-linux_x86_64"  # the extensions are on the stable Python ABI (docs/using-the-wheel.md)
 DIST_INFO = f"codex_ml-{codex_ml.__version__}.dist-info"
 CPU_EXTENSION = "codex_ml.kernels.cross_entropy.cpu"
 
@@ -122,16 +123,16 @@ def test_wheel_holds_exactly_the_package_files():
 
 def test_metadata_tags_and_console_scripts():
     wheel = _wheel_files()
-    assert WHEEL.name == f"codex_ml-{codex_ml.__version__}-{TAG}-{TAG}-linux_x86_64.whl"
+    assert WHEEL.name == f"codex_ml-{codex_ml.__version__}-{WHEEL_TAG}.whl"
     metadata = wheel[f"{DIST_INFO}/METADATA"].decode().splitlines()
     assert "Name: codex-ml" in metadata
     assert f"Version: {codex_ml.__version__}" in metadata
-    assert f"Requires-Dist: torch=={torch.__version__.split('+')[0]}" in metadata
+    # A range, not a pin: the extensions use LibTorch's stable ABI (docs/using-the-wheel.md).
     assert [line for line in metadata if line.startswith("Requires-Dist: torch")] == [
-        f"Requires-Dist: torch=={torch.__version__.split('+')[0]}"]
-    assert f"Requires-Python: >=3.{sys.version_info.minor},<3.{sys.version_info.minor + 1}" in metadata
+        "Requires-Dist: torch>=2.13,<2.15"]
+    assert f"Requires-Python: >=3.{sys.version_info.minor}" in metadata
     assert "Root-Is-Purelib: false" in wheel[f"{DIST_INFO}/WHEEL"].decode().splitlines()
-    assert f"Tag: {TAG}-{TAG}-linux_x86_64" in wheel[f"{DIST_INFO}/WHEEL"].decode().splitlines()
+    assert f"Tag: {WHEEL_TAG}" in wheel[f"{DIST_INFO}/WHEEL"].decode().splitlines()
     scripts = wheel[f"{DIST_INFO}/entry_points.txt"].decode().splitlines()
     assert scripts[0] == "[console_scripts]"
     assert dict(line.split(" = ") for line in scripts[1:]) == CONSOLE_SCRIPTS
@@ -166,6 +167,26 @@ def test_compiled_libraries_hold_nothing_of_the_build_that_made_them():
         assert b"/execroot/" not in data and b"/sandbox/" not in data, name
 
 
+def test_extensions_use_only_the_stable_abi_of_libtorch(work):
+    """What lets one wheel load beside several torch releases and CPython versions: the CPU extensions call into
+    LibTorch through its C functions (the stable ABI) and never through a C++ symbol of at::, c10:: or torch::,
+    whose ABI changes from one release to the next (libcodex_onednn_gemm.so is the exception, opened only under
+    the build's torch); and into CPython through its stable ABI only."""
+    extensions = {name: data for name, data in _wheel_files().items() if name.endswith("/cpu.so")}
+    assert len(extensions) == 5, sorted(extensions)
+    for name, data in extensions.items():
+        path = work / name.replace("/", "_")
+        path.write_bytes(data)
+        symbols = subprocess.run(["nm", "-D", "--undefined-only", str(path)], capture_output=True, text=True,
+                                 check=True).stdout.split()
+        assert "torch_call_dispatcher" in symbols, name
+        cxx = [s for s in symbols if s.startswith(("_ZN2at", "_ZNK2at", "_ZN3c10", "_ZNK3c10", "_ZN5torch",
+                                                   "_ZNK5torch"))]
+        assert not cxx, (name, cxx[:5])
+        # Nor of CPython's but its stable ABI (abi3): the module stub's one call.
+        assert [s for s in symbols if s.startswith(("Py", "_Py"))] == ["PyModule_Create2"], name
+
+
 def test_same_inputs_give_the_same_bytes(work):
     """Rebuilds the wheel with the tool, elsewhere, later, from the files in another order: byte-identical."""
     requires, extras = [], []
@@ -180,7 +201,7 @@ def test_same_inputs_give_the_same_bytes(work):
     for attempt in ("first", "second"):
         (work / attempt).mkdir()
         subprocess.run([sys.executable, str(BUILD_WHEEL), f"--out={work / attempt / WHEEL.name}",
-                        f"--python_tag={TAG}", *requires, *extras, *files], check=True)
+                        f"--python_tag={TAG}", "--abi_tag=abi3", *requires, *extras, *files], check=True)
     first = (work / "first" / WHEEL.name).read_bytes()
     assert first == (work / "second" / WHEEL.name).read_bytes()
     assert first == WHEEL.read_bytes()
