@@ -2,10 +2,12 @@
 (OTHER_TORCH, installed from the machine's local package mirrors): it installs with --no-deps, its torch
 requirement admits that release, and every op matches float64 with the compiled C++ kernels active.
 
-Tagged manual (run on demand): installing a CUDA build of torch takes about 5.5 GB and minutes. Everything but
-torch and its own dependencies comes from the locked environment through a .pth file, which Python reads after
-the new environment's site-packages, so the new torch wins. Subprocesses run without PYTHONPATH from a
-directory under TEST_TMPDIR.
+Tagged manual (run on demand): installing a CUDA build of torch takes about 5.5 GB and minutes. The new
+environment gets torch and the CUDA libraries its import loads (its nvidia-* and cuda-toolkit requirements);
+everything else comes from the locked environment through a .pth file, which Python reads after the new
+environment's site-packages, so the new torch wins. (torch's cuda-bindings requirement is left out: the local
+mirrors do not hold it, and nothing here imports it.) Subprocesses run without PYTHONPATH from a directory under
+TEST_TMPDIR.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -40,20 +43,23 @@ def _env(home: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def venv() -> Path:
-    root, home = TEST_TMPDIR / "venv", TEST_TMPDIR / "home"
-    home.mkdir()
+    root, home = TEST_TMPDIR / "venv", Path(tempfile.mkdtemp(dir=TEST_TMPDIR))
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
     pip = [sys.executable, "-m", "pip", "--python", str(root / "bin" / "python"), "install", "--quiet"]
-    subprocess.run([*pip, *SOURCES, f"torch=={OTHER_TORCH}"], check=True, env=_env(home), cwd=home)
+    subprocess.run([*pip, *SOURCES, "--no-deps", f"torch=={OTHER_TORCH}"], check=True, env=_env(home), cwd=home)
     site = next(root.glob("lib/python*/site-packages"))
+    metadata = (site / f"torch-{OTHER_TORCH}.dist-info" / "METADATA").read_text()
+    cuda = [req for line in metadata.splitlines() if line.startswith("Requires-Dist: ")
+            if (req := line.removeprefix("Requires-Dist: ")).startswith(("nvidia-", "cuda-toolkit"))]
+    assert cuda, "no CUDA library among torch's requirements"
+    subprocess.run([*pip, *SOURCES, *cuda], check=True, env=_env(home), cwd=home)
     (site / "zz_locked_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     subprocess.run([*pip, "--no-deps", "--no-index", str(WHEEL)], check=True, env=_env(home), cwd=home)
     return root
 
 
 def _run(venv: Path, *args: str) -> subprocess.CompletedProcess:
-    work = TEST_TMPDIR / "work"
-    work.mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=TEST_TMPDIR))
     return subprocess.run([str(venv / "bin" / "python"), *args], capture_output=True, text=True, cwd=work,
                           env=_env(work))
 
