@@ -1,7 +1,7 @@
 """Writes the codex_ml wheel: a reproducible zip (sorted entries, fixed timestamps and modes) with RECORD digests.
 
-    build_wheel.py --out=codex_ml-0.1.0-cp311-cp311-linux_x86_64.whl --python_tag=cp311 \
-        --requires='torch==2.13.0' --extra='gpu=triton' ... codex_ml/__init__.py=python/codex_ml/__init__.py ...
+    build_wheel.py --out=codex_ml-0.1.0-cp311-abi3-linux_x86_64.whl --python_tag=cp311 --abi_tag=abi3 \
+        --requires='torch>=2.13,<2.15' --extra='gpu=triton' ... codex_ml/__init__.py=python/codex_ml/__init__.py ...
 
 Each FILE argument is ARCHIVE_NAME=PATH: the file at PATH (symlinks followed) is stored as ARCHIVE_NAME.
 Arguments may come from a file, one a line, as @FILE (how tools/wheel.bzl passes them).
@@ -65,23 +65,26 @@ def read_files(specs: list[str]) -> dict[str, bytes]:
     return entries
 
 
-def requires_python(python_tag: str) -> str:
-    """The one CPython minor version a cpXY tag names, e.g. cp311 -> ">=3.11,<3.12"."""
+def requires_python(python_tag: str, abi_tag: str) -> str:
+    """The CPython versions the tags admit: cp311 with abi3 (the stable Python ABI) -> ">=3.11", cp311 with its
+    own ABI (cp311) -> ">=3.11,<3.12"."""
     if not python_tag.startswith("cp") or not python_tag[2:].isdigit() or len(python_tag) < 4:
         raise WheelError(f"python tag {python_tag!r} is not of the form cpXY")
+    if abi_tag not in ("abi3", python_tag):
+        raise WheelError(f"abi tag {abi_tag!r} is neither abi3 nor the python tag {python_tag}")
     major, minor = int(python_tag[2]), int(python_tag[3:])
-    return f">={major}.{minor},<{major}.{minor + 1}"
+    return f">={major}.{minor}" if abi_tag == "abi3" else f">={major}.{minor},<{major}.{minor + 1}"
 
 
-def metadata(version: str, requires: list[str], extras: list[str], python_tag: str) -> str:
+def metadata(version: str, requires: list[str], extras: list[str], python_tag: str, abi_tag: str) -> str:
     """The METADATA file (core metadata 2.1)."""
     lines = [
         "Metadata-Version: 2.1",
         f"Name: {DIST_NAME}",
         f"Version: {version}",
         f"Summary: {SUMMARY}",
-        # The compiled extensions are built for one CPython ABI (the wheel's python tag says which).
-        f"Requires-Python: {requires_python(python_tag)}",
+        # The compiled extensions are built for a CPython ABI (the wheel's python and abi tags say which).
+        f"Requires-Python: {requires_python(python_tag, abi_tag)}",
         *[f"Requires-Dist: {req}" for req in requires],
     ]
     by_extra: dict[str, list[str]] = {}
@@ -96,7 +99,7 @@ def metadata(version: str, requires: list[str], extras: list[str], python_tag: s
     return "\n".join(lines) + "\n"
 
 
-def build(out: str, python_tag: str, platform: str, requires: list[str], extras: list[str],
+def build(out: str, python_tag: str, abi_tag: str, platform: str, requires: list[str], extras: list[str],
           files: list[str]) -> None:
     """Writes the wheel to `out`, whose file name must be the one the version and tags give."""
     entries = read_files(files)
@@ -105,14 +108,14 @@ def build(out: str, python_tag: str, platform: str, requires: list[str], extras:
             raise WheelError(f"{required} is not among the packaged files; the wheel takes its metadata from it")
     version = literal_assignment(entries[VERSION_FILE].decode(), "__version__", VERSION_FILE)
     scripts = literal_assignment(entries[ENTRY_POINTS_FILE].decode(), "CONSOLE_SCRIPTS", ENTRY_POINTS_FILE)
-    tag = f"{python_tag}-{python_tag}-{platform}"
+    tag = f"{python_tag}-{abi_tag}-{platform}"
     expected = f"{NAME}-{version}-{tag}.whl"
     if not out.endswith("/" + expected) and out != expected:
         raise WheelError(f"output {out} does not match version {version} of {VERSION_FILE} and tag {tag}: "
                          f"expected a file named {expected} (is tools/version.bzl out of step?)")
 
     dist_info = f"{NAME}-{version}.dist-info"
-    entries[f"{dist_info}/METADATA"] = metadata(version, requires, extras, python_tag).encode()
+    entries[f"{dist_info}/METADATA"] = metadata(version, requires, extras, python_tag, abi_tag).encode()
     entries[f"{dist_info}/WHEEL"] = (
         "Wheel-Version: 1.0\nGenerator: codex_ml tools/build_wheel.py\nRoot-Is-Purelib: false\n"
         f"Tag: {tag}\n").encode()
@@ -135,14 +138,16 @@ def build(out: str, python_tag: str, platform: str, requires: list[str], extras:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], fromfile_prefix_chars="@")
     parser.add_argument("--out", required=True, help="the wheel to write")
-    parser.add_argument("--python_tag", required=True, help="e.g. cp311 (also the ABI tag)")
+    parser.add_argument("--python_tag", required=True, help="e.g. cp311")
+    parser.add_argument("--abi_tag", help="abi3 (the stable Python ABI) or, the default, the python tag")
     parser.add_argument("--platform", default="linux_x86_64")
     parser.add_argument("--requires", action="append", default=[], help="a Requires-Dist line (repeatable)")
     parser.add_argument("--extra", action="append", default=[], help="EXTRA=REQUIREMENT (repeatable)")
     parser.add_argument("files", nargs="+", help="ARCHIVE_NAME=PATH")
     args = parser.parse_args(argv)
     try:
-        build(args.out, args.python_tag, args.platform, args.requires, args.extra, args.files)
+        build(args.out, args.python_tag, args.abi_tag or args.python_tag, args.platform, args.requires, args.extra,
+              args.files)
     except (WheelError, OSError) as e:
         print(f"build_wheel: error: {e}", file=sys.stderr)
         return 1

@@ -12,13 +12,15 @@ def _codex_wheel_impl(ctx):
     if not files:
         fail("%s has no files under %s" % (ctx.attr.library.label, root))
 
-    tag = "%s-%s-%s" % (ctx.attr.python_tag, ctx.attr.python_tag, ctx.attr.platform)
+    abi_tag = ctx.attr.abi_tag or ctx.attr.python_tag
+    tag = "%s-%s-%s" % (ctx.attr.python_tag, abi_tag, ctx.attr.platform)
     out = ctx.actions.declare_file("codex_ml-%s-%s.whl" % (ctx.attr.version, tag))
     args = ctx.actions.args()
     args.use_param_file("@%s", use_always = True)
     args.set_param_file_format("multiline")
     args.add("--out=" + out.path)
     args.add("--python_tag=" + ctx.attr.python_tag)
+    args.add("--abi_tag=" + abi_tag)
     args.add("--platform=" + ctx.attr.platform)
     args.add_all(ctx.attr.requires, format_each = "--requires=%s")
     for extra, reqs in sorted(ctx.attr.extras.items()):
@@ -40,7 +42,9 @@ codex_wheel = rule(
         "library": attr.label(mandatory = True, doc = "The py_library whose files make the wheel."),
         "package_root": attr.string(mandatory = True, doc = "Workspace directory the import root is in, e.g. python."),
         "version": attr.string(mandatory = True, doc = "For the file name; the tool checks it against _version.py."),
-        "python_tag": attr.string(mandatory = True, doc = "e.g. cp311 (also used as the ABI tag)."),
+        "python_tag": attr.string(mandatory = True, doc = "e.g. cp311: the oldest CPython the wheel runs on."),
+        "abi_tag": attr.string(doc = "abi3 (extensions on the stable Python ABI: CPython >= python_tag) or, by " +
+                                     "default, python_tag (that one CPython minor version)."),
         "platform": attr.string(default = "linux_x86_64"),
         "requires": attr.string_list(doc = "Requires-Dist lines."),
         "extras": attr.string_list_dict(doc = "Optional dependency groups: extra name -> requirements."),

@@ -1,36 +1,32 @@
 // fp32 matrix products for the CPU kernels: out = a @ b (accumulate: out += a @ b), with a, b and out 2-D
 // fp32 tensors of any strides ATen accepts (transposed views included).
 //
-// Two backends, both inside libtorch: ATen's at::mm (MKL in the official builds) and oneDNN's matmul
-// (at::native::mkldnn_matmul, the entry ATen itself uses for bf16). MKL picks its kernels by CPU vendor and
-// on AMD CPUs runs a slower generic path: on a 2-core AMD EPYC (Zen 4) the loss's logits and weight-gradient
-// products ran 1.3-1.6x faster in oneDNN, whose JIT kernels follow the CPU's ISA flags (kernels/bench,
-// docs/kernels.md). So "auto" uses oneDNN on x86-64 CPUs that are not Intel's (where PyTorch's oneDNN entry
-// takes fp32 at all: it requires AVX-512, which the probe below finds out) and ATen elsewhere; the choice is
-// made once per process, by vendor rather than by timing, so that a run's numerics do not depend on a noisy
+// Two backends: ATen's mm/addmm (MKL in the official builds), reached through the stable ABI's C shim, and
+// oneDNN's matmul (at::native::mkldnn_matmul, the entry ATen itself uses for bf16). MKL picks its kernels by CPU
+// vendor and on AMD CPUs runs a slower generic path: on a 2-core AMD EPYC (Zen 4) the loss's logits and
+// weight-gradient products ran 1.3-1.6x faster in oneDNN, whose JIT kernels follow the CPU's ISA flags
+// (kernels/bench, docs/kernels.md). So "auto" uses oneDNN on x86-64 CPUs that are not Intel's (where PyTorch's
+// oneDNN entry takes fp32 at all: it requires AVX-512, which the probe finds out) and ATen elsewhere; the choice
+// is made once per process, by vendor rather than by timing, so that a run's numerics do not depend on a noisy
 // measurement. CODEX_CPU_GEMM=aten|onednn|auto overrides it.
+//
+// mkldnn_matmul is not part of the stable ABI: it lives in libcodex_onednn_gemm.so (onednn_gemm.cc), built
+// against the C++ ABI of the torch the package was built with and opened only under that very release
+// (aoti_torch_abi_version() says which is running). Under any other torch the products go to ATen.
 #ifndef CODEX_ML_KERNELS_CPU_GEMM_H_
 #define CODEX_ML_KERNELS_CPU_GEMM_H_
 
-#include <ATen/ATen.h>
-#include <ATen/Config.h>
-#include <ATen/Context.h>
-#include <c10/util/Exception.h>
+#include <dlfcn.h>
+#include <torch/csrc/inductor/aoti_torch/generated/c_shim_cpu.h>
 
 #include <cstdlib>
 #include <cstring>
 #include <string>
 
+#include "kernels/common/stable.h"
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <cpuid.h>
-#endif
-
-#if AT_MKLDNN_ENABLED()
-namespace at::native {
-// Declared in ATen/native/mkldnn/Matmul.h, which the wheel does not ship; exported by libtorch_cpu.
-// result = beta * result + alpha * (mat1 @ mat2).
-TORCH_API void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2, const Tensor& result, float beta, float alpha);
-}  // namespace at::native
 #endif
 
 namespace codex_ml::cpu {
@@ -59,35 +55,67 @@ inline bool vendor_prefers_onednn() {
 #endif
 }
 
-// Whether oneDNN runs fp32 products here, from one 2 x 2 product: a CPU or build where it refuses them gets
-// ATen for the whole run (or, asked for oneDNN by name, an error), never a switch in the middle of one.
-inline bool onednn_works() {
-#if AT_MKLDNN_ENABLED()
-  try {
-    const at::Tensor a = at::eye(2, at::kFloat), b = at::full({2, 2}, 3.0f), out = at::empty({2, 2});
-    at::native::mkldnn_matmul(a, b, out, 0.0f, 1.0f);
-    return at::equal(out, b);
-  } catch (const c10::Error&) {
-    return false;
-  }
-#else
-  return false;
-#endif
+// The entry points of libcodex_onednn_gemm.so (onednn_gemm.cc); all null where it is not usable.
+struct OnednnLibrary {
+  int (*gemm)(AtenTensorHandle, AtenTensorHandle, AtenTensorHandle, float) = nullptr;
+  int (*works)() = nullptr;
+  int (*enabled)() = nullptr;
+  std::string why_not;  // where gemm is null: why
+};
+
+// Opens kernels/common/libcodex_onednn_gemm.so beside this extension's folder, once per extension, under the
+// torch release it was built for only.
+inline const OnednnLibrary& onednn_library() {
+  static const OnednnLibrary library = [] {
+    OnednnLibrary lib;
+    if (aoti_torch_abi_version() != TORCH_ABI_VERSION) {
+      lib.why_not = "PyTorch's oneDNN matmul is reachable only under the torch release codex_ml was built with (" +
+                    std::string(TORCH_VERSION) + ")";
+      return lib;
+    }
+    Dl_info info;
+    if (dladdr(reinterpret_cast<void*>(&onednn_library), &info) == 0 || info.dli_fname == nullptr) {
+      lib.why_not = "the extension cannot find its own file";
+      return lib;
+    }
+    std::string path = info.dli_fname;
+    path = path.substr(0, path.rfind('/'));             // .../codex_ml/kernels/<op>
+    path = path.substr(0, path.rfind('/') + 1) + "common/libcodex_onednn_gemm.so";
+    void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (handle == nullptr) {
+      const char* error = dlerror();
+      lib.why_not = "the oneDNN library " + path + " does not load (" + (error ? error : "unknown error") + ")";
+      return lib;
+    }
+    lib.gemm = reinterpret_cast<decltype(lib.gemm)>(dlsym(handle, "codex_onednn_gemm"));
+    lib.works = reinterpret_cast<decltype(lib.works)>(dlsym(handle, "codex_onednn_works"));
+    lib.enabled = reinterpret_cast<decltype(lib.enabled)>(dlsym(handle, "codex_onednn_enabled"));
+    if (lib.gemm == nullptr || lib.works == nullptr || lib.enabled == nullptr) {
+      lib = OnednnLibrary{};
+      lib.why_not = "the oneDNN library " + path + " lacks its entry points";
+    }
+    return lib;
+  }();
+  return library;
 }
 
 // Whether products go to oneDNN: CODEX_CPU_GEMM read once per extension module that includes this header (an
-// unknown value is an error that says the choices).
+// unknown value is an error that says the choices). A CPU or build where oneDNN refuses fp32 products (one 2 x 2
+// probe) gets ATen for the whole run (or, asked for oneDNN by name, an error), never a switch in the middle of one.
 inline bool use_onednn() {
   static const bool flag = [] {
     const char* env = std::getenv("CODEX_CPU_GEMM");
     std::string choice = env == nullptr || *env == '\0' ? "auto" : env;
-    TORCH_CHECK(choice == "auto" || choice == "aten" || choice == "onednn",
-                "CODEX_CPU_GEMM=", choice, " is not a CPU matrix-product backend: use aten, onednn or auto (unset)");
+    STD_TORCH_CHECK(choice == "auto" || choice == "aten" || choice == "onednn", "CODEX_CPU_GEMM=", choice,
+                    " is not a CPU matrix-product backend: use aten, onednn or auto (unset)");
     if (choice == "aten" || (choice == "auto" && !vendor_prefers_onednn())) return false;
-    const bool works = onednn_works();
-    TORCH_CHECK(works || choice == "auto",
-                "CODEX_CPU_GEMM=onednn, but PyTorch's oneDNN does not run fp32 products on this CPU (it needs "
-                "AVX-512, and a PyTorch built with oneDNN): use aten");
+    const OnednnLibrary& lib = onednn_library();
+    STD_TORCH_CHECK(lib.gemm != nullptr || choice == "auto", "CODEX_CPU_GEMM=onednn, but ", lib.why_not,
+                    ": use aten");
+    const bool works = lib.gemm != nullptr && lib.works() == 1;
+    STD_TORCH_CHECK(works || choice == "auto",
+                    "CODEX_CPU_GEMM=onednn, but PyTorch's oneDNN does not run fp32 products on this CPU (it needs "
+                    "AVX-512, and a PyTorch built with oneDNN): use aten");
     return works;
   }();
   return flag;
@@ -97,18 +125,17 @@ inline bool use_onednn() {
 // machine), which outweighs its speed there.
 constexpr int64_t kOnednnMinMacs = int64_t{1} << 22;
 
-inline void gemm(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool accumulate) {
-#if AT_MKLDNN_ENABLED()
+inline void gemm(const Tensor& a, const Tensor& b, Tensor& out, bool accumulate) {
   // torch.backends.mkldnn.enabled = False is honoured, as ATen does.
-  if (use_onednn() && out.numel() * a.size(1) >= kOnednnMinMacs && at::globalContext().userEnabledMkldnn()) {
-    at::native::mkldnn_matmul(a, b, out, accumulate ? 1.0f : 0.0f, 1.0f);
+  if (use_onednn() && out.numel() * a.size(1) >= kOnednnMinMacs && onednn_library().enabled() == 1) {
+    STD_TORCH_CHECK(onednn_library().gemm(a.get(), b.get(), out.get(), accumulate ? 1.0f : 0.0f) == 0,
+                    "oneDNN refused a ", shape(a), " @ ", shape(b), " product: set CODEX_CPU_GEMM=aten");
     return;
   }
-#endif
   if (accumulate) {
-    out.addmm_(a, b);
+    STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_addmm_out(out.get(), out.get(), a.get(), b.get(), 1.0, 1.0));
   } else {
-    at::mm_out(out, a, b);
+    STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_mm_out(out.get(), a.get(), b.get()));
   }
 }
 

@@ -6,19 +6,20 @@
 // With row_scale given, the same pass also accumulates the gradients of hidden, weight and bias, the
 // gradient of row i scaled by row_scale[i] (the Python side passes 1/n_valid for "mean", 1 for "sum",
 // or grad_output for "none" in a recomputing backward).
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <tuple>
 
 #include "kernels/common/cpu_exp.h"
 #include "kernels/common/cpu_gemm.h"
+#include "kernels/common/stable.h"
 
 namespace {
+
+using codex_ml::cpu::Tensor;
+using torch::headeronly::ScalarType;
 
 // Logits block per chunk: 32 MiB (256 rows at V = 32k). Smaller chunks cost time twice over: the logits
 // product gets too few rows to run at full speed, and every chunk adds a rank-`chunk` update to the [V, H]
@@ -178,11 +179,9 @@ void row_loss(float* z, int64_t V, int64_t t, bool grad, float scale, RowOptions
 }
 
 // One chunk of logits z [n, V]: rows in parallel. Ignored rows get loss 0, lse 0 and a zero gradient.
-void chunk_loss(at::Tensor z, const int64_t* target, const float* scale, int64_t ignore_index, RowOptions o,
-                float* loss, float* lse) {
-  const int64_t n = z.size(0), V = z.size(1);
-  float* data = z.data_ptr<float>();
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+void chunk_loss(float* data, int64_t n, int64_t V, const int64_t* target, const float* scale, int64_t ignore_index,
+                RowOptions o, float* loss, float* lse) {
+  torch::stable::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       float* row = data + i * V;
       if (target[i] == ignore_index) {
@@ -195,44 +194,61 @@ void chunk_loss(at::Tensor z, const int64_t* target, const float* scale, int64_t
   });
 }
 
+// gb [V] += the column sums of z [n, V] (the bias gradient of one chunk): columns in parallel, rows in order.
+void add_column_sums(const float* z, int64_t n, int64_t V, float* gb) {
+  torch::stable::parallel_for(0, V, 1 << 12, [&](int64_t begin, int64_t end) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float* row = z + i * V;
+#pragma omp simd
+      for (int64_t j = begin; j < end; ++j) gb[j] += row[j];
+    }
+  });
+}
+
 // Returns (loss [N], lse [N], grad_hidden [N, H], grad_weight [V, H], grad_bias [V]); the gradients are
 // empty tensors when row_scale is not given. Ignored rows give loss 0, lse 0 and zero gradients.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy(
-    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& target, const c10::optional<at::Tensor>& row_scale, int64_t ignore_index,
-    double label_smoothing, double z_loss, double softcap) {
-  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && target.dim() == 1, "expected hidden [N, H], weight [V, H], target [N]");
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy(
+    Tensor hidden, Tensor weight, std::optional<Tensor> bias, Tensor target, std::optional<Tensor> row_scale,
+    int64_t ignore_index, double label_smoothing, double z_loss, double softcap) {
+  namespace cpu = codex_ml::cpu;
+  STD_TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && target.dim() == 1,
+                  "expected hidden [N, H], weight [V, H], target [N]");
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
-  TORCH_CHECK(weight.size(1) == H && target.size(0) == N, "shape mismatch");
+  STD_TORCH_CHECK(weight.size(1) == H && target.size(0) == N, "shape mismatch");
   const bool grad = row_scale.has_value();
-  const auto f32 = hidden.options().dtype(at::kFloat);
-  at::Tensor w = weight.to(at::kFloat).contiguous();
-  at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  at::Tensor tgt = target.to(at::kLong).contiguous();
-  at::Tensor loss = at::zeros({N}, f32), lse = at::zeros({N}, f32);
-  at::Tensor gh = grad ? at::empty({N, H}, f32) : at::empty({0}, f32);
+  const ScalarType f32 = ScalarType::Float;
+  Tensor w = cpu::contiguous(cpu::to(weight, f32));
+  std::optional<Tensor> b;
+  if (bias.has_value()) b = cpu::contiguous(cpu::to(*bias, f32));
+  Tensor tgt = cpu::contiguous(cpu::to(target, ScalarType::Long));
+  Tensor loss = cpu::zeros({N}, f32), lse = cpu::zeros({N}, f32);
+  Tensor gh = grad ? cpu::empty({N, H}, f32) : cpu::empty({0}, f32);
   // The first chunk's product writes grad_weight (no zero fill and read of [V, H] first); the others add to it.
-  at::Tensor gw = grad ? (N > 0 ? at::empty({V, H}, f32) : at::zeros({V, H}, f32)) : at::empty({0}, f32);
-  at::Tensor gb = grad && bias.has_value() ? at::zeros({V}, f32) : at::empty({0}, f32);
-  at::Tensor scale = grad ? row_scale->to(at::kFloat).contiguous() : at::Tensor();
+  Tensor gw = grad ? (N > 0 ? cpu::empty({V, H}, f32) : cpu::zeros({V, H}, f32)) : cpu::empty({0}, f32);
+  Tensor gb = grad && b.has_value() ? cpu::zeros({V}, f32) : cpu::empty({0}, f32);
+  std::optional<Tensor> scale;
+  if (grad) scale = cpu::contiguous(cpu::to(*row_scale, f32));
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(N, kChunkBytes / (4 * std::max<int64_t>(V, 1))));
-  at::Tensor logits_buf = at::empty({chunk, V}, f32);
+  Tensor logits_buf = cpu::empty({chunk, V}, f32);
+  const Tensor wt = cpu::transposed(w);
   const RowOptions options{static_cast<float>(label_smoothing), static_cast<float>(z_loss),
                            static_cast<float>(softcap)};
 
   for (int64_t start = 0; start < N; start += chunk) {
     const int64_t n = std::min(chunk, N - start);
-    at::Tensor h = hidden.narrow(0, start, n).to(at::kFloat);
-    at::Tensor logits = logits_buf.narrow(0, 0, n);
-    if (b.defined()) logits.copy_(b.unsqueeze(0).expand_as(logits));
-    codex_ml::cpu::gemm(h, w.t(), logits, /*accumulate=*/b.defined());
-    chunk_loss(logits, tgt.data_ptr<int64_t>() + start, grad ? scale.data_ptr<float>() + start : nullptr,
-               ignore_index, options, loss.data_ptr<float>() + start, lse.data_ptr<float>() + start);
+    Tensor h = cpu::to(torch::stable::narrow(hidden, 0, start, n), f32);
+    Tensor logits = torch::stable::narrow(logits_buf, 0, 0, n);
+    if (b.has_value()) torch::stable::copy_(logits, *b);  // broadcast over the rows
+    cpu::gemm(h, wt, logits, /*accumulate=*/b.has_value());
+    float* z = logits.mutable_data_ptr<float>();
+    chunk_loss(z, n, V, tgt.const_data_ptr<int64_t>() + start,
+               grad ? scale->const_data_ptr<float>() + start : nullptr, ignore_index, options,
+               loss.mutable_data_ptr<float>() + start, lse.mutable_data_ptr<float>() + start);
     if (grad) {
-      at::Tensor gh_rows = gh.narrow(0, start, n);
-      codex_ml::cpu::gemm(logits, w, gh_rows, /*accumulate=*/false);
-      codex_ml::cpu::gemm(logits.t(), h, gw, /*accumulate=*/start > 0);
-      if (gb.numel()) gb.add_(logits.sum(0));
+      Tensor gh_rows = torch::stable::narrow(gh, 0, start, n);
+      cpu::gemm(logits, w, gh_rows, /*accumulate=*/false);
+      cpu::gemm(cpu::transposed(logits), h, gw, /*accumulate=*/start > 0);
+      if (gb.numel()) add_column_sums(z, n, V, gb.mutable_data_ptr<float>());
     }
   }
   return {loss, lse, gh, gw, gb};
@@ -240,11 +256,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(codex_ml_cpu, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(codex_ml_cpu, m) {
   m.def(
       "linear_cross_entropy(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor? row_scale, "
       "int ignore_index, float label_smoothing, float z_loss, float softcap) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(codex_ml_cpu, CPU, m) { m.impl("linear_cross_entropy", &linear_cross_entropy); }
+STABLE_TORCH_LIBRARY_IMPL(codex_ml_cpu, CPU, m) { m.impl("linear_cross_entropy", TORCH_BOX(&linear_cross_entropy)); }

@@ -2,73 +2,80 @@
 // (oneDNN or ATen's MKL by CPU vendor) instead of always to MKL as nn.Linear's do: on AMD CPUs MKL's generic
 // path leaves a fifth to a third of the speed unused (docs/kernels.md). x is [N, H] (the Python side flattens
 // the leading dims), weight [V, H], bias [V]; any strides.
-#include <ATen/ATen.h>
-#include <torch/library.h>
-
-#include <array>
+#include <cstdint>
+#include <optional>
 #include <tuple>
+#include <vector>
 
 #include "kernels/common/cpu_gemm.h"
+#include "kernels/common/stable.h"
 
 namespace {
 
-void check_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                  const char* name) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), name,
-              ": expected x [N, H] and weight [V, H], got ", x.sizes(), " and ", weight.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, name,
-              ": this kernel takes fp32 tensors");
-  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), name, ": this kernel runs on CPU tensors");
+using codex_ml::cpu::shape;
+using codex_ml::cpu::Tensor;
+using torch::headeronly::ScalarType;
+
+void check_inputs(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const char* name) {
+  STD_TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), name,
+                  ": expected x [N, H] and weight [V, H], got ", shape(x), " and ", shape(weight));
+  STD_TORCH_CHECK(x.scalar_type() == ScalarType::Float && weight.scalar_type() == ScalarType::Float, name,
+                  ": this kernel takes fp32 tensors");
+  STD_TORCH_CHECK(x.is_cpu() && weight.is_cpu(), name, ": this kernel runs on CPU tensors");
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == at::kFloat &&
-                    bias->device().is_cpu(),
-                name, ": expected an fp32 CPU bias [", weight.size(0), "], got ", bias->sizes());
+    STD_TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) &&
+                        bias->scalar_type() == ScalarType::Float && bias->is_cpu(),
+                    name, ": expected an fp32 CPU bias [", weight.size(0), "], got ", shape(*bias));
   }
 }
 
-at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+Tensor linear(Tensor x, Tensor weight, std::optional<Tensor> bias) {
   check_inputs(x, weight, bias, "linear");
-  at::Tensor y = at::empty({x.size(0), weight.size(0)}, x.options());
-  if (bias.has_value()) y.copy_(bias->unsqueeze(0).expand_as(y));
-  codex_ml::cpu::gemm(x, weight.t(), y, /*accumulate=*/bias.has_value());
+  Tensor y = codex_ml::cpu::empty({x.size(0), weight.size(0)}, ScalarType::Float);
+  if (bias.has_value()) torch::stable::copy_(y, *bias);  // broadcast over the rows
+  codex_ml::cpu::gemm(x, codex_ml::cpu::transposed(weight), y, /*accumulate=*/bias.has_value());
   return y;
 }
 
 // (grad_x [N, H], grad_weight [V, H], grad_bias [V]); an entry not asked for in `mask` is a 0-element tensor.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(const at::Tensor& grad, const at::Tensor& x,
-                                                                const at::Tensor& weight, std::array<bool, 3> mask) {
-  check_inputs(x, weight, c10::nullopt, "linear_backward");
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == x.size(0) && grad.size(1) == weight.size(0) &&
-                  grad.scalar_type() == at::kFloat,
-              "linear_backward: expected an fp32 grad [", x.size(0), ", ", weight.size(0), "], got ", grad.sizes());
-  at::Tensor gx = at::empty({0}, x.options()), gw = at::empty({0}, x.options()), gb = at::empty({0}, x.options());
+std::tuple<Tensor, Tensor, Tensor> linear_backward(Tensor grad, Tensor x, Tensor weight, std::vector<bool> mask) {
+  check_inputs(x, weight, std::nullopt, "linear_backward");
+  STD_TORCH_CHECK(grad.dim() == 2 && grad.size(0) == x.size(0) && grad.size(1) == weight.size(0) &&
+                      grad.scalar_type() == ScalarType::Float,
+                  "linear_backward: expected an fp32 grad [", x.size(0), ", ", weight.size(0), "], got ",
+                  shape(grad));
+  STD_TORCH_CHECK(mask.size() == 3, "linear_backward: mask must be 3 bools");
+  Tensor gx = codex_ml::cpu::empty({0}, ScalarType::Float), gw = codex_ml::cpu::empty({0}, ScalarType::Float);
+  Tensor gb = codex_ml::cpu::empty({0}, ScalarType::Float);
   if (mask[0]) {
-    gx = at::empty(x.sizes(), x.options());
+    gx = codex_ml::cpu::empty(x.sizes(), ScalarType::Float);
     codex_ml::cpu::gemm(grad, weight, gx, /*accumulate=*/false);
   }
   if (mask[1]) {
-    gw = at::empty(weight.sizes(), weight.options());
-    codex_ml::cpu::gemm(grad.t(), x, gw, /*accumulate=*/false);
+    gw = codex_ml::cpu::empty(weight.sizes(), ScalarType::Float);
+    codex_ml::cpu::gemm(codex_ml::cpu::transposed(grad), x, gw, /*accumulate=*/false);
   }
-  if (mask[2]) gb = grad.sum(0);
+  if (mask[2]) gb = codex_ml::cpu::sum_rows(grad);
   return {gx, gw, gb};
 }
 
+// Which backend the products of this extension use in this process: 1 oneDNN, 0 ATen.
+int64_t cpu_gemm_onednn() { return static_cast<int64_t>(codex_ml::cpu::use_onednn()); }
+
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(codex_ml_cpu, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(codex_ml_cpu, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("linear_backward(Tensor grad, Tensor x, Tensor weight, bool[3] mask) -> (Tensor, Tensor, Tensor)");
-  // Which backend the products of this extension use in this process: 1 oneDNN, 0 ATen.
   m.def("cpu_gemm_onednn() -> int");
 }
 
-TORCH_LIBRARY_IMPL(codex_ml_cpu, CPU, m) {
-  m.impl("linear", &linear);
-  m.impl("linear_backward", &linear_backward);
+STABLE_TORCH_LIBRARY_IMPL(codex_ml_cpu, CPU, m) {
+  m.impl("linear", TORCH_BOX(&linear));
+  m.impl("linear_backward", TORCH_BOX(&linear_backward));
 }
 
 // No tensor arguments, so no dispatch key: registered as the catch-all kernel.
-TORCH_LIBRARY_IMPL(codex_ml_cpu, CompositeExplicitAutograd, m) {
-  m.impl("cpu_gemm_onednn", [] { return static_cast<int64_t>(codex_ml::cpu::use_onednn()); });
+STABLE_TORCH_LIBRARY_IMPL(codex_ml_cpu, CompositeExplicitAutograd, m) {
+  m.impl("cpu_gemm_onednn", TORCH_BOX(&cpu_gemm_onednn));
 }

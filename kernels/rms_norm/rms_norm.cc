@@ -7,10 +7,9 @@
 //
 // The weight gradient is a reduction over rows: each of a fixed number of row blocks accumulates its own fp32
 // partial sum (no atomics, and the same result whatever thread runs which block), then the partials are added.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <torch/headeronly/core/Dispatch.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
@@ -18,8 +17,13 @@
 #include <tuple>
 
 #include "kernels/common/cpu_exp.h"
+#include "kernels/common/stable.h"
 
 namespace {
+
+using codex_ml::cpu::shape;
+using codex_ml::cpu::Tensor;
+using torch::headeronly::ScalarType;
 
 // Rows per task: enough elements that a task outweighs the cost of starting it.
 int64_t grain_rows(int64_t H) { return std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(H, 1)); }
@@ -97,41 +101,42 @@ CODEX_AVX2 void backward_avx2(const O* g, const T* x, const float* w, const floa
 // Calls fn.template operator()<T, O>() for x's dtype T (fp32, bf16, fp16) and the output dtype O, which is
 // either T or fp32 (the promotion of x's dtype with any of those weight dtypes).
 template <typename Fn>
-void dispatch(at::ScalarType x_type, at::ScalarType out_type, const char* name, Fn&& fn) {
-  TORCH_CHECK(out_type == x_type || out_type == at::kFloat, name, ": output dtype ", out_type,
-              " is neither x's dtype nor float32");
-  AT_DISPATCH_SWITCH(x_type, "rms_norm",
-                     AT_DISPATCH_CASE(at::kFloat, [&] { fn.template operator()<scalar_t, float>(); })
-                     AT_DISPATCH_CASE(at::kBFloat16, [&] {
-                       if (out_type == x_type) fn.template operator()<scalar_t, scalar_t>();
-                       else fn.template operator()<scalar_t, float>();
-                     })
-                     AT_DISPATCH_CASE(at::kHalf, [&] {
-                       if (out_type == x_type) fn.template operator()<scalar_t, scalar_t>();
-                       else fn.template operator()<scalar_t, float>();
-                     }));
+void dispatch(ScalarType x_type, ScalarType out_type, const char* name, Fn&& fn) {
+  STD_TORCH_CHECK(out_type == x_type || out_type == ScalarType::Float, name, ": output dtype ", out_type,
+                  " is neither x's dtype nor float32");
+  THO_DISPATCH_SWITCH(x_type, "rms_norm",
+                      THO_DISPATCH_CASE(ScalarType::Float, [&] { fn.template operator()<scalar_t, float>(); })
+                      THO_DISPATCH_CASE(ScalarType::BFloat16, [&] {
+                        if (out_type == x_type) fn.template operator()<scalar_t, scalar_t>();
+                        else fn.template operator()<scalar_t, float>();
+                      })
+                      THO_DISPATCH_CASE(ScalarType::Half, [&] {
+                        if (out_type == x_type) fn.template operator()<scalar_t, scalar_t>();
+                        else fn.template operator()<scalar_t, float>();
+                      }));
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& weight) {
-  TORCH_CHECK(x.dim() >= 1 && weight.dim() == 1 && x.size(-1) == weight.size(0),
-              "rms_norm: expected x [..., H] and weight [H], got ", x.sizes(), " and ", weight.sizes());
-  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "rms_norm: this kernel runs on CPU tensors");
+void check_inputs(const Tensor& x, const Tensor& weight) {
+  STD_TORCH_CHECK(x.dim() >= 1 && weight.dim() == 1 && x.size(x.dim() - 1) == weight.size(0),
+                  "rms_norm: expected x [..., H] and weight [H], got ", shape(x), " and ", shape(weight));
+  STD_TORCH_CHECK(x.is_cpu() && weight.is_cpu(), "rms_norm: this kernel runs on CPU tensors");
 }
 
 // Returns (y [..., H] in promote(x, weight), rstd [rows] fp32).
-std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+std::tuple<Tensor, Tensor> rms_norm(Tensor x, Tensor weight, double eps) {
   check_inputs(x, weight);
-  const int64_t H = x.size(-1), rows = H == 0 ? 0 : x.numel() / H;
-  const at::Tensor xc = x.contiguous(), w = weight.to(at::kFloat).contiguous();
-  at::Tensor y = at::empty(x.sizes(), x.options().dtype(at::promote_types(x.scalar_type(), weight.scalar_type())));
-  at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
+  const int64_t H = x.size(x.dim() - 1), rows = H == 0 ? 0 : x.numel() / H;
+  const Tensor xc = codex_ml::cpu::contiguous(x);
+  const Tensor w = codex_ml::cpu::contiguous(codex_ml::cpu::to(weight, ScalarType::Float));
+  Tensor y = codex_ml::cpu::empty(x.sizes(), codex_ml::cpu::promote(x.scalar_type(), weight.scalar_type()));
+  Tensor rstd = codex_ml::cpu::empty({rows}, ScalarType::Float);
   const bool avx2 = codex_ml::cpu::has_avx2();
   dispatch(x.scalar_type(), y.scalar_type(), "rms_norm", [&]<typename T, typename O>() {
     const T* xp = xc.const_data_ptr<T>();
     O* yp = y.mutable_data_ptr<O>();
     float* rp = rstd.mutable_data_ptr<float>();
     const float* wp = w.const_data_ptr<float>();
-    at::parallel_for(0, rows, grain_rows(H), [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, rows, grain_rows(H), [&](int64_t begin, int64_t end) {
       if (avx2) {
         forward_avx2(xp, wp, yp, rp, H, static_cast<float>(eps), begin, end);
       } else {
@@ -143,19 +148,21 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tenso
 }
 
 // Returns (grad_x like x, grad_weight like weight) for grad_y [..., H] (the output's dtype).
-std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad, const at::Tensor& x,
-                                                     const at::Tensor& weight, const at::Tensor& rstd) {
+std::tuple<Tensor, Tensor> rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd) {
   check_inputs(x, weight);
-  TORCH_CHECK(grad.sizes() == x.sizes(), "rms_norm_backward: grad ", grad.sizes(), " does not match x ", x.sizes());
-  const int64_t H = x.size(-1), rows = H == 0 ? 0 : x.numel() / H;
-  TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.numel() == rows, "rms_norm_backward: rstd must be fp32 [rows]");
-  const at::Tensor xc = x.contiguous(), gc = grad.contiguous(), w = weight.to(at::kFloat).contiguous();
-  const at::Tensor rc = rstd.contiguous();
-  at::Tensor gx = at::empty(x.sizes(), x.options());
+  STD_TORCH_CHECK(codex_ml::cpu::same_sizes(grad, x), "rms_norm_backward: grad ", shape(grad), " does not match x ",
+                  shape(x));
+  const int64_t H = x.size(x.dim() - 1), rows = H == 0 ? 0 : x.numel() / H;
+  STD_TORCH_CHECK(rstd.scalar_type() == ScalarType::Float && rstd.numel() == rows,
+                  "rms_norm_backward: rstd must be fp32 [rows]");
+  const Tensor xc = codex_ml::cpu::contiguous(x), gc = codex_ml::cpu::contiguous(grad);
+  const Tensor w = codex_ml::cpu::contiguous(codex_ml::cpu::to(weight, ScalarType::Float));
+  const Tensor rc = codex_ml::cpu::contiguous(rstd);
+  Tensor gx = codex_ml::cpu::empty(x.sizes(), x.scalar_type());
   // Fixed row blocks, one fp32 partial weight gradient each (see the top of the file).
   const int64_t blocks = std::max<int64_t>(
-      1, std::min<int64_t>(at::get_num_threads(), (rows + grain_rows(H) - 1) / grain_rows(H)));
-  at::Tensor partials = at::zeros({blocks, H}, x.options().dtype(at::kFloat));
+      1, std::min<int64_t>(torch::stable::get_num_threads(), (rows + grain_rows(H) - 1) / grain_rows(H)));
+  Tensor partials = codex_ml::cpu::zeros({blocks, H}, ScalarType::Float);
   const bool avx2 = codex_ml::cpu::has_avx2();
   dispatch(x.scalar_type(), grad.scalar_type(), "rms_norm_backward", [&]<typename T, typename O>() {
     const O* gp = gc.const_data_ptr<O>();
@@ -164,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad, con
     const float* wp = w.const_data_ptr<float>();
     const float* rp = rc.const_data_ptr<float>();
     float* pp = partials.mutable_data_ptr<float>();
-    at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    torch::stable::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
       for (int64_t blk = first; blk < last; ++blk) {
         const int64_t begin = rows * blk / blocks, end = rows * (blk + 1) / blocks;
         if (avx2) {
@@ -175,17 +182,17 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad, con
       }
     });
   });
-  return {gx, partials.sum(0).to(weight.scalar_type())};
+  return {gx, codex_ml::cpu::to(codex_ml::cpu::sum_rows(partials), weight.scalar_type())};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(codex_ml_cpu, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(codex_ml_cpu, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(codex_ml_cpu, CPU, m) {
-  m.impl("rms_norm", &rms_norm);
-  m.impl("rms_norm_backward", &rms_norm_backward);
+STABLE_TORCH_LIBRARY_IMPL(codex_ml_cpu, CPU, m) {
+  m.impl("rms_norm", TORCH_BOX(&rms_norm));
+  m.impl("rms_norm_backward", TORCH_BOX(&rms_norm_backward));
 }

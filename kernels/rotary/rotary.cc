@@ -7,18 +7,23 @@
 // kernel reads rows of D elements through arbitrary strides of the first three dims (the last must be 1) and
 // writes outputs with the strides the caller allocated (x's, via empty_like): no copy on either side. Rows
 // are visited in the output's memory order.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <torch/headeronly/core/Dispatch.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <vector>
 
 #include "kernels/common/cpu_exp.h"
+#include "kernels/common/stable.h"
 
 namespace {
+
+using codex_ml::cpu::shape;
+using codex_ml::cpu::Tensor;
+using torch::headeronly::ScalarType;
 
 // Out = a * cos + rotate(a) * sin for one row; kBackward selects the transposed rotation (see the top).
 template <bool kBackward, typename T>
@@ -75,9 +80,9 @@ CODEX_AVX2 void rotate_avx2(const RowWalk& w, const T* in, T* out, const float* 
 // out = rotary(in) (forward) or its transpose (backward); `out` is allocated by the caller, any strides with
 // stride(-1) == 1.
 template <bool kBackward>
-void rotate(const at::Tensor& in_tensor, at::Tensor& out, const at::Tensor& cos_tensor, const at::Tensor& sin_tensor) {
-  const at::Tensor in = in_tensor.stride(-1) == 1 ? in_tensor : in_tensor.contiguous();
-  const at::Tensor cos = cos_tensor.contiguous(), sin = sin_tensor.contiguous();
+void rotate(const Tensor& in_tensor, Tensor& out, const Tensor& cos_tensor, const Tensor& sin_tensor) {
+  const Tensor in = in_tensor.stride(3) == 1 ? in_tensor : codex_ml::cpu::contiguous(in_tensor);
+  const Tensor cos = codex_ml::cpu::contiguous(cos_tensor), sin = codex_ml::cpu::contiguous(sin_tensor);
   const int64_t D = in.size(3), rows = in.size(0) * in.size(1) * in.size(2);
   if (rows == 0 || D == 0) return;
   // Loop order: the output's dims by decreasing stride, so that writes (and for x's layout, reads) stream.
@@ -96,7 +101,7 @@ void rotate(const at::Tensor& in_tensor, at::Tensor& out, const at::Tensor& cos_
   const auto run = [&]<typename T>() {
     const T* ip = in.const_data_ptr<T>();
     T* op = out.mutable_data_ptr<T>();
-    at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
+    torch::stable::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
       if (avx2) {
         rotate_avx2<kBackward>(walk, ip, op, cp, sp, D, b, e);
       } else {
@@ -104,51 +109,52 @@ void rotate(const at::Tensor& in_tensor, at::Tensor& out, const at::Tensor& cos_
       }
     });
   };
-  AT_DISPATCH_SWITCH(in.scalar_type(), "rotary",
-                     AT_DISPATCH_CASE(at::kFloat, [&] { run.template operator()<scalar_t>(); })
-                     AT_DISPATCH_CASE(at::kBFloat16, [&] { run.template operator()<scalar_t>(); })
-                     AT_DISPATCH_CASE(at::kHalf, [&] { run.template operator()<scalar_t>(); }));
+  THO_DISPATCH_SWITCH(in.scalar_type(), "rotary",
+                      THO_DISPATCH_CASE(ScalarType::Float, [&] { run.template operator()<scalar_t>(); })
+                      THO_DISPATCH_CASE(ScalarType::BFloat16, [&] { run.template operator()<scalar_t>(); })
+                      THO_DISPATCH_CASE(ScalarType::Half, [&] { run.template operator()<scalar_t>(); }));
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const char* name) {
-  TORCH_CHECK(x.dim() == 4 && x.size(3) % 2 == 0, name, ": expected x [B, H, T, D] with D even, got ", x.sizes());
-  TORCH_CHECK(cos.dim() == 2 && cos.size(0) == x.size(2) && cos.size(1) == x.size(3) && sin.sizes() == cos.sizes(),
-              name, ": expected cos and sin [T, D] = [", x.size(2), ", ", x.size(3), "], got ", cos.sizes(), " and ",
-              sin.sizes());
-  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat, name,
-              ": cos and sin must be float32");
-  TORCH_CHECK(x.device().is_cpu() && cos.device().is_cpu() && sin.device().is_cpu(), name,
-              ": this kernel runs on CPU tensors");
+void check_inputs(const Tensor& x, const Tensor& cos, const Tensor& sin, const char* name) {
+  STD_TORCH_CHECK(x.dim() == 4 && x.size(3) % 2 == 0, name, ": expected x [B, H, T, D] with D even, got ",
+                  shape(x));
+  STD_TORCH_CHECK(cos.dim() == 2 && cos.size(0) == x.size(2) && cos.size(1) == x.size(3) &&
+                      codex_ml::cpu::same_sizes(sin, cos),
+                  name, ": expected cos and sin [T, D] = [", x.size(2), ", ", x.size(3), "], got ", shape(cos),
+                  " and ", shape(sin));
+  STD_TORCH_CHECK(cos.scalar_type() == ScalarType::Float && sin.scalar_type() == ScalarType::Float, name,
+                  ": cos and sin must be float32");
+  STD_TORCH_CHECK(x.is_cpu() && cos.is_cpu() && sin.is_cpu(), name, ": this kernel runs on CPU tensors");
 }
 
 // y = rotary(x), with x's strides (empty_like) when x's last dim is contiguous.
-at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+Tensor rotary(Tensor x, Tensor cos, Tensor sin) {
   check_inputs(x, cos, sin, "rotary");
-  const at::Tensor xin = x.stride(3) == 1 ? x : x.contiguous();
-  at::Tensor y = at::empty_like(xin);
+  const Tensor xin = x.stride(3) == 1 ? x : codex_ml::cpu::contiguous(x);
+  Tensor y = torch::stable::empty_like(xin);
   rotate<false>(xin, y, cos, sin);
   return y;
 }
 
 // The gradient of x for grad of the output, allocated with the given strides (the forward output's).
-at::Tensor rotary_backward(const at::Tensor& grad, const at::Tensor& cos, const at::Tensor& sin,
-                           at::IntArrayRef strides) {
+Tensor rotary_backward(Tensor grad, Tensor cos, Tensor sin, std::vector<int64_t> strides) {
   check_inputs(grad, cos, sin, "rotary_backward");
-  TORCH_CHECK(strides.size() == 4 && strides[3] == 1, "rotary_backward: strides must be 4 ints ending in 1, got ",
-              strides);
-  at::Tensor gx = at::empty_strided(grad.sizes(), strides, grad.options());
+  STD_TORCH_CHECK(strides.size() == 4 && strides[3] == 1, "rotary_backward: strides must be 4 ints ending in 1, got ",
+                  shape(codex_ml::cpu::IntArrayRef(strides.data(), strides.size())));
+  Tensor gx = codex_ml::cpu::empty_strided(grad.sizes(), codex_ml::cpu::IntArrayRef(strides.data(), strides.size()),
+                                           grad.scalar_type());
   rotate<true>(grad, gx, cos, sin);
   return gx;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(codex_ml_cpu, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(codex_ml_cpu, m) {
   m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("rotary_backward(Tensor grad, Tensor cos, Tensor sin, int[] strides) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(codex_ml_cpu, CPU, m) {
-  m.impl("rotary", &rotary);
-  m.impl("rotary_backward", &rotary_backward);
+STABLE_TORCH_LIBRARY_IMPL(codex_ml_cpu, CPU, m) {
+  m.impl("rotary", TORCH_BOX(&rotary));
+  m.impl("rotary_backward", TORCH_BOX(&rotary_backward));
 }

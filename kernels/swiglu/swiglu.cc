@@ -4,10 +4,9 @@
 // The backward recomputes s from the saved gate (nothing else is saved). Arithmetic is fp32: bf16/fp16 are
 // converted in blocks of kBlock elements to fp32 scratch, computed, and converted back. The sigmoid uses
 // kernels/common/cpu_exp.h's AVX2 exp where the CPU has AVX2+FMA, std::exp otherwise.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <torch/headeronly/core/Dispatch.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
@@ -16,8 +15,13 @@
 #include <type_traits>
 
 #include "kernels/common/cpu_exp.h"
+#include "kernels/common/stable.h"
 
 namespace {
+
+using codex_ml::cpu::shape;
+using codex_ml::cpu::Tensor;
+using torch::headeronly::ScalarType;
 
 constexpr int64_t kGrain = 1 << 14;  // elements per task at least
 constexpr int64_t kBlock = 512;      // elements per fp32 scratch block (bf16/fp16)
@@ -185,46 +189,48 @@ void backward_range(const T* grad, const T* gate, const T* up, T* d_gate, T* d_u
 
 // Calls fn.template operator()<T>() for T = float, BFloat16 or Half.
 template <typename Fn>
-void dispatch(at::ScalarType type, const Fn& fn) {
-  AT_DISPATCH_SWITCH(type, "swiglu",
-                     AT_DISPATCH_CASE(at::kFloat, [&] { fn.template operator()<scalar_t>(); })
-                     AT_DISPATCH_CASE(at::kBFloat16, [&] { fn.template operator()<scalar_t>(); })
-                     AT_DISPATCH_CASE(at::kHalf, [&] { fn.template operator()<scalar_t>(); }));
+void dispatch(ScalarType type, const Fn& fn) {
+  THO_DISPATCH_SWITCH(type, "swiglu",
+                      THO_DISPATCH_CASE(ScalarType::Float, [&] { fn.template operator()<scalar_t>(); })
+                      THO_DISPATCH_CASE(ScalarType::BFloat16, [&] { fn.template operator()<scalar_t>(); })
+                      THO_DISPATCH_CASE(ScalarType::Half, [&] { fn.template operator()<scalar_t>(); }));
 }
 
-void check_inputs(const at::Tensor& gate, const at::Tensor& up, const char* name) {
-  TORCH_CHECK(gate.sizes() == up.sizes() && gate.scalar_type() == up.scalar_type(), name,
-              ": gate and up must have one shape and dtype, got ", gate.sizes(), " ", gate.scalar_type(), " and ",
-              up.sizes(), " ", up.scalar_type());
-  TORCH_CHECK(gate.device().is_cpu() && up.device().is_cpu(), name, ": this kernel runs on CPU tensors");
+void check_inputs(const Tensor& gate, const Tensor& up, const char* name) {
+  STD_TORCH_CHECK(codex_ml::cpu::same_sizes(gate, up) && gate.scalar_type() == up.scalar_type(), name,
+                  ": gate and up must have one shape and dtype, got ", shape(gate), " ", gate.scalar_type(), " and ",
+                  shape(up), " ", up.scalar_type());
+  STD_TORCH_CHECK(gate.is_cpu() && up.is_cpu(), name, ": this kernel runs on CPU tensors");
 }
 
 // silu(gate) * up, contiguous, in gate's dtype.
-at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up) {
+Tensor swiglu(Tensor gate, Tensor up) {
   check_inputs(gate, up, "swiglu");
-  const at::Tensor g = gate.contiguous(), u = up.contiguous();
-  at::Tensor out = at::empty(gate.sizes(), gate.options());
+  const Tensor g = codex_ml::cpu::contiguous(gate), u = codex_ml::cpu::contiguous(up);
+  Tensor out = codex_ml::cpu::empty(gate.sizes(), gate.scalar_type());
   const auto run = [&]<typename T>() {
     const T *gp = g.const_data_ptr<T>(), *upp = u.const_data_ptr<T>();
     T* op = out.mutable_data_ptr<T>();
-    at::parallel_for(0, g.numel(), kGrain, [&](int64_t b, int64_t e) { forward_range(gp, upp, op, b, e); });
+    torch::stable::parallel_for(0, g.numel(), kGrain, [&](int64_t b, int64_t e) { forward_range(gp, upp, op, b, e); });
   };
   dispatch(gate.scalar_type(), run);
   return out;
 }
 
 // (d_gate, d_up) for grad of the output, both contiguous in gate's dtype.
-std::tuple<at::Tensor, at::Tensor> swiglu_backward(const at::Tensor& grad, const at::Tensor& gate,
-                                                   const at::Tensor& up) {
+std::tuple<Tensor, Tensor> swiglu_backward(Tensor grad, Tensor gate, Tensor up) {
   check_inputs(gate, up, "swiglu_backward");
-  TORCH_CHECK(grad.sizes() == gate.sizes(), "swiglu_backward: grad ", grad.sizes(), " does not match gate ",
-              gate.sizes());
-  const at::Tensor dy = grad.to(gate.scalar_type()).contiguous(), g = gate.contiguous(), u = up.contiguous();
-  at::Tensor d_gate = at::empty(gate.sizes(), gate.options()), d_up = at::empty(gate.sizes(), gate.options());
+  STD_TORCH_CHECK(codex_ml::cpu::same_sizes(grad, gate), "swiglu_backward: grad ", shape(grad),
+                  " does not match gate ", shape(gate));
+  const Tensor dy = codex_ml::cpu::contiguous(codex_ml::cpu::to(grad, gate.scalar_type()));
+  const Tensor g = codex_ml::cpu::contiguous(gate), u = codex_ml::cpu::contiguous(up);
+  Tensor d_gate = codex_ml::cpu::empty(gate.sizes(), gate.scalar_type());
+  Tensor d_up = codex_ml::cpu::empty(gate.sizes(), gate.scalar_type());
   const auto run = [&]<typename T>() {
     const T *dyp = dy.const_data_ptr<T>(), *gp = g.const_data_ptr<T>(), *upp = u.const_data_ptr<T>();
     T *dgp = d_gate.mutable_data_ptr<T>(), *dup = d_up.mutable_data_ptr<T>();
-    at::parallel_for(0, g.numel(), kGrain, [&](int64_t b, int64_t e) { backward_range(dyp, gp, upp, dgp, dup, b, e); });
+    torch::stable::parallel_for(0, g.numel(), kGrain,
+                                [&](int64_t b, int64_t e) { backward_range(dyp, gp, upp, dgp, dup, b, e); });
   };
   dispatch(gate.scalar_type(), run);
   return {d_gate, d_up};
@@ -232,12 +238,12 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward(const at::Tensor& grad, const
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(codex_ml_cpu, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(codex_ml_cpu, m) {
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
   m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(codex_ml_cpu, CPU, m) {
-  m.impl("swiglu", &swiglu);
-  m.impl("swiglu_backward", &swiglu_backward);
+STABLE_TORCH_LIBRARY_IMPL(codex_ml_cpu, CPU, m) {
+  m.impl("swiglu", TORCH_BOX(&swiglu));
+  m.impl("swiglu_backward", TORCH_BOX(&swiglu_backward));
 }

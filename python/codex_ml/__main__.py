@@ -1,6 +1,6 @@
 """python -m codex_ml: the version, and the console scripts as subcommands.
 
-    python -m codex_ml --version
+    python -m codex_ml --version     (and which backends are active: C++ CPU kernels, Triton, CUDA, GPU)
     python -m codex_ml train --gin_file=configs/smoke.gin     (same as codex-train ...)
     python -m codex_ml bench linear_cross_entropy --preset=quick
 
@@ -25,7 +25,7 @@ PROG = "python -m codex_ml"
 
 def define_flags(fv: flags.FlagValues) -> None:
     """python -m codex_ml's own flags (the command's follow its name)."""
-    flags.DEFINE_bool("version", False, "print the version and exit", flag_values=fv)
+    flags.DEFINE_bool("version", False, "print the version and the active backends, and exit", flag_values=fv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     doc = __doc__ + "\ncommands: " + ", ".join(sorted(COMMANDS)) + "\n"
     args, commands = parse_flags(PROG, doc, define_flags, argv[:split], max_args=1)
     if args.version:
+        from codex_ml.ops.dispatch import backends
+
         print(f"codex_ml {codex_ml.__version__}")
+        for name, state in backends().items():
+            print(f"{name}: {state}")
         return 0
     if not commands:
         usage_error(PROG, f"the following arguments are required: command (one of {', '.join(sorted(COMMANDS))})")

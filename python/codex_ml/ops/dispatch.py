@@ -7,13 +7,18 @@ Every op answers the same question the same way, first match wins:
 3. CODEX_ML_IMPL: a preference for every op. It applies to the ops that have that implementation and can run
    these inputs with it; the others choose automatically (step 4). E.g. CODEX_ML_IMPL=cpu with a bf16 model:
    linear's C++ kernel takes only fp32, so linear goes to F.linear while the other ops run their CPU kernels.
-4. Automatic: on CPU tensors the op's "cpu" implementation where it has one that takes the inputs, else "torch";
+4. Automatic: on CPU tensors the op's "cpu" implementation where it has one that takes the inputs (and, for a C++
+   kernel, whose compiled extension loads under the installed torch), else "torch";
    on CUDA tensors "triton" where the op has Triton kernels and triton is importable, else "torch"; on any other
    device "torch". The CUDA kernels ("cuda") and the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) run
    only when chosen by 1-3.
 
 A binding choice (1 or 2) the op cannot run is an error naming the choice, where it came from and what to use;
 so is a value that names no implementation, wherever it is set. "auto" (or an empty variable) means step 4.
+
+A compiled extension that does not load (built for another torch, a library missing) never stops `import codex_ml`:
+the ops it serves run their PyTorch path, and one warning per process says which extension, why and how to get
+the fast path back.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import ctypes
 import functools
 import importlib
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,6 +45,16 @@ BACKENDS = {
     "rms_norm": ("triton", "cpu", "torch"),
     "rotary": ("triton", "cpu", "torch"),
     "swiglu": ("triton", "cpu", "torch"),
+}
+
+
+# The ops whose "cpu" implementation is a C++ kernel -> its extension, codex_ml.kernels.<extension>.cpu.
+EXTENSIONS = {
+    "linear": "linear",
+    "linear_cross_entropy": "cross_entropy",
+    "rms_norm": "rms_norm",
+    "rotary": "rotary",
+    "swiglu": "swiglu",
 }
 
 
@@ -75,11 +91,13 @@ def _listing(op: str) -> str:
     return ", ".join(names[:-1]) + " or " + names[-1]
 
 
-def _problem(choice: str, device: torch.device, unfit: Callable[[str], str | None]) -> str | None:
+def _problem(op: str, choice: str, device: torch.device, unfit: Callable[[str], str | None]) -> str | None:
     """Why `choice` cannot run these inputs, as "<requirement>, got <what>", or None: first the requirement every
     op shares (the implementation runs on the tensors' device), then the op's own (`unfit`)."""
     if choice == "cpu" and device.type != "cpu":
         return f"needs CPU tensors, got tensors on {device}"
+    if choice == "cpu" and op in EXTENSIONS and (error := extension_error(EXTENSIONS[op])) is not None:
+        return f"needs its compiled kernel, but {error}; {FAST_PATH_HINT}, or use impl='torch'"
     if choice == "cuda" and device.type != "cuda":
         return f"needs CUDA tensors, got tensors on {device}"
     if choice == "triton" and not triton_available(device):
@@ -103,7 +121,7 @@ def choose_impl(op: str, device: torch.device, impl: str | None = None,
             alternatives = f"{_listing(op)} ({source} asks for it)"
             raise ValueError(f"{op} has no {choice} kernel: use impl={alternatives}")
         return _automatic(op, device, unfit)  # CODEX_ML_IMPL applies to the ops that have that implementation
-    problem = _problem(choice, device, unfit)
+    problem = _problem(op, choice, device, unfit)
     if problem is None:
         return choice
     if binding:
@@ -113,24 +131,63 @@ def choose_impl(op: str, device: torch.device, impl: str | None = None,
 
 def _automatic(op: str, device: torch.device, unfit: Callable[[str], str | None]) -> str:
     backends = BACKENDS[op]
-    if device.type == "cpu" and "cpu" in backends and unfit("cpu") is None:
+    if device.type == "cpu" and "cpu" in backends and _problem(op, "cpu", device, unfit) is None:
         return "cpu"
     if device.type == "cuda" and "triton" in backends and triton_available(device) and unfit("triton") is None:
         return "triton"
     return "torch"
 
 
+FAST_PATH_HINT = ("for the compiled kernels install torch within the wheel's Requires-Dist range "
+                  "(docs/using-the-wheel.md), or build codex_ml against this torch with "
+                  "`tools/bazel build //python:wheel`")
+
+
 @functools.lru_cache(maxsize=None)
-def load_extension(op: str):
-    """Imports the compiled CPU extension of `op`, codex_ml.kernels.<op>.cpu (registering its torch ops)."""
-    module = f"codex_ml.kernels.{op}.cpu"
+def _import_extension(name: str) -> tuple[object | None, str | None]:
+    """(module, None) or (None, why it does not load): codex_ml.kernels.<name>.cpu, imported once per process."""
     try:
-        return importlib.import_module(module)
-    except ImportError as err:
-        raise RuntimeError(
-            f"the compiled kernel {module} is missing or failed to load ({err}); "
-            "build it with `tools/bazel build //python:codex_ml` or reinstall the wheel"
-        ) from err
+        return importlib.import_module(f"codex_ml.kernels.{name}.cpu"), None
+    except (ImportError, OSError, RuntimeError) as err:  # ABI mismatch, missing library, failed registration
+        return None, str(err)
+
+
+def _unloadable() -> str:
+    """The extensions that do not load and the first reason, e.g. "codex_ml.kernels.{linear, swiglu}.cpu do not
+    load under torch 2.14.1 (...)", or "" where all load."""
+    failed = {name: error for name in sorted(set(EXTENSIONS.values())) if (error := _import_extension(name)[1])}
+    if not failed:
+        return ""
+    return (f"codex_ml.kernels.{{{', '.join(failed)}}}.cpu do not load under torch {torch.__version__} "
+            f"({next(iter(failed.values()))})")
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_unloadable() -> None:
+    """The one warning of a process about extensions that do not load: names them all (they usually fail together)."""
+    warnings.warn(f"{_unloadable()}: the ops run their PyTorch implementations instead; {FAST_PATH_HINT}",
+                  RuntimeWarning, stacklevel=2)
+
+
+# Under torch.compile the answer is a constant of the trace: Dynamo calls this instead of tracing the import.
+@torch.compiler.assume_constant_result
+def extension_error(name: str) -> str | None:
+    """Why the compiled extension codex_ml.kernels.<name>.cpu does not load, or None where it does; the first
+    failure in a process warns once."""
+    error = _import_extension(name)[1]
+    if error is None:
+        return None
+    _warn_unloadable()
+    return f"codex_ml.kernels.{name}.cpu does not load under torch {torch.__version__} ({error})"
+
+
+def load_extension(name: str):
+    """Imports the compiled CPU extension codex_ml.kernels.<name>.cpu (registering its torch ops); one that does not
+    load is a RuntimeError saying why and how to get it."""
+    module, error = _import_extension(name)
+    if module is None:
+        raise RuntimeError(f"{extension_error(name)}; {FAST_PATH_HINT}")
+    return module
 
 
 def load_cuda_library(op: str, filename: str, fallback: str) -> ctypes.CDLL:
@@ -144,3 +201,27 @@ def load_cuda_library(op: str, filename: str, fallback: str) -> ctypes.CDLL:
     except OSError as err:
         raise RuntimeError(f"the CUDA {op} library {path} is missing or failed to load ({err}); build it with "
                            f"`tools/bazel build //kernels/{op}:{filename}` (needs nvcc) or use {fallback}") from err
+
+
+# The plain CUDA libraries of the package (tools/cuda.bzl), by op folder; built only where nvcc exists.
+CUDA_LIBRARIES = {"attention": "libcodex_attention.so", "common": "libcodex_cuda_device.so",
+                  "cross_entropy": "libcodex_cross_entropy.so"}
+
+
+def backends() -> dict[str, str]:
+    """Which backends this process can run, as {name: state in words} (what `python -m codex_ml --version` shows)."""
+    import codex_ml.kernels
+
+    unloadable = _unloadable()
+    cpu = (f"loaded ({', '.join(sorted(set(EXTENSIONS.values())))})" if not unloadable else
+           f"not loaded, the ops run their PyTorch implementations: {unloadable}")
+    try:
+        import triton
+        triton_state = f"importable ({triton.__version__})"
+    except ImportError:
+        triton_state = "not installed"
+    folder = Path(codex_ml.kernels.__file__).parent
+    present = [op for op, filename in CUDA_LIBRARIES.items() if (folder / op / filename).is_file()]
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {"torch": torch.__version__, "C++ CPU kernels": cpu, "Triton": triton_state,
+            "CUDA libraries": f"present ({', '.join(present)})" if present else "absent", "GPU": gpu}
