@@ -63,7 +63,7 @@ class Trainer:
         self.operative_config = operative_config  # the gin text, or a function that returns it
         flops_fn = getattr(model, "flops_per_token", None)
         self.report = Reporter(config, process, self.run_dir,
-                               float(flops_fn(config.seq_len)) if callable(flops_fn) else None)
+                               float(flops_fn(config.seq_len)) if callable(flops_fn) else None, data=data)
         if config.eval_batches > 0:
             self._check_val_split()
         self.model = model.to(process.device)
