@@ -179,3 +179,19 @@ def test_gin_bindings_of_an_operative_config():
             "prepare_data.sources = ['a', 'b']\nscope/GPT.n = 1\n")
     assert gin_bindings(text) == {"Trainer.betas": "(0.9, 0.95)", "Trainer.max_steps": "6",
                                   "prepare_data.sources": "['a', 'b']", "scope/GPT.n": "1"}
+
+
+def test_runs_share_one_mlflow_store_with_tracking_uri(tmp_path):
+    import mlflow
+
+    store = tmp_path / "shared" / "mlflow.db"
+    for name in ("a", "b"):
+        make_trainer(tmp_path / name, max_steps=2, mlflow=True, tracking_uri=f"sqlite:///{store}").fit()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}")
+    runs = client.search_runs([client.get_experiment_by_name("codex_ml").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["a", "b"]
+    assert not (tmp_path / "a" / "mlflow.db").exists()
+    # Artifacts beside the shared store, not in whatever directory the run was started from.
+    plots = sorted(p.relative_to(tmp_path / "shared" / "mlartifacts").parts[1:]
+                   for p in (tmp_path / "shared" / "mlartifacts").glob("*/artifacts/plots/*.png"))
+    assert plots == [("artifacts", "plots", "loss.png")] * 2 + [("artifacts", "plots", "throughput.png")] * 2
