@@ -173,7 +173,7 @@ def test_mlflow_false_turns_mlflow_off_whatever_trackers_says():
 
 
 def test_gin_bindings_of_an_operative_config():
-    from codex_ml.training.reporting import gin_bindings
+    from codex_ml.tracking.summary import gin_bindings
 
     text = ("# Parameters for Trainer:\n# ===\nTrainer.betas = (0.9,\n    0.95)\nTrainer.max_steps = 6\n\n"
             "prepare_data.sources = ['a', 'b']\nscope/GPT.n = 1\n")

@@ -35,7 +35,8 @@ def _series(records: list[dict[str, Any]], split: str, name: str) -> dict[int, f
     return dict(sorted(out.items()))
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -51,7 +52,7 @@ def write_run_plots(run_dir: str | Path) -> list[Path]:
     train, val = _series(records, "train", "loss"), _series(records, "val", "loss")
     if not train:
         return []
-    plt = _pyplot()
+    plt = pyplot()
     out = run_dir / "plots"
     out.mkdir(exist_ok=True)
     tokens = _series(records, "train", "tokens")
@@ -71,7 +72,7 @@ def write_run_plots(run_dir: str | Path) -> list[Path]:
         ax.legend()
     fig.suptitle(f"{run_dir.name}: loss")
     fig.tight_layout()
-    written.append(_save(fig, out / "loss.png", plt))
+    written.append(save_png(fig, out / "loss.png", plt))
 
     throughput, mfu = _series(records, "train", "tokens_per_s"), _series(records, "train", "mfu")
     fig, axes = plt.subplots(1, 2 if mfu else 1, figsize=(11 if mfu else 6, 4), squeeze=False)
@@ -86,11 +87,12 @@ def write_run_plots(run_dir: str | Path) -> list[Path]:
         axes[0][1].grid(alpha=0.3)
     fig.suptitle(f"{run_dir.name}: throughput")
     fig.tight_layout()
-    written.append(_save(fig, out / "throughput.png", plt))
+    written.append(save_png(fig, out / "throughput.png", plt))
     return written
 
 
-def _save(fig: Any, path: Path, plt: Any) -> Path:
+def save_png(fig: Any, path: Path, plt: Any) -> Path:
+    """Writes `fig` to `path` as a PNG, atomically, and closes it."""
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=100, format="png")
     plt.close(fig)

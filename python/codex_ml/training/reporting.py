@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -19,30 +18,13 @@ from codex_ml._files import file_sha256
 from codex_ml.checkpoint.core import git_commit
 from codex_ml.tracking import MetricsLogger, Progress, SystemMonitor, import_mlflow, peak_flops
 from codex_ml.tracking.plots import write_run_plots
+from codex_ml.tracking.summary import gin_bindings
 from codex_ml.tracking.trackers import Trackers, TrackerUnavailable, check_available, open_tracker
 from codex_ml.training.config import ConfigError, TrainerConfig
 from codex_ml.training.setup import ProcessInfo
 from codex_ml.training.step import StepOutcome
 
 log = logging.getLogger(__name__)
-_BINDING = re.compile(r"^([A-Za-z_][\w.]*(?:/[\w.]+)*)\s*=\s*(.*)$")
-
-
-def gin_bindings(config_text: str) -> dict[str, str]:
-    """Every binding of an operative gin config, "Selector.param" -> its value as written (continuation lines of a
-    long value joined into one line)."""
-    bindings: dict[str, str] = {}
-    key = None
-    for line in config_text.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        match = None if line[:1].isspace() else _BINDING.match(line)
-        if match:
-            key = match.group(1)
-            bindings[key] = match.group(2).strip()
-        elif key is not None:
-            bindings[key] += " " + line.strip()
-    return bindings
 
 
 def data_digest(data: Any) -> str | None:
