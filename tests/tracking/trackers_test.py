@@ -3,6 +3,7 @@ with metrics.ndjson; a missing backend is a configuration error; a failing one n
 opens a connection to another machine."""
 
 import json
+import os
 import sys
 
 import pytest
@@ -195,3 +196,22 @@ def test_runs_share_one_mlflow_store_with_tracking_uri(tmp_path):
     plots = sorted(p.relative_to(tmp_path / "shared" / "mlartifacts").parts[1:]
                    for p in (tmp_path / "shared" / "mlartifacts").glob("*/artifacts/plots/*.png"))
     assert plots == [("artifacts", "plots", "loss.png")] * 2 + [("artifacts", "plots", "throughput.png")] * 2
+
+
+def test_the_wandb_check_sets_the_offline_environment_before_wandb_is_imported(monkeypatch):
+    from codex_ml.tracking.trackers import check_available
+
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.delenv("WANDB_ERROR_REPORTING", raising=False)
+    monkeypatch.delitem(sys.modules, "wandb", raising=False)
+    seen = {}
+
+    class Probe:  # stands in for wandb on the import that the check makes, recording the environment it meets
+        def find_spec(self, name, path=None, target=None):
+            if name == "wandb":
+                seen.update(mode=os.environ.get("WANDB_MODE"), reports=os.environ.get("WANDB_ERROR_REPORTING"))
+            return None
+
+    monkeypatch.setattr(sys, "meta_path", [Probe(), *sys.meta_path])
+    check_available("wandb")
+    assert seen == {"mode": "offline", "reports": "false"}

@@ -39,7 +39,11 @@ class Tracker(Protocol):
 
 def check_available(name: str) -> None:
     """Raises TrackerUnavailable, saying how to install it or turn it off, when backend `name` cannot be imported."""
-    _, module, extra = BACKENDS[name]
+    backend, module, extra = BACKENDS[name]
+    # A backend may need its environment set before its package is first imported (W&B: offline, no reports).
+    prepare = getattr(importlib.import_module(f"codex_ml.tracking.{backend}"), "prepare_environment", None)
+    if prepare is not None:
+        prepare()
     try:
         importlib.import_module(module)
     except ImportError as e:

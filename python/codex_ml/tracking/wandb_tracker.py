@@ -25,11 +25,16 @@ OFFLINE_ENVIRONMENT = {
 }
 
 
+def prepare_environment() -> None:
+    """Sets OFFLINE_ENVIRONMENT, before wandb is imported (the tracker's construction checks that it can be)."""
+    os.environ.update(OFFLINE_ENVIRONMENT)
+
+
 class WandbTracker:
     """One offline W&B run per training run; metrics go to its history with the step as W&B's step."""
 
     def __init__(self, run_dir: Path, run_name: str):
-        os.environ.update(OFFLINE_ENVIRONMENT)
+        prepare_environment()
         import wandb
 
         settings = wandb.Settings(mode="offline", silent=True, console="off", disable_code=True, disable_git=True,
