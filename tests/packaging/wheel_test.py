@@ -136,7 +136,8 @@ def test_metadata_tags_and_console_scripts():
     scripts = wheel[f"{DIST_INFO}/entry_points.txt"].decode().splitlines()
     assert scripts[0] == "[console_scripts]"
     assert dict(line.split(" = ") for line in scripts[1:]) == CONSOLE_SCRIPTS
-    assert set(CONSOLE_SCRIPTS) == {"codex-train", "codex-generate", "codex-tokenize", "codex-bench", "codex-export"}
+    assert set(CONSOLE_SCRIPTS) == {"codex-train", "codex-generate", "codex-tokenize", "codex-bench", "codex-export",
+                                    "codex-runs", "codex-sweep"}
 
 
 def test_record_lists_every_file_with_its_digest():
@@ -246,7 +247,8 @@ def test_ops_match_float64_pytorch_in_the_new_environment(venv, work):
 
 # A flag each command's --help must list.
 HELP_NAMES = {"codex-bench": "--list", "codex-export": "--out", "codex-generate": "--checkpoint",
-              "codex-tokenize": "--output", "codex-train": "--gin_file"}
+              "codex-tokenize": "--output", "codex-train": "--gin_file", "codex-runs": "--metrics",
+              "codex-sweep": "--sweep"}
 
 
 @pytest.mark.parametrize("script", sorted(CONSOLE_SCRIPTS))

@@ -9,6 +9,8 @@ CONSOLE_SCRIPTS = {
     "codex-bench": "codex_ml.cli.bench:main",
     "codex-export": "codex_ml.cli.export:main",
     "codex-generate": "codex_ml.cli.generate:main",
+    "codex-runs": "codex_ml.cli.runs:main",
+    "codex-sweep": "codex_ml.cli.sweep:main",
     "codex-tokenize": "codex_ml.cli.tokenizer:main",
     "codex-train": "codex_ml.cli.train:console_main",
 }

@@ -1,4 +1,5 @@
-"""Tracking: metrics files (NDJSON, CSV), MLflow, system metrics and the progress display."""
+"""Tracking: metrics files (NDJSON, CSV), MLflow, the optional backends (trackers.py: TensorBoard, W&B offline),
+plots, run summaries, system metrics and the progress display."""
 
 from codex_ml.tracking.logger import MetricsLogger, import_mlflow
 from codex_ml.tracking.progress import Progress

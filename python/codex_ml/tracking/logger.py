@@ -87,10 +87,10 @@ class MetricsLogger:
 
         def start() -> None:
             mlflow.set_tracking_uri(uri)
-            if tracking_uri is None and mlflow.get_experiment_by_name(experiment_name) is None:
+            artifact_root = _artifact_root(tracking_uri, self.run_dir)
+            if artifact_root is not None and mlflow.get_experiment_by_name(experiment_name) is None:
                 # Artifacts would otherwise go to ./mlruns of whatever the current directory is.
-                artifacts = (self.run_dir / "mlartifacts").resolve().as_uri()
-                mlflow.create_experiment(experiment_name, artifact_location=artifacts)
+                mlflow.create_experiment(experiment_name, artifact_location=artifact_root.resolve().as_uri())
             mlflow.set_experiment(experiment_name)
             mlflow.start_run(run_name=run_name)
 
@@ -125,6 +125,14 @@ class MetricsLogger:
     def log_text(self, text: str, name: str) -> None:
         """Stores a text artifact (e.g. the operative config) in MLflow."""
         self._mirror(lambda: self._mlflow.log_text(text, name))
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Tags the MLflow run (git commit, digests, host: what finds and groups runs in a shared store)."""
+        self._mirror(lambda: self._mlflow.set_tags({key: str(value) for key, value in tags.items()}))
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Copies a file (a plot) into the MLflow run's artifacts."""
+        self._mirror(lambda: self._mlflow.log_artifact(str(path), artifact_path))
 
     def log(self, step: int, split: str, metrics: Mapping[str, float], *, mlflow: bool = True) -> None:
         """Records the metrics of one step for `split` ("train" or "val"); `mlflow=False` keeps them to the files
@@ -213,3 +221,13 @@ def _row_step(line: str) -> int | None:
         return int(line.split(",", 1)[0])
     except ValueError:
         return None
+
+
+def _artifact_root(tracking_uri: str | None, run_dir: Path) -> Path | None:
+    """Where a new experiment keeps its artifacts: beside the SQLite store (the run's own, or a shared one given as
+    sqlite:///PATH); None for another kind of store, which has its own default."""
+    if tracking_uri is None:
+        return run_dir / "mlartifacts"
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts"
+    return None

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from codex_ml.eval import get_metric
+from codex_ml.tracking.trackers import TRACKER_NAMES
 from codex_ml.training.optim import LRSchedule, check_optimizer
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -35,6 +36,11 @@ class TrainerConfig:
     batch_size / N rows of it. One optimizer step uses `grad_accum_steps` micro-steps. `seed` is
     `train.seed` (gin binds it there, not here). `allow_changed` names the settings of RESUME_CHANGEABLE that
     may differ from the checkpoint a run resumes from, e.g. ('learning_rate',); each change is recorded.
+
+    Tracking: `trackers` selects the backends beside metrics.ndjson and metrics.csv, any of "mlflow",
+    "tensorboard" and "wandb" (offline). `mlflow = False` turns MLflow off whatever `trackers` says (the older
+    switch, kept so that existing configs mean what they meant); `tracking_uri` is the MLflow store (default: the
+    run's own sqlite:///<run_dir>/mlflow.db; one store shared by several runs, e.g. a sweep, compares them).
     """
 
     seed: int = 0
@@ -67,6 +73,7 @@ class TrainerConfig:
     system_metrics_every: int = 50
     device: str = "auto"
     mlflow: bool = True
+    trackers: Sequence[str] = ("mlflow",)
     tracking_uri: str | None = None
     peak_flops_per_device: float | None = None
     allow_changed: Sequence[str] = ()
@@ -77,6 +84,11 @@ class TrainerConfig:
         object.__setattr__(self, "betas", tuple(self.betas))
         object.__setattr__(self, "metrics", tuple(self.metrics))
         object.__setattr__(self, "allow_changed", tuple(self.allow_changed))
+        object.__setattr__(self, "trackers", tuple(self.trackers))
+
+    def active_trackers(self) -> tuple[str, ...]:
+        """The tracking backends this run writes to: `trackers`, without MLflow when `mlflow` is False."""
+        return tuple(name for name in self.trackers if self.mlflow or name != "mlflow")
 
     def lr_schedule(self) -> LRSchedule:
         return LRSchedule(self.schedule, self.learning_rate, self.max_steps, self.warmup_steps, self.min_lr_ratio)
@@ -104,6 +116,7 @@ def validate(config: TrainerConfig) -> None:
     _check_optimization(config)
     _check_evaluation(config)
     _check_resume(config)
+    _check_tracking(config)
 
 
 def _check_choices_and_counts(c: TrainerConfig) -> None:
@@ -178,3 +191,17 @@ def _check_resume(c: TrainerConfig) -> None:
     if isinstance(c.allow_changed, str) or any(name not in RESUME_CHANGEABLE for name in c.allow_changed):
         raise ConfigError(f"Trainer.allow_changed = {c.allow_changed!r}: a resume may change only "
                           f"{', '.join(RESUME_CHANGEABLE)}; give a list of those names, e.g. ['learning_rate'].")
+
+
+def _check_tracking(c: TrainerConfig) -> None:
+    names = c.trackers
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"Trainer.trackers = {names!r} must be a list of names, e.g. ['mlflow', 'tensorboard'].")
+    unknown = [n for n in names if n not in TRACKER_NAMES]
+    if unknown:
+        raise ConfigError(f"Trainer.trackers: unknown tracker {unknown[0]!r}; choose from {', '.join(TRACKER_NAMES)}.")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"Trainer.trackers = {list(names)!r} names a tracker twice.")
+    if c.tracking_uri is not None and (not isinstance(c.tracking_uri, str) or not c.tracking_uri.strip()):
+        raise ConfigError(f"Trainer.tracking_uri = {c.tracking_uri!r} must be None (the run's own store) or an "
+                          "MLflow tracking URI, e.g. 'sqlite:////abs/path/mlflow.db'.")

@@ -65,7 +65,7 @@ class Trainer:
         self.operative_config = operative_config  # the gin text, or a function that returns it
         flops_fn = getattr(model, "flops_per_token", None)
         self.report = Reporter(config, process, self.run_dir,
-                               float(flops_fn(config.seq_len)) if callable(flops_fn) else None)
+                               float(flops_fn(config.seq_len)) if callable(flops_fn) else None, data=data)
         self.eval_batches = config.eval_batches  # at most the val split's batches: a wrap would count some twice
         if config.eval_batches > 0:
             self._check_val_split()
