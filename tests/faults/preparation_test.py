@@ -55,14 +55,12 @@ def test_interrupted_data_preparation_loses_nothing_and_the_next_run_trains(inte
 
 @pytest.mark.parametrize("interrupted_preparation", [
     "SIGINT",
-    pytest.param("SIGTERM", marks=pytest.mark.xfail(
-        strict=True, reason="SIGTERM during data preparation still ends the process by the signal, without a "
-                            "message, leaving its cache temporary to the next run")),
+    "SIGTERM",
 ], indirect=True)
 def test_interrupted_data_preparation_says_so_in_one_line_and_leaves_nothing_behind(interrupted_preparation):
     stopped = interrupted_preparation
     status = stopped.out[-2000:] + stopped.err[-4000:]
-    assert stopped.rc == 130 if "SIGINT" in stopped.tmp.name else stopped.rc > 0, status  # an exit, not a kill
+    assert stopped.rc == (130 if "SIGINT" in stopped.tmp.name else 143), status  # an exit, not a kill
     assert "Traceback" not in stopped.err, stopped.err[-4000:]
     assert [line for line in stopped.err.splitlines() if line.startswith("Interrupted")], stopped.err[-4000:]
     assert stopped.temporaries == []

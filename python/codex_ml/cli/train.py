@@ -6,7 +6,8 @@
 
 Later --gin_file flags override earlier ones; --gin_bindings are applied last. Exit codes: 0 finished or
 stopped by a signal (after a checkpoint), 1 stopped on a non-finite loss, 2 bad input (or another live run holds
---run_dir), 130 Ctrl-C before training started (data preparation) or a second Ctrl-C.
+--run_dir), 130 Ctrl-C before training started (data preparation) or a second Ctrl-C, 143 SIGTERM before
+training started.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import os
 import pkgutil
 import re
+import signal
 import sys
 import tempfile
 import types
@@ -295,6 +297,14 @@ def run() -> int:
     return 1 if result.status == "stopped_nonfinite" else 0
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM before the training loop (which handles it itself, with a checkpoint): ends the run as Ctrl-C does."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         print(f"error: unexpected arguments {argv[1:]}; every option is a --flag (see --help).", file=sys.stderr)
@@ -302,15 +312,19 @@ def main(argv: list[str]) -> int:
     from codex_ml.cli.common import enter_working_directory
 
     enter_working_directory()
+    # A scheduler's SIGTERM during data preparation unwinds like Ctrl-C (temporaries removed, one line), instead
+    # of killing the process mid-write; the training loop installs its own handler while it runs.
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return run()
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # during the training loop the first Ctrl-C is handled there (a checkpoint, exit 0)
-        print("Interrupted (Ctrl-C): nothing half-written was kept (complete cache entries and checkpoints stay); "
+    except KeyboardInterrupt as e:  # in the training loop the first Ctrl-C/SIGTERM is handled there (exit 0)
+        what = "SIGTERM" if isinstance(e, _Terminated) else "Ctrl-C"
+        print(f"Interrupted ({what}): nothing half-written was kept (complete cache entries and checkpoints stay); "
               "run the same command again to go on.", file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, _Terminated) else 130
     finally:
         from codex_ml.training import shutdown_distributed
 
