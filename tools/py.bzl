@@ -22,13 +22,25 @@ def codex_area(name, deps = [], exclude = [], data = []):
         data = data,
     )
 
-def py_pytest(name, srcs, deps = [], data = [], args = [], size = "medium", env = {}, **kwargs):
+def py_pytest(name, srcs, deps = [], data = [], args = [], size = "medium", env = {}, slow = [], tags = [], **kwargs):
     """A pytest test target. `srcs` are test files; `args` are extra pytest flags.
 
     `deps` names the //python areas the test imports (//python:data, //python:models, ...), not the whole
     package, so that an edit reruns only the tests that can see it. A test that runs a command in a subprocess
     depends on //python:codex_ml (and is tagged `e2e`).
+
+    `slow`: pytest -k terms (test function names, or parameter ids such as "triton") of the tests too slow for the
+    inner loop (`bazel test //... --test_tag_filters=-e2e`). They run in a second target, `<name>_slow`, tagged
+    `e2e`, and not in this one: `bazel test //...` still runs every test once.
     """
+    if slow:
+        selection = " or ".join(slow)  # quoted: Bazel splits `args` like a shell
+        slow_args = args + ["-k", "'%s'" % selection]
+        _pytest(name + "_slow", srcs, deps, data, slow_args, size, env, tags + ["e2e"], **kwargs)
+        args = args + ["-k", "'not (%s)'" % selection]
+    _pytest(name, srcs, deps, data, args, size, env, tags, **kwargs)
+
+def _pytest(name, srcs, deps, data, args, size, env, tags, **kwargs):
     native.py_test(
         name = name,
         srcs = srcs + ["//tools:pytest_main.py"],
@@ -39,6 +51,7 @@ def py_pytest(name, srcs, deps = [], data = [], args = [], size = "medium", env 
         size = size,
         python_version = "PY3",
         env = env,
+        tags = tags,
         **kwargs
     )
 
