@@ -1,20 +1,57 @@
-"""py_pytest: a py_test that runs pytest on its sources, with codex_ml importable; gpu_pytest: one that needs a
-CUDA device; codex_binary: a command."""
+"""codex_area: one area of the codex_ml package as a py_library; py_pytest: a py_test that runs pytest on its
+sources; gpu_pytest: one that needs a CUDA device; codex_binary: a command."""
 
 load("@local_gpu//:defs.bzl", "GPU_COMPATIBLE")
 
-def py_pytest(name, srcs, deps = [], data = [], args = [], size = "medium", env = {}, **kwargs):
-    """A pytest test target. `srcs` are test files; `args` are extra pytest flags."""
+# The areas of python/codex_ml, each a py_library //python:<area> (codex_area) and a lint target //:lint_<area>.
+CODEX_AREAS = ["checkpoint", "cli", "data", "eval", "models", "ops", "tokenization", "tracking", "training"]
+
+def codex_area(name, deps = [], exclude = [], data = []):
+    """python/codex_ml/<name>/ as the py_library `name` (every file of the folder but `exclude`, names in it).
+
+    Every area depends on //python:base (codex_ml/__init__.py, the version, _files, _hub). `deps` are the areas
+    its modules import: the arrows of docs/architecture.md, which Bazel keeps one-way (a cycle fails to build).
+    """
+    native.py_library(
+        name = name,
+        srcs = native.glob(
+            ["codex_ml/%s/**/*.py" % name],
+            exclude = ["codex_ml/%s/%s" % (name, f) for f in exclude],
+        ),
+        deps = deps + [":base"],
+        data = data,
+    )
+
+def py_pytest(name, srcs, deps = [], data = [], args = [], size = "medium", env = {}, slow = [], tags = [], **kwargs):
+    """A pytest test target. `srcs` are test files; `args` are extra pytest flags.
+
+    `deps` names the //python areas the test imports (//python:data, //python:models, ...), not the whole
+    package, so that an edit reruns only the tests that can see it. A test that runs a command in a subprocess
+    depends on //python:codex_ml (and is tagged `e2e`).
+
+    `slow`: pytest -k terms (test function names, or parameter ids such as "triton") of the tests too slow for the
+    inner loop (`bazel test //... --test_tag_filters=-e2e`). They run in a second target, `<name>_slow`, tagged
+    `e2e`, and not in this one: `bazel test //...` still runs every test once.
+    """
+    if slow:
+        selection = " or ".join(slow)  # quoted: Bazel splits `args` like a shell
+        slow_args = args + ["-k", "'%s'" % selection]
+        _pytest(name + "_slow", srcs, deps, data, slow_args, size, env, tags + ["e2e"], **kwargs)
+        args = args + ["-k", "'not (%s)'" % selection]
+    _pytest(name, srcs, deps, data, args, size, env, tags, **kwargs)
+
+def _pytest(name, srcs, deps, data, args, size, env, tags, **kwargs):
     native.py_test(
         name = name,
         srcs = srcs + ["//tools:pytest_main.py"],
         main = "//tools:pytest_main.py",
         args = args + ["$(location %s)" % s for s in srcs],
-        deps = deps + ["//python:codex_ml"],
+        deps = deps,
         data = data,
         size = size,
         python_version = "PY3",
         env = env,
+        tags = tags,
         **kwargs
     )
 

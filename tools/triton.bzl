@@ -7,7 +7,7 @@ def triton_aot_test(name, modules, **kwargs):
         srcs = ["//tools:triton_aot_check.py"],
         main = "//tools:triton_aot_check.py",
         args = modules,
-        deps = ["//python:codex_ml"],
+        deps = ["//python:ops"],
         python_version = "PY3",
         **kwargs
     )

@@ -1,6 +1,14 @@
 """What the kernel tests share: float64 references, the relative error they are judged by, the check of an op's
 output and gradients against float64, and the fixture that poisons every new allocation (so an element a kernel
-leaves unwritten fails the checks)."""
+leaves unwritten fails the checks).
+
+The layer ops' tests (rms_norm, rotary, swiglu) all run the same way. <op>_test: impl "cpu" (the op's C++
+kernel), "torch" (the eager formula) and "triton" (the Triton kernels in the interpreter, TRITON_INTERPRET=1, at
+small shapes only: it is slow) against float64 references, forward and backward, on fresh random inputs with
+poisoned outputs. <op>_gpu_test: CUDA tensors through the Triton kernels (the CUDA default) at the shapes of a
+Llama-style model, fp32, bf16 and fp16, forward and backward against float64 references computed on the GPU;
+skipped, with the reason, where there is no CUDA GPU. Both within LAYER_BOUNDS.
+"""
 
 import pytest
 import torch

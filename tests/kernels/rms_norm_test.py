@@ -1,11 +1,5 @@
-"""codex_ml.ops.rms_norm (impl "cpu" = the C++ kernel kernels/rms_norm/rms_norm.cc, "torch" = the eager formula,
-"triton" = the Triton kernels in the interpreter, TRITON_INTERPRET=1, at small shapes only: it is slow) against
-float64 PyTorch references, forward and backward, on fresh random inputs with poisoned outputs.
-
-Error bounds: references.LAYER_BOUNDS (relative L2 error of the output and of every input gradient against
-float64, inputs rounded to the tested dtype first): fp32 1e-5; fp16 2e-3 and bf16 1e-2 (the output and gradients
-are rounded to 11 and 8 significant bits; arithmetic is fp32 inside).
-"""
+"""codex_ml.ops.rms_norm (the C++ kernel kernels/rms_norm/rms_norm.cc, the eager formula, the Triton kernels) against
+float64 references, as references.py describes for every layer op."""
 
 import pytest
 import torch

@@ -1,11 +1,5 @@
-"""codex_ml.ops.rotary (impl "cpu" = the C++ kernel kernels/rotary/rotary.cc, "torch" = the eager formula,
-"triton" = the Triton kernel in the interpreter, TRITON_INTERPRET=1, at small shapes only: it is slow) against
-float64 PyTorch references, forward and backward, on fresh random inputs with poisoned outputs.
-
-Error bounds: references.LAYER_BOUNDS (relative L2 error of the output and of every input gradient against
-float64, inputs rounded to the tested dtype first): fp32 1e-5; fp16 2e-3 and bf16 1e-2 (the output and gradients
-are rounded to 11 and 8 significant bits; arithmetic is fp32 inside).
-"""
+"""codex_ml.ops.rotary (the C++ kernel kernels/rotary/rotary.cc, the eager formula, the Triton kernels) against
+float64 references, as references.py describes for every layer op."""
 
 import pytest
 import torch

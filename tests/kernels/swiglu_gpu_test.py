@@ -1,12 +1,5 @@
-"""GPU tests of swiglu: CUDA tensors through the Triton kernels (the CUDA default) at the shapes of a Llama-style
-model, fp32, bf16 and fp16, forward and backward against float64 references (computed on the GPU). Skipped, with
-the reason, where there is no CUDA GPU.
-
-Error bounds: references.LAYER_BOUNDS, as in the CPU tests (relative L2 error of the output and of every input
-gradient, inputs rounded to the tested dtype first): fp32 1e-5; fp16 2e-3 and bf16 1e-2 (outputs and gradients
-rounded to 11 and 8 significant bits, fp32 arithmetic inside). Every allocation is poisoned with NaN
-(fill_uninitialized_memory), so unwritten elements fail.
-"""
+"""GPU tests of swiglu: CUDA tensors through the Triton kernels against float64 references, as references.py
+describes for every layer op."""
 
 import pytest
 import torch

@@ -149,17 +149,22 @@ def test_secret_filter_withholds_secrets_and_keeps_the_rest():
     assert unfiltered == text
 
 
+def _filtered_in_chunks(text: str, rng: random.Random) -> str:
+    """`text` through a fresh secret filter, fed in chunks of 1 to 7 characters, then flushed."""
+    f, out, i = _SecretFilter(True), [], 0
+    while i < len(text):
+        n = rng.randint(1, 7)
+        out.append(f.feed(text[i:i + n]))
+        i += n
+    out.append(f.feed("", final=True))
+    return "".join(out)
+
+
 def test_secret_filter_any_chunking():
     text = f"a {GITHUB_TOKEN} b\n{KEY_HEADER}\nsecretbody\n{KEY_FOOTER}\nc"
     rng = random.Random(0)
     for _ in range(50):
-        f, out, i = _SecretFilter(True), [], 0
-        while i < len(text):
-            n = rng.randint(1, 7)
-            out.append(f.feed(text[i:i + n]))
-            i += n
-        out.append(f.feed("", final=True))
-        result = "".join(out)
+        result = _filtered_in_chunks(text, rng)
         assert result == "a [withheld: github_token] b\n[withheld: private_key_block]c"
 
 
@@ -187,13 +192,7 @@ def test_secret_filter_new_formats_any_chunking():
     text = f"a\n{env}\nb {url} c\n{putty}d\n{ssh2}e"
     rng = random.Random(0)
     for _ in range(50):
-        f, out, i = _SecretFilter(True), [], 0
-        while i < len(text):
-            n = rng.randint(1, 7)
-            out.append(f.feed(text[i:i + n]))
-            i += n
-        out.append(f.feed("", final=True))
-        result = "".join(out)
+        result = _filtered_in_chunks(text, rng)
         assert "Hx7k" not in result and "zq9" not in result and "admin:" not in result, result
         assert result.startswith("a\n") and "\nb " in result and " c\n" in result
         assert result.endswith("d\n[withheld: private_key_block]e")

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import sentencepiece
@@ -55,6 +56,8 @@ def _check_settings(*, shard_tokens: int, num_threads: int, tokenizer_threads: i
 def _key(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
+
+T = TypeVar("T")
 
 TOKENIZER_FILE = "tokenizer.model"
 TOKENIZER_DIGEST = "tokenizer.sha256"
@@ -118,6 +121,19 @@ def _cache_lock(cache_dir: Path, entry: Path, what: str, log: Callable[[str], No
         yield
     finally:
         lock.release()
+
+
+def _cached_or_built(cache_dir: Path, entry: Path, what: str, log: Callable[[str], None],
+                     cached: Callable[[Path], T | None], build: Callable[[], T]) -> tuple[T, bool]:
+    """(`cached(entry)`, False), or, where there is none, (`build()`, True) under the entry's lock; looked up again
+    once the lock is held, since a concurrent run may have built it meanwhile."""
+    value = cached(entry)
+    if value is None:
+        with _cache_lock(cache_dir, entry, what, log):
+            value = cached(entry)  # built meanwhile by the run this one waited for
+            if value is None:
+                return build(), True
+    return value, False
 
 
 @dataclass
@@ -210,58 +226,56 @@ def prepare_data(
                         "character_coverage": character_coverage, "byte_fallback": byte_fallback,
                         "threads": tokenizer_threads, "sentencepiece": sentencepiece.__version__})
         entry = cache_dir / "tokenizers" / tok_key
-        tokenizer = _cached_tokenizer(entry)
-        if tokenizer is None:
-            with _cache_lock(cache_dir, entry, "the tokenizer", log):
-                tokenizer = _cached_tokenizer(entry)  # trained meanwhile by the run this one waited for
-                if tokenizer is None:
-                    t = time.time()
-                    with _writing(cache_dir), staged_directory(entry, replace=True) as tmp:
-                        trained = Tokenizer.train((d.text for d in by_split["train"]), tmp / TOKENIZER_FILE,
-                                                  vocab_size=vocab_size, model_type=model_type,
-                                                  character_coverage=character_coverage, byte_fallback=byte_fallback,
-                                                  num_threads=tokenizer_threads)
-                        # The recorded SHA-256, written last: an entry without it is not a complete one.
-                        atomic_write_bytes(tmp / TOKENIZER_DIGEST, (trained.sha256 + "\n").encode())
-                    tokenizer = Tokenizer.load(entry / TOKENIZER_FILE)
-                    log(f"Tokenizer: trained {model_type} vocabulary {vocab_size} in {time.time() - t:.1f}s -> "
-                        f"{entry / TOKENIZER_FILE}")
-                else:
-                    log(f"Tokenizer: reusing cached {entry / TOKENIZER_FILE}")
-        else:
+
+        def train_tokenizer() -> Tokenizer:
+            t = time.time()
+            with _writing(cache_dir), staged_directory(entry, replace=True) as tmp:
+                trained = Tokenizer.train((d.text for d in by_split["train"]), tmp / TOKENIZER_FILE,
+                                          vocab_size=vocab_size, model_type=model_type,
+                                          character_coverage=character_coverage, byte_fallback=byte_fallback,
+                                          num_threads=tokenizer_threads)
+                # The recorded SHA-256, written last: an entry without it is not a complete one.
+                atomic_write_bytes(tmp / TOKENIZER_DIGEST, (trained.sha256 + "\n").encode())
+            trained = Tokenizer.load(entry / TOKENIZER_FILE)
+            log(f"Tokenizer: trained {model_type} vocabulary {vocab_size} in {time.time() - t:.1f}s -> "
+                f"{entry / TOKENIZER_FILE}")
+            return trained
+
+        tokenizer, built = _cached_or_built(cache_dir, entry, "the tokenizer", log, _cached_tokenizer, train_tokenizer)
+        if not built:
             log(f"Tokenizer: reusing cached {entry / TOKENIZER_FILE}")
 
     shard_key = _key({"corpus": corpus_digest, "policies": policies, "tokenizer": tokenizer.sha256,
                       "shard_tokens": shard_tokens})
     directory = cache_dir / "shards" / shard_key
-    manifest = _cached_shards(directory)
-    if manifest is None:
-        with _cache_lock(cache_dir, directory, "the token shards", log):
-            manifest = _cached_shards(directory)  # built meanwhile by the run this one waited for
-            if manifest is None:
-                t = time.time()
-                split_tokens = {}
-                eos = np.array([tokenizer.eos_id], dtype=np.int64)
-                for split, docs in by_split.items():
-                    ids = tokenizer.encode_many([d.text for d in docs], num_threads=num_threads)
-                    split_tokens[split] = [np.concatenate([np.asarray(x, dtype=np.int64), eos]) for x in ids]
-                manifest = {
-                    "tokenizer_sha256": tokenizer.sha256,
-                    "vocab_size": tokenizer.vocab_size,
-                    "eos_id": tokenizer.eos_id,
-                    "sources": corpus.sources,
-                    "corpus_sha256": corpus_digest,
-                    "policies": policies,
-                    "corpus_stats": stats,
-                    "secret_rules_matched": dict(sorted(corpus.secret_rules.items())),
-                }
-                with _writing(cache_dir):
-                    manifest = write_shards(directory, split_tokens, manifest,
-                                            dtype=token_dtype(tokenizer.vocab_size), shard_tokens=shard_tokens)
-                counts = ", ".join(f"{s} {manifest['splits'][s]['tokens']}" for s in SPLITS)
-                log(f"Shards: tokenized in {time.time() - t:.1f}s ({counts} tokens) -> {directory}")
-                return PreparedData(tokenizer, manifest, directory / MANIFEST)
-    log(f"Shards: reusing cached {directory} ({manifest['splits']['train']['tokens']} train tokens)")
+
+    def tokenize() -> dict:
+        t = time.time()
+        split_tokens = {}
+        eos = np.array([tokenizer.eos_id], dtype=np.int64)
+        for split, docs in by_split.items():
+            ids = tokenizer.encode_many([d.text for d in docs], num_threads=num_threads)
+            split_tokens[split] = [np.concatenate([np.asarray(x, dtype=np.int64), eos]) for x in ids]
+        manifest = {
+            "tokenizer_sha256": tokenizer.sha256,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id,
+            "sources": corpus.sources,
+            "corpus_sha256": corpus_digest,
+            "policies": policies,
+            "corpus_stats": stats,
+            "secret_rules_matched": dict(sorted(corpus.secret_rules.items())),
+        }
+        with _writing(cache_dir):
+            manifest = write_shards(directory, split_tokens, manifest,
+                                    dtype=token_dtype(tokenizer.vocab_size), shard_tokens=shard_tokens)
+        counts = ", ".join(f"{s} {manifest['splits'][s]['tokens']}" for s in SPLITS)
+        log(f"Shards: tokenized in {time.time() - t:.1f}s ({counts} tokens) -> {directory}")
+        return manifest
+
+    manifest, built = _cached_or_built(cache_dir, directory, "the token shards", log, _cached_shards, tokenize)
+    if not built:
+        log(f"Shards: reusing cached {directory} ({manifest['splits']['train']['tokens']} train tokens)")
     return PreparedData(tokenizer, manifest, directory / MANIFEST)
 
 

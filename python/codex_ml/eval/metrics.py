@@ -31,16 +31,16 @@ class Metric:
     transform: Callable[[float], float] | None = None
 
 
-_REGISTRY: dict[str, Metric] = {}
+_METRICS: dict[str, Metric] = {}
 
 
 def register_metric(name: str, *, transform: Callable[[float], float] | None = None) -> Callable[[MetricFn], MetricFn]:
     """Decorator: registers `fn(logits, targets) -> (total, count)` as the metric `name`."""
 
     def decorator(fn: MetricFn) -> MetricFn:
-        if name in _REGISTRY and _REGISTRY[name].fn is not fn:
-            raise ValueError(f"A metric named {name!r} is already registered ({_REGISTRY[name].fn.__qualname__}).")
-        _REGISTRY[name] = Metric(name, fn, transform)
+        if name in _METRICS and _METRICS[name].fn is not fn:
+            raise ValueError(f"A metric named {name!r} is already registered ({_METRICS[name].fn.__qualname__}).")
+        _METRICS[name] = Metric(name, fn, transform)
         return fn
 
     return decorator
@@ -48,13 +48,13 @@ def register_metric(name: str, *, transform: Callable[[float], float] | None = N
 
 def get_metric(name: str) -> Metric:
     """The registered metric `name`; a clear error listing the valid names otherwise."""
-    if name not in _REGISTRY:
-        raise ValueError(f"Unknown metric {name!r}; registered metrics: {', '.join(sorted(_REGISTRY))}.")
-    return _REGISTRY[name]
+    if name not in _METRICS:
+        raise ValueError(f"Unknown metric {name!r}; registered metrics: {', '.join(sorted(_METRICS))}.")
+    return _METRICS[name]
 
 
 def registered_metrics() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(_METRICS)
 
 
 def _token_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
