@@ -46,7 +46,7 @@ PRESETS = {
     # (N, H, V, dtype, device, impls, repeats)
     "quick": [(512, 256, 4096, torch.float32, "cpu", ("cpu", *REFERENCES), 3)],
     "cpu": [(8192, 1024, 32768, torch.float32, "cpu", ("cpu", *REFERENCES), 3)],
-    # Issue 3's GPU shape: 16k tokens of a Llama-3-sized head (vocabulary 128256), bf16.
+    # The GPU shape: 16k tokens of a Llama-3-sized head (vocabulary 128256), bf16.
     "gpu": [(16384, 4096, 128256, torch.bfloat16, "cuda", ("triton", "triton+input_accum", "cuda", "liger"), 10)],
 }
 
