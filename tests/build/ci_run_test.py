@@ -1,5 +1,6 @@
-""".ci/run's closing line cannot overstate: a passed target that executed nothing, and a file the suite left in
-/tmp, count as failures.
+""".ci/run's closing line cannot overstate: a passed target that executed nothing counts as a failure; paths new in
+/tmp while the suite ran are listed for a reader (other programs write there too; the suite's actions have their
+own /tmp).
 
 .ci/run runs in a copy of the tree whose tools/bazel is a stand-in: it prints the per-target lines of a scenario,
 may leave a file in /tmp, and answers `info bazel-testlogs` with a folder of test.xml files made here. (Under
@@ -89,17 +90,16 @@ def test_a_failed_build_or_target_fails(tmp_path, lines):
     assert out[-1] == "0 passed, 1 failed, 0 skipped"
 
 
-def test_a_file_left_in_tmp_fails_the_run_named(tmp_path):
+def test_a_file_new_in_tmp_is_listed_by_name(tmp_path):
     leak = Path("/tmp") / f"ci_run_test_leak_{os.getpid()}"
     try:
         code, out, err = run_ci(tmp_path, ["//tests/a:one_test                    PASSED in 1.0s"],
-                           {"//tests/a:one_test": junit(1, 0)}, leak=leak)
+                                {"//tests/a:one_test": junit(1, 0)}, leak=leak)
     finally:
         leak.unlink(missing_ok=True)
-    assert code != 0
-    assert "the suite wrote to /tmp (tests may write only under TEST_TMPDIR):" in out
+    assert any(line.startswith("new in /tmp while the suite ran") for line in out), out
     assert str(leak) in out
-    assert out[-1] == "1 passed, 1 failed, 0 skipped"
+    assert out[-1] == "1 passed, 0 failed, 0 skipped"
 
 
 def test_a_file_that_existed_before_the_suite_is_not_the_suites(tmp_path):
@@ -112,4 +112,5 @@ def test_a_file_that_existed_before_the_suite_is_not_the_suites(tmp_path):
     finally:
         log.unlink(missing_ok=True)
     assert code == 0, out
+    assert str(log) not in out
     assert out[-1] == "1 passed, 0 failed, 0 skipped"

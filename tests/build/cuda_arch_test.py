@@ -11,7 +11,9 @@ import codex_ml.kernels
 
 # cuobjdump ships inside triton's wheel, so the check needs nothing from the machine.
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-LIBRARIES = sorted(Path(codex_ml.kernels.__path__[0]).glob("*/lib*.so"))  # codex_ml/kernels/<op>/lib<name>.so
+# codex_ml/kernels/<op>/lib<name>.so; libcodex_onednn_gemm.so is a C++ CPU library (oneDNN products), not CUDA.
+LIBRARIES = sorted(lib for lib in Path(codex_ml.kernels.__path__[0]).glob("*/lib*.so")
+                   if lib.name != "libcodex_onednn_gemm.so")
 
 
 def test_cuda_libraries_are_packaged():

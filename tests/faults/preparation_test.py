@@ -29,7 +29,10 @@ def interrupted_preparation(request, tmp_path_factory, cache):
     before = faults.committed(shared)
     # Another vocabulary: a new tokenizer and shard set to build, next to the committed ones.
     options = {"prepare_data.vocab_size": "384"}
-    proc = faults.start(tmp, tmp / "run", shared, **options)
+    # Slow fsyncs in the cache (1.5 s each) keep the run in data preparation when the signal comes, however fast
+    # the machine builds a tokenizer this small.
+    slow = {"FAULT_SLOW_FSYNC_DIR": str(shared), "FAULT_SLOW_FSYNC_MS": "1500"}
+    proc = faults.start(tmp, tmp / "run", shared, faults=slow, **options)
     committed_entries = len(list((cache / "tokenizers").iterdir()))
     assert faults.wait_for(lambda: len(list((shared / "tokenizers").iterdir())) > committed_entries, proc)
     time.sleep(random.uniform(0.0, 1.0))
