@@ -202,7 +202,7 @@ class Sweep:
         print(f"{trial.name}: {settings} (log: {trial.run_dir / 'train.log'})", flush=True)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         with open(trial.run_dir / "train.log", "a") as log:
-            # Its own process session (setsid): a Ctrl-C at the terminal reaches the sweep only, which sends each
+            # A process group of its own (setsid): a Ctrl-C at the terminal reaches the sweep only, which sends each
             # trial one SIGTERM (a trial's second signal would stop it without a checkpoint).
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             with self._lock:
