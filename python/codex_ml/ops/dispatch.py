@@ -30,6 +30,7 @@ import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -188,6 +189,17 @@ def load_extension(name: str):
     if module is None:
         raise RuntimeError(f"{extension_error(name)}; {FAST_PATH_HINT}")
     return module
+
+
+def run_kernel(impl: str, op: str, cpu: str, triton: str, reference: Callable[..., Any], *args: Any) -> Any:
+    """One kernel of `op` on the backend `impl` chose: "cpu" runs the C++ op torch.ops.codex_ml_cpu.<cpu>,
+    "triton" the function codex_ml.kernels.<op>.triton.<triton>, anything else `reference` (PyTorch)."""
+    if impl == "cpu":
+        load_extension(op)
+        return getattr(torch.ops.codex_ml_cpu, cpu)(*args)
+    if impl == "triton":
+        return getattr(importlib.import_module(f"codex_ml.kernels.{op}.triton"), triton)(*args)
+    return reference(*args)
 
 
 def load_cuda_library(op: str, filename: str, fallback: str) -> ctypes.CDLL:

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from codex_ml.ops.dispatch import choose_impl, load_extension
+from codex_ml.ops.dispatch import choose_impl, run_kernel
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -58,13 +58,7 @@ def _backward_torch(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 @torch.library.custom_op("codex_ml::rms_norm", mutates_args=())
 def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(y [..., H] contiguous in promote(x, weight), rstd [rows] fp32)."""
-    if impl == "cpu":
-        load_extension("rms_norm")
-        return torch.ops.codex_ml_cpu.rms_norm(x, weight, eps)
-    if impl == "triton":
-        from codex_ml.kernels.rms_norm.triton import rms_norm_forward
-        return rms_norm_forward(x, weight, eps)
-    return _forward_torch(x, weight, eps)
+    return run_kernel(impl, "rms_norm", "rms_norm", "rms_norm_forward", _forward_torch, x, weight, eps)
 
 
 @_rms_norm_op.register_fake
@@ -77,13 +71,8 @@ def _(x, weight, eps, impl):
 def _rms_norm_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
                           impl: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_x like x, contiguous; grad_weight like weight), the weight gradient summed in fp32."""
-    if impl == "cpu":
-        load_extension("rms_norm")
-        return torch.ops.codex_ml_cpu.rms_norm_backward(grad, x, weight, rstd)
-    if impl == "triton":
-        from codex_ml.kernels.rms_norm.triton import rms_norm_backward
-        return rms_norm_backward(grad, x, weight, rstd)
-    return _backward_torch(grad, x, weight, rstd)
+    return run_kernel(impl, "rms_norm", "rms_norm_backward", "rms_norm_backward", _backward_torch, grad, x, weight,
+                      rstd)
 
 
 @_rms_norm_backward_op.register_fake

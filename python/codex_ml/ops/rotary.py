@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from codex_ml.ops.dispatch import choose_impl, load_extension
+from codex_ml.ops.dispatch import choose_impl, run_kernel
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -70,13 +70,7 @@ def _rotary_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str)
     """x rotated by position, with x's strides and dtype (x made contiguous first where x.stride(-1) != 1, as
     the fake says), cos/sin fp32 [T, D]."""
     x = _last_dim_dense(x)
-    if impl == "cpu":
-        load_extension("rotary")
-        return torch.ops.codex_ml_cpu.rotary(x, cos, sin)
-    if impl == "triton":
-        from codex_ml.kernels.rotary.triton import rotary_forward
-        return rotary_forward(x, cos, sin)
-    return _rotate_torch(x, cos, sin)
+    return run_kernel(impl, "rotary", "rotary", "rotary_forward", _rotate_torch, x, cos, sin)
 
 
 @_rotary_op.register_fake
@@ -93,13 +87,8 @@ def _last_dim_dense(x: torch.Tensor) -> torch.Tensor:
 def _rotary_backward_op(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, strides: list[int],
                         impl: str) -> torch.Tensor:
     """The gradient of x (the transposed rotation of grad), allocated with `strides` (the forward output's)."""
-    if impl == "cpu":
-        load_extension("rotary")
-        return torch.ops.codex_ml_cpu.rotary_backward(grad, cos, sin, strides)
-    if impl == "triton":
-        from codex_ml.kernels.rotary.triton import rotary_backward
-        return rotary_backward(grad, cos, sin, strides)
-    return _rotate_backward_torch(grad, cos, sin, strides)
+    return run_kernel(impl, "rotary", "rotary_backward", "rotary_backward", _rotate_backward_torch, grad, cos, sin,
+                      strides)
 
 
 @_rotary_backward_op.register_fake

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from codex_ml.ops.dispatch import choose_impl, load_extension
+from codex_ml.ops.dispatch import choose_impl, run_kernel
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -31,6 +31,10 @@ def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
         raise ValueError(f"gate is on {gate.device} but up is on {up.device}: move them to one device")
 
 
+def _forward_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return (F.silu(gate) * up).contiguous()
+
+
 def _backward_torch(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     g, u, dy = gate.float(), up.float(), grad.float()  # no copies for fp32
     d_gate = torch.ops.aten.silu_backward(dy * u, g)
@@ -40,13 +44,7 @@ def _backward_torch(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) ->
 @torch.library.custom_op("codex_ml::swiglu", mutates_args=())
 def _swiglu_op(gate: torch.Tensor, up: torch.Tensor, impl: str) -> torch.Tensor:
     """silu(gate) * up, contiguous, in gate's dtype."""
-    if impl == "cpu":
-        load_extension("swiglu")
-        return torch.ops.codex_ml_cpu.swiglu(gate, up)
-    if impl == "triton":
-        from codex_ml.kernels.swiglu.triton import swiglu_forward
-        return swiglu_forward(gate, up)
-    return (F.silu(gate) * up).contiguous()
+    return run_kernel(impl, "swiglu", "swiglu", "swiglu_forward", _forward_torch, gate, up)
 
 
 @_swiglu_op.register_fake
@@ -58,13 +56,7 @@ def _(gate, up, impl):
 def _swiglu_backward_op(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                         impl: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(d_gate, d_up), contiguous, sigmoid(gate) recomputed."""
-    if impl == "cpu":
-        load_extension("swiglu")
-        return torch.ops.codex_ml_cpu.swiglu_backward(grad, gate, up)
-    if impl == "triton":
-        from codex_ml.kernels.swiglu.triton import swiglu_backward
-        return swiglu_backward(grad, gate, up)
-    return _backward_torch(grad, gate, up)
+    return run_kernel(impl, "swiglu", "swiglu_backward", "swiglu_backward", _backward_torch, grad, gate, up)
 
 
 @_swiglu_backward_op.register_fake
