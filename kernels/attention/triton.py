@@ -384,29 +384,28 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
 
 
 def aot_specs() -> list[tuple]:
-    """(kernel, signature, constexprs) triples that the build compiles for sm_80 and sm_90: the tensor-core path
-    (DOT_FP32=False) with the tiles _config picks on sm_80 and on Hopper, bf16/fp16, D 64/128, every kernel."""
+    """(kernel, signature, constexprs) triples that the build compiles for sm_80 and sm_90: every kernel on the
+    tensor-core path (DOT_FP32=False) with the tiles _config picks on sm_80 (bf16, D 64) and on Hopper (fp16,
+    D 128). tests/kernels/attention_aot_test.py compiles both tables at D 64 and 128 with their warps and stages."""
     specs = []
     scalars = {"scale": "fp32", "T": "i32", "H": "i32", "GROUPS": "i32", "WINDOW": "i32"}
     flags = ("CAUSAL", "HAS_WINDOW", "D", "BLOCK_M", "BLOCK_N", "DOT_FP32")
-    for hopper in (False, True):
-        for dtype in ("bf16", "fp16"):
-            for d in (64, 128):
-                cfg = _tensor_core_config(hopper, d)
-                base = {"CAUSAL": True, "HAS_WINDOW": True, "D": d, "DOT_FP32": False}
-                ptrs = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr")}
-                fwd = {**ptrs, "o_ptr": f"*{dtype}", "lse_ptr": "*fp32", **scalars, **{f: "constexpr" for f in flags}}
-                block_m, block_n = cfg["fwd"]
-                specs.append((_attn_fwd_kernel, fwd, {**base, "BLOCK_M": block_m, "BLOCK_N": block_n}))
-                block_m, block_n = cfg["bwd"]
-                specs.append((_attn_bwd_delta_kernel,
-                              {"o_ptr": f"*{dtype}", "do_ptr": f"*{dtype}", "delta_ptr": "*fp32", "T": "i32",
-                               "D": "constexpr", "BLOCK_M": "constexpr"}, {"D": d, "BLOCK_M": block_m}))
-                inputs = {**ptrs, "do_ptr": f"*{dtype}", "lse_ptr": "*fp32", "delta_ptr": "*fp32"}
-                bwd = {**base, "BLOCK_M": block_m, "BLOCK_N": block_n}
-                specs.append((_attn_bwd_kernel, {**inputs, "dk_ptr": f"*{dtype}", "dv_ptr": f"*{dtype}",
-                                                 "dq_ptr": "*fp32", **scalars, **{f: "constexpr" for f in flags},
-                                                 "ACCUMULATE_DQ": "constexpr"}, {**bwd, "ACCUMULATE_DQ": True}))
-                specs.append((_attn_bwd_dq_kernel, {**inputs, "dq_ptr": f"*{dtype}", **scalars,
-                                                    **{f: "constexpr" for f in flags}}, bwd))
+    for hopper, dtype, d in ((False, "bf16", 64), (True, "fp16", 128)):
+        cfg = _tensor_core_config(hopper, d)
+        base = {"CAUSAL": True, "HAS_WINDOW": True, "D": d, "DOT_FP32": False}
+        ptrs = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr")}
+        fwd = {**ptrs, "o_ptr": f"*{dtype}", "lse_ptr": "*fp32", **scalars, **{f: "constexpr" for f in flags}}
+        block_m, block_n = cfg["fwd"]
+        specs.append((_attn_fwd_kernel, fwd, {**base, "BLOCK_M": block_m, "BLOCK_N": block_n}))
+        block_m, block_n = cfg["bwd"]
+        specs.append((_attn_bwd_delta_kernel,
+                      {"o_ptr": f"*{dtype}", "do_ptr": f"*{dtype}", "delta_ptr": "*fp32", "T": "i32",
+                       "D": "constexpr", "BLOCK_M": "constexpr"}, {"D": d, "BLOCK_M": block_m}))
+        inputs = {**ptrs, "do_ptr": f"*{dtype}", "lse_ptr": "*fp32", "delta_ptr": "*fp32"}
+        bwd = {**base, "BLOCK_M": block_m, "BLOCK_N": block_n}
+        specs.append((_attn_bwd_kernel, {**inputs, "dk_ptr": f"*{dtype}", "dv_ptr": f"*{dtype}",
+                                         "dq_ptr": "*fp32", **scalars, **{f: "constexpr" for f in flags},
+                                         "ACCUMULATE_DQ": "constexpr"}, {**bwd, "ACCUMULATE_DQ": True}))
+        specs.append((_attn_bwd_dq_kernel, {**inputs, "dq_ptr": f"*{dtype}", **scalars,
+                                            **{f: "constexpr" for f in flags}}, bwd))
     return specs

@@ -1,10 +1,11 @@
 """The Triton attention kernels as a GPU runs them, compiled ahead of time with no GPU present.
 
-The tensor-core path (DOT_FP32=False) with the tiles, warps and stages that _config picks on sm_80 and on Hopper
-(sm_90), and pointers 16-byte aligned, as PyTorch allocates them and as Triton specializes on them at launch
-(unaligned, no load is vectorized and none is pipelined). Each kernel must fit the chip's shared memory (sm_80
-163 KB, sm_90 227 KB per block), load its tiles asynchronously (cp.async: the pipelined loop) and, on Hopper, run
-its products as warpgroup MMAs (wgmma). tools/triton_aot_check.py compiles every kernel with default options.
+The tensor-core path (DOT_FP32=False) in bf16 at D 64 and 128, with the tiles, warps and stages that _config picks
+on sm_80 and on Hopper (sm_90), and pointers 16-byte aligned, as PyTorch allocates them and as Triton specializes
+on them at launch (unaligned, no load is vectorized and none is pipelined). Each kernel must fit the chip's shared
+memory (sm_80 163 KB, sm_90 227 KB per block), load its tiles asynchronously (cp.async: the pipelined loop) and,
+on Hopper, run its products as warpgroup MMAs (wgmma). tools/triton_aot_check.py compiles every kernel with
+default options.
 """
 
 import os
@@ -25,11 +26,11 @@ KERNELS = {"fwd": kernels._attn_fwd_kernel, "bwd": kernels._attn_bwd_kernel, "dq
 def _compile(capability: int, d: int, name: str):
     config = kernels._tensor_core_config(capability >= 90, d)
     tiles = "fwd" if name == "fwd" else "bwd"
-    fn, signature, constexprs = next(spec for spec in kernels.aot_specs()
-                                     if spec[0] is KERNELS[name] and spec[2]["D"] == d and "bf16" in spec[1]["q_ptr"])
+    fn, signature, constexprs = next(spec for spec in kernels.aot_specs() if spec[0] is KERNELS[name])
+    signature = {arg: kind.replace("fp16", "bf16") for arg, kind in signature.items()}
     block_m, block_n = config[tiles]
     aligned = {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(signature.values()) if kind.startswith("*")}
-    source = ASTSource(fn, signature, {**constexprs, "BLOCK_M": block_m, "BLOCK_N": block_n}, aligned)
+    source = ASTSource(fn, signature, {**constexprs, "D": d, "BLOCK_M": block_m, "BLOCK_N": block_n}, aligned)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=config[f"{tiles}_opts"])
 
 

@@ -263,14 +263,13 @@ SPLIT_CASES = [
 
 
 def _check_kernels(t, causal, window, config, hq=4, hkv=2, d=16):
-    from codex_ml.kernels.attention.triton import attention_backward, attention_forward
     q = torch.randn(1, hq, t, d, dtype=torch.float64)
     k, v = torch.randn(1, hkv, t, d, dtype=torch.float64), torch.randn(1, hkv, t, d, dtype=torch.float64)
     do = torch.randn(1, hq, t, d)
     scale = d ** -0.5
     ins = [x.float() for x in (q, k, v)]
-    out, lse = attention_forward(*ins, causal, scale, window or 0, config)
-    grads = attention_backward(do, *ins, out, lse, causal, scale, window or 0, config)
+    out, lse = triton_attention.attention_forward(*ins, causal, scale, window or 0, config)
+    grads = triton_attention.attention_backward(do, *ins, out, lse, causal, scale, window or 0, config)
     ref_in = [x.requires_grad_() for x in (q, k, v)]
     ref = reference(*ref_in, causal=causal, window=window, scale=scale)
     ref_grads = torch.autograd.grad((ref * do.double()).sum(), ref_in)
