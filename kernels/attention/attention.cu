@@ -224,24 +224,39 @@ constexpr size_t bwd_smem_bytes() {
   return sizeof(__half) * (4 * kBlock * (D + 8) + 2 * kBlock * kLdP) + sizeof(float) * (2 * kBlock * kLdS + 2 * kBlock);
 }
 
+// The backward kernels' shared memory (bwd_smem_bytes): K, V, Q and dO tiles, P and dS in the input dtype, the
+// fp32 score tiles S and dP, and the query tile's lse and delta. The dQ kernel leaves P, lse and delta unused.
+template <typename E, int D>
+struct BwdTiles {
+  static constexpr int kLdE = D + 8;
+  E *k, *v, *q, *dout, *p, *ds;
+  float *s, *dp, *lse, *delta;
+
+  __device__ explicit BwdTiles(unsigned char* smem) {
+    k = reinterpret_cast<E*>(smem);
+    v = k + kBlock * kLdE;
+    q = v + kBlock * kLdE;
+    dout = q + kBlock * kLdE;
+    p = dout + kBlock * kLdE;
+    ds = p + kBlock * kLdP;
+    s = reinterpret_cast<float*>(ds + kBlock * kLdP);
+    dp = s + kBlock * kLdS;
+    lse = dp + kBlock * kLdS;
+    delta = lse + kBlock;
+  }
+};
+
 template <typename E, int D>
 __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(const E* q, const E* k, const E* v,
                                                                   const E* dout, const float* lse,
                                                                   const float* delta, E* dk, E* dv, float scale,
                                                                   int T, int H, int groups, bool causal,
                                                                   int window) {
-  constexpr int kLdE = D + 8;
+  constexpr int kLdE = BwdTiles<E, D>::kLdE;
   extern __shared__ __align__(128) unsigned char smem[];
-  E* s_k = reinterpret_cast<E*>(smem);
-  E* s_v = s_k + kBlock * kLdE;
-  E* s_q = s_v + kBlock * kLdE;
-  E* s_do = s_q + kBlock * kLdE;
-  E* s_p = s_do + kBlock * kLdE;
-  E* s_ds = s_p + kBlock * kLdP;
-  float* s_s = reinterpret_cast<float*>(s_ds + kBlock * kLdP);
-  float* s_dp = s_s + kBlock * kLdS;
-  float* s_lse = s_dp + kBlock * kLdS;
-  float* s_delta = s_lse + kBlock;
+  const BwdTiles<E, D> t(smem);
+  E *s_k = t.k, *s_v = t.v, *s_q = t.q, *s_do = t.dout, *s_p = t.p, *s_ds = t.ds;
+  float *s_s = t.s, *s_dp = t.dp, *s_lse = t.lse, *s_delta = t.delta;
 
   const int k0 = blockIdx.x * kBlock;
   const size_t bkv = blockIdx.y;
@@ -298,15 +313,11 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(const E* q, cons
                                                                 const E* dout, const float* lse,
                                                                 const float* delta, E* dq, float scale, int T,
                                                                 int H, int groups, bool causal, int window) {
-  constexpr int kLdE = D + 8;
+  constexpr int kLdE = BwdTiles<E, D>::kLdE;
   extern __shared__ __align__(128) unsigned char smem[];
-  E* s_q = reinterpret_cast<E*>(smem);
-  E* s_do = s_q + kBlock * kLdE;
-  E* s_k = s_do + kBlock * kLdE;
-  E* s_v = s_k + kBlock * kLdE;
-  E* s_ds = s_v + kBlock * kLdE;
-  float* s_s = reinterpret_cast<float*>(s_ds + kBlock * kLdP);  // (bwd_smem_bytes also fits the dK/dV kernel)
-  float* s_dp = s_s + kBlock * kLdS;
+  const BwdTiles<E, D> t(smem);
+  E *s_q = t.q, *s_do = t.dout, *s_k = t.k, *s_v = t.v, *s_ds = t.ds;
+  float *s_s = t.s, *s_dp = t.dp;
 
   const int q0 = blockIdx.x * kBlock;
   const size_t bh = blockIdx.y, bkv = (bh / H) * (H / groups) + (bh % H) / groups;
@@ -339,7 +350,7 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(const E* q, cons
     __syncwarp();
     warp_accumulate_ab<E, D>(acc_dq, s_ds + warp * 16 * kLdP, kLdP, s_k, kLdE);  // dQ += dS K
   }
-  __syncthreads();  // the K/V tiles become the fp32 staging buffer
+  __syncthreads();  // the K/V tiles (one after the other) become the fp32 staging buffer
   store_acc<E, D>(dq + bh * T * D, acc_dq, reinterpret_cast<float*>(s_k), scale, q0, T);
 }
 

@@ -12,9 +12,12 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from references import attention_reference as reference
 from references import poison_uninitialized_memory, rel_err  # noqa: F401 (an autouse fixture)
 
+from codex_ml.kernels.attention import triton as triton_attention
 from codex_ml.ops import attention
 
 BOUNDS = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -204,3 +207,91 @@ def test_a_window_of_t_or_more_is_no_window(impl):
         if impl == "triton":  # the kernel wrapper itself, as tools/tune_attention.py calls it
             out, _ = attention_forward(q, k, v, causal, 0.25, 2**31 - 1)
             torch.testing.assert_close(out, attention(q, k, v, causal=causal, scale=0.25, impl=impl))
+
+
+# The Triton kernels split each block's partner blocks into unmasked ones (every pair exists and is allowed: no
+# mask arithmetic, no masked loads) and masked ones (the causal diagonal, the window's edges, the tail past T).
+@triton.jit
+def _spans_probe(out_ptr, T, WINDOW, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, KEY_BLOCK: tl.constexpr,
+                 BLOCK: tl.constexpr, OTHER: tl.constexpr):
+    lo, full_lo, full_hi, hi = triton_attention._spans(tl.program_id(0) * BLOCK, T, WINDOW, CAUSAL, HAS_WINDOW,
+                                                       KEY_BLOCK, BLOCK, OTHER)
+    out = out_ptr + tl.program_id(0) * 4
+    tl.store(out, lo)
+    tl.store(out + 1, full_lo)
+    tl.store(out + 2, full_hi)
+    tl.store(out + 3, hi)
+
+
+@pytest.mark.parametrize("block,other", [(32, 32), (16, 32), (32, 16), (128, 64)])
+@pytest.mark.parametrize("causal,window", [(True, None), (False, None), (True, 5), (True, 40), (False, 7),
+                                           (False, 50)])
+@pytest.mark.parametrize("key_block", [False, True])
+def test_block_spans_are_exactly_the_unmasked_blocks(block, other, causal, window, key_block):
+    """For every block: [lo, hi) holds every partner block with an allowed pair, [full_lo, full_hi) exactly those
+    whose pairs all exist and are allowed; T = k * block, k * block + 1, k * block - 1 and below one block."""
+    for t in (other - 1, 2 * block, 2 * block + 1, 3 * block - 1, 3 * other + 1, 200):
+        if window is not None and window >= t:
+            continue  # the kernels run such a window as none
+        blocks = triton.cdiv(t, block)
+        spans = torch.zeros(blocks, 4, dtype=torch.int32)
+        _spans_probe[(blocks,)](spans, t, window or 0, CAUSAL=causal, HAS_WINDOW=window is not None,
+                                KEY_BLOCK=key_block, BLOCK=block, OTHER=other)
+        i = torch.arange(blocks * block + 2 * other)
+        this, partner = i[:, None], i[None, :]
+        query, key = (partner, this) if key_block else (this, partner)
+        allowed = (query < t) & (key < t)
+        if causal:
+            allowed &= query >= key
+        if window is not None:
+            allowed &= (query - key < window) if causal else ((query - key).abs() < window)
+        for b, (lo, full_lo, full_hi, hi) in enumerate(spans.tolist()):
+            assert all(x % other == 0 or x == hi for x in (lo, full_lo, full_hi)), (t, b, spans[b])  # block starts
+            assert lo <= full_lo <= full_hi <= hi <= t, (t, b, spans[b])
+            rows = allowed[b * block:(b + 1) * block]
+            for x in range(0, t, other):
+                tile = rows[:, x:x + other]
+                if tile.any():
+                    assert lo <= x < hi, (t, b, x, spans[b])
+                assert bool(tile.all()) == (full_lo <= x < full_hi), (t, b, x, spans[b])
+
+
+SPLIT_CASES = [
+    # (T, causal, window): T = k * 32 (the interpreter's tile), k * 32 + 1, below one tile, windows on and off it
+    (64, True, None), (65, True, None), (31, True, None), (64, False, None), (97, False, 20), (96, True, 33),
+]
+
+
+def _check_kernels(t, causal, window, config, hq=4, hkv=2, d=16):
+    q = torch.randn(1, hq, t, d, dtype=torch.float64)
+    k, v = torch.randn(1, hkv, t, d, dtype=torch.float64), torch.randn(1, hkv, t, d, dtype=torch.float64)
+    do = torch.randn(1, hq, t, d)
+    scale = d ** -0.5
+    ins = [x.float() for x in (q, k, v)]
+    out, lse = triton_attention.attention_forward(*ins, causal, scale, window or 0, config)
+    grads = triton_attention.attention_backward(do, *ins, out, lse, causal, scale, window or 0, config)
+    ref_in = [x.requires_grad_() for x in (q, k, v)]
+    ref = reference(*ref_in, causal=causal, window=window, scale=scale)
+    ref_grads = torch.autograd.grad((ref * do.double()).sum(), ref_in)
+    assert rel_err(out, ref) < BOUNDS[torch.float32]
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert g.dtype == torch.float32 and torch.isfinite(g).all(), name
+        assert rel_err(g, r) < BOUNDS[torch.float32], (name, rel_err(g, r))
+
+
+@pytest.mark.parametrize("fwd,bwd", [((32, 32), (32, 32)), ((16, 32), (32, 16)), ((32, 16), (16, 32))])
+@pytest.mark.parametrize("t,causal,window", SPLIT_CASES)
+def test_triton_main_and_diagonal_blocks_match_float64(fwd, bwd, t, causal, window):
+    """Square and non-square tiles (the GPU's are 128 x 64 and 64 x 128), dQ summed atomically in the dK/dV kernel."""
+    torch.manual_seed(t + fwd[0] + bwd[0])
+    config = {"fwd": fwd, "bwd": bwd, "dot_fp32": True, "fwd_opts": {}, "bwd_opts": {}}
+    _check_kernels(t, causal, window, config)
+
+
+@pytest.mark.parametrize("t,causal,window", SPLIT_CASES[1:5])
+def test_triton_deterministic_backward_matches_float64(t, causal, window):
+    """Under torch.use_deterministic_algorithms(True) dQ comes from its own kernel, not from atomic adds."""
+    torch.manual_seed(t + 3)
+    torch.use_deterministic_algorithms(True)  # the poisoning fixture restores the setting
+    config = {"fwd": (32, 32), "bwd": (16, 32), "dot_fp32": True, "fwd_opts": {}, "bwd_opts": {}}
+    _check_kernels(t, causal, window, config)
