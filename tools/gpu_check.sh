@@ -14,7 +14,7 @@
 # and each benchmark's JSON file.
 #   usage: tools/gpu_check.sh [gpu|quick [stage ...]]   (stages: as above, default all, in that order)
 #   env:   PYTHON (default python3), GPU_BUNDLE, GPU_CHECK_DEADLINE (seconds for the whole run, default 540: it
-#          fits a 10-minute job limit), NVCC (the fallback build only)
+#          fits a 10-minute job limit; the stages' budgets are shares of it), NVCC (the fallback build only)
 # Without a CUDA device it makes a dry run: the same load check, every module of the package and the benchmarks
 # imported, the GPU tests collected, and each stage at its smallest size on the CPU (the benchmarks' quick
 # preset, the tile tuning in the Triton interpreter); tests/build/gpu_check_test.py runs it on the bundle.
@@ -160,9 +160,9 @@ PY
   (( dry_status || collect_status )) && build_status=1
 fi
 
-# Each stage: its budget in seconds (cut to what is left of the deadline, less a reserve for the summary) and the
-# least it may run with; below that it is skipped. The dry run's CPU takes longer over the quick sizes than the
-# GPU over its own: twice the budget.
+# Each stage: its budget in seconds of the default 540 s deadline (a longer deadline lengthens them alike), cut to
+# what is left of the deadline less a reserve for the summary, and the least it may run with; below that it is
+# skipped. The dry run's CPU takes longer over the quick sizes than the GPU over its own: twice the budget.
 declare -A budget=([tests]=150 [bench_attention]=90 [bench_linear_cross_entropy]=75 [bench_layers]=45
                    [tune_attention]=60 [bench_train]=75)
 reserve=15 least=30 scale=1
@@ -176,7 +176,8 @@ for stage in "${stages[@]}"; do
     echo "unknown stage ${stage}"; stage_status=1; continue
   fi
   left=$(( deadline - SECONDS - reserve ))
-  limit=$(( left < scale * budget[${stage}] ? left : scale * budget[${stage}] ))
+  share=$(( scale * budget[${stage}] * deadline / 540 ))
+  limit=$(( left < share ? left : share ))
   if (( limit < least )); then
     echo "${stage}  SKIPPED (${SECONDS} s of the ${deadline} s used; run it by name: tools/gpu_check.sh gpu ${stage})" \
       | tee -a "${out}/stages.txt"
