@@ -44,11 +44,13 @@ Fairness, by construction:
   nanoGPT-style `logits, loss = model(x, y)` loop does).
 
 Measurements. Each implementation runs, under each settings, in its own fresh Python process
-(train_bench/worker.py). The processes are alive at once but run in lockstep (train_bench/lockstep.py): an
-optimizer step hook hands the turn back to the driver after every step, and the driver lets one process at a
-time run its next step, rotating the order each step. So only one computes at any moment (with all the threads),
-and load from other jobs on a shared machine falls on all of them alike instead of on whichever happened to run
-during it. All six processes are alive at once: the cpu preset needs about 10 GB of memory (one settings: half).
+(train_bench/worker.py). The three processes of one settings are alive at once but run in lockstep
+(train_bench/lockstep.py): an optimizer step hook hands the turn back to the driver after every step, and the
+driver lets one process at a time run its next step, rotating the order each step. So only one computes at any
+moment (with all the threads), and load from other jobs on a shared machine falls on all of them alike instead of
+on whichever happened to run during it. The settings run one after the other, and the result file is rewritten
+after each, so a run stopped early keeps the rows of the settings it finished: the cpu preset needs about 5 GB of
+memory.
 - tokens_per_s: batch * seq_len * timed steps / their summed durations, over the steps after the first
   `timing_warmup`. A step's duration runs from the process getting its turn to the end of its optimizer step,
   so the framework's work between steps (data, logging, zeroing gradients, clipping) is included and start-up,
@@ -168,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         init_path = work / "init.pt"
         save_init(spec, init_path)
-        measured = run_lockstep([(impl, s) for s in settings for impl in impls], spec, work, init_path)
+        measured = []
+        for group in settings:
+            measured += run_lockstep([(impl, group) for impl in impls], spec, work, init_path)
+            results.write(make_rows(spec, measured))  # the rows so far
     rows = make_rows(spec, measured)
     for row in rows:
         if not all(math.isfinite(x) for x in row["losses"]):

@@ -1,10 +1,13 @@
 """Compiles Triton kernels ahead of time for sm_80 and sm_90, with no GPU present.
 
-Usage: triton_aot_check.py MODULE [MODULE ...]. Each module defines `aot_specs()`, a list of
-(kernel, signature, constexprs) triples; each is compiled for every target and the PTX and cubin
-are checked to be for that architecture. Exit status 1 if any kernel fails to compile.
+Usage: triton_aot_check.py [--triton_site=FILE] MODULE [MODULE ...]. Each module defines `aot_specs()`, a list of
+(kernel, signature, constexprs) triples; each is compiled for every target and the PTX and cubin are checked to be
+for that architecture. --triton_site names a file holding the site-packages folder of another Triton release
+(tools/triton_venv.bzl): that folder goes first on sys.path, so that release compiles the kernels (the line
+"triton X from PATH" says which one did). Exit status 1 if any kernel fails to compile.
 """
 
+import argparse
 import os
 import sys
 import tempfile
@@ -13,17 +16,17 @@ import tempfile
 os.environ["TRITON_INTERPRET"] = "0"
 os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(os.environ.get("TEST_TMPDIR", tempfile.mkdtemp()), "triton"))
 
-import importlib  # noqa: E402
-
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
 TARGETS = (80, 90)
 
 
 def check_module(name: str) -> list[str]:
     """Compiles every spec of module `name` for every target; returns the failures."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
     module = importlib.import_module(name)
     specs = module.aot_specs()
     if not specs:
@@ -47,8 +50,24 @@ def check_module(name: str) -> list[str]:
     return failures
 
 
-def main(modules: list[str]) -> int:
-    failures = [f for m in modules for f in check_module(m)]
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--triton_site", help="file holding the site-packages folder of the Triton to compile with")
+    parser.add_argument("modules", nargs="+")
+    args = parser.parse_args(argv)
+    site = None
+    if args.triton_site:
+        with open(args.triton_site) as f:
+            site = os.path.realpath(f.read().strip())
+        sys.path.insert(0, site)
+    import triton
+
+    where = os.path.realpath(os.path.dirname(triton.__file__))
+    print(f"triton {triton.__version__} from {where}")
+    if site and not where.startswith(site + os.sep):
+        print(f"FAIL triton was imported from {where}, not from {site}")
+        return 1
+    failures = [f for m in args.modules for f in check_module(m)]
     for failure in failures:
         print("FAIL " + failure)
     print(f"{len(failures)} failures")

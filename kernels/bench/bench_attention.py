@@ -14,6 +14,7 @@ Rows per shape, implementation and pass ("fwd", "bwd", "fwd+bwd"): time_ms (medi
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -63,26 +64,24 @@ def _callables(fn, q, k, v, causal):
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
 
 
-def run_case(b, h, t, d, dtype, device, causal, impls, repeats) -> list[dict]:
+def run_case(b, h, t, d, dtype, device, causal, impls, repeats) -> Iterator[dict]:
     torch.manual_seed(0)
     q, k, v = (torch.randn(b, h, t, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     flops_fwd = 4 * b * h * t * t * d / (2 if causal else 1)
     flops = {"fwd": flops_fwd, "bwd": 2.5 * flops_fwd, "fwd+bwd": 3.5 * flops_fwd}
     ref = _callables(_sdpa, q, k, v, causal)
-    rows = []
     for impl in impls:
         ours = _callables(lambda q, k, v, c, impl=impl: attention(q, k, v, causal=c, impl=impl), q, k, v, causal)
         for pass_name in ("fwd", "bwd", "fwd+bwd"):
             time_ms, ref_time_ms = common.time_pair_ms(ours[pass_name], ref[pass_name], repeats)
-            rows.append({
+            yield {
                 "kernel": "attention", "impl": impl, "B": b, "H": h, "T": t, "D": d,
                 "dtype": str(dtype).removeprefix("torch."), "causal": causal, "pass": pass_name,
                 "time_ms": time_ms, "peak_mem_mb": common.peak_mem_mb(ours[pass_name], device),
                 "ref_time_ms": ref_time_ms,
                 "ref_peak_mem_mb": common.peak_mem_mb(ref[pass_name], device),
                 "tflops": flops[pass_name] / time_ms / 1e9,
-            })
-    return rows
+            }
 
 
 def main() -> None:
@@ -93,8 +92,9 @@ def main() -> None:
         if device == "cuda" and not torch.cuda.is_available():
             sys.exit(f"preset {args.preset!r} needs a CUDA GPU and none is available")
         for causal in causals:
-            rows += run_case(b, h, t, d, dtype, device, causal, impls, args.repeats or repeats)
-            results.write(rows)  # the rows so far
+            for row in run_case(b, h, t, d, dtype, device, causal, impls, args.repeats or repeats):
+                rows.append(row)
+                results.write(rows)  # the rows so far
     common.print_table(rows)
     results.write(rows, quiet=False)
 

@@ -18,6 +18,7 @@ time_ms (above 1: faster than eager).
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -127,10 +128,9 @@ def _cases(rms_shape, swiglu_shape, rotary_shape, dtype, device):
            (x, w))
 
 
-def run_case(rms_shape, swiglu_shape, rotary_shape, dtypes, device, impls, repeats) -> list[dict]:
+def run_case(rms_shape, swiglu_shape, rotary_shape, dtypes, device, impls, repeats) -> Iterator[dict]:
     torch.manual_seed(0)
     liger = common.liger_functional() if "liger" in impls else None
-    rows = []
     for dtype in dtypes:
         for kernel, shape, op_for, reference, inputs, grad_inputs in _cases(rms_shape, swiglu_shape, rotary_shape,
                                                                            dtype, device):
@@ -147,17 +147,16 @@ def run_case(rms_shape, swiglu_shape, rotary_shape, dtypes, device, impls, repea
                     ours = _callables(op, inputs, grad_inputs)
                     for pass_name in ("fwd", "fwd+bwd"):
                         time_ms, ref_time_ms = common.time_pair_ms(ours[pass_name], ref[pass_name], repeats)
-                        rows.append({
+                        yield {
                             "kernel": kernel, "impl": impl, "shape": shape,
                             "dtype": str(dtype).removeprefix("torch."), "pass": pass_name, "time_ms": time_ms,
                             "peak_mem_mb": common.peak_mem_mb(ours[pass_name], device),
                             "ref_time_ms": ref_time_ms,
                             "ref_peak_mem_mb": common.peak_mem_mb(ref[pass_name], device),
                             "ratio": ref_time_ms / time_ms,
-                        })
+                        }
                 except failures as err:
                     print(f"impl {impl} failed on {kernel} {shape}: {err}")
-    return rows
 
 
 def main() -> None:
@@ -167,8 +166,9 @@ def main() -> None:
     for rms_shape, swiglu_shape, rotary_shape, dtypes, device, impls, repeats in PRESETS[args.preset]:
         if device == "cuda" and not torch.cuda.is_available():
             sys.exit(f"preset {args.preset!r} needs a CUDA GPU and none is available")
-        rows += run_case(rms_shape, swiglu_shape, rotary_shape, dtypes, device, impls, args.repeats or repeats)
-        results.write(rows)  # the rows so far
+        for row in run_case(rms_shape, swiglu_shape, rotary_shape, dtypes, device, impls, args.repeats or repeats):
+            rows.append(row)
+            results.write(rows)  # the rows so far
     common.print_table(rows)
     results.write(rows, quiet=False)
 

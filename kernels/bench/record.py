@@ -1,7 +1,7 @@
 """The result file every benchmark writes with --json=PATH: its rows and what they were measured on.
 
-One JSON object, rewritten (atomically) after every finished case, so a run cut off still leaves the rows it
-finished:
+One JSON object, rewritten (atomically) after every finished row (bench_train: after each settings), so a run cut
+off still leaves the rows it finished:
 
     {
       "meta": {
