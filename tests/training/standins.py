@@ -108,9 +108,17 @@ class TinyLM(torch.nn.Module):
         return 6 * sum(p.numel() for p in self.parameters())
 
 
+def tiny_gpt():
+    """The native GPT (fused ops, transformer blocks), as small as it goes, over the stand-in vocabulary."""
+    from codex_ml.models import GPT, GPTConfig
+
+    return GPT(GPTConfig(vocab_size=32, n_layer=2, n_head=2, n_kv_head=1, d_model=32, max_seq_len=16))
+
+
 def make_trainer(run_dir, *, seed=0, dropout=0.1, data=None, model=None, operative_config="", **settings):
     """A Trainer over the stand-ins, set up as the command line does: the config (TrainerConfig fields as keyword
-    arguments), then the process, then the model, built right after seeding as the experiment does."""
+    arguments), then the process, then the model, built right after seeding as the experiment does. model="gpt":
+    tiny_gpt() instead of TinyLM."""
     from codex_ml.training import Trainer, TrainerConfig, seed_everything, setup_process
 
     defaults = dict(batch_size=4, seq_len=16, max_steps=8, learning_rate=1e-2, warmup_steps=2, eval_every=0,
@@ -118,6 +126,8 @@ def make_trainer(run_dir, *, seed=0, dropout=0.1, data=None, model=None, operati
     config = TrainerConfig(seed=seed, **{**defaults, **settings})
     process = setup_process(config)
     seed_everything(seed)
+    if model == "gpt":
+        model = tiny_gpt()
     model = model or TinyLM(TinyConfig(dropout=dropout))
     return Trainer(config, model=model, data=data or StandinData(), run_dir=run_dir, process=process,
                    operative_config=operative_config)
