@@ -7,46 +7,21 @@ over ranks). Gradient accumulation (2 micro-steps, synced on the last) and clipp
 gradients' norm, so every step clips by the global norm) are on.
 """
 
-import json
 import os
 import re
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from standins import make_trainer
+from standins import free_port, make_trainer, torchrun, train_records
 
 from codex_ml.checkpoint import latest_valid_checkpoint, load_model_state, verify_checkpoint
 from codex_ml.training import TrainerConfig
 from codex_ml.training.config import ConfigError
 
-HERE = Path(__file__).absolute().parent
 OPTIONS = {"max_steps": 4, "batch_size": 4, "dropout": 0.0, "checkpoint_every": 2, "eval_every": 2,
            "grad_accum_steps": 2, "clip_grad_norm": 0.5, "model": "gpt"}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(run_dir, options, nproc=2, timeout=150):
-    """train_standin_main.py under torchrun with `nproc` CPU processes; returns the finished process."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), *sys.path]), GLOO_SOCKET_IFNAME="lo",
-               OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-               str(HERE / "train_standin_main.py"), str(run_dir), json.dumps(options)]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def train_records(run_dir):
-    lines = [json.loads(line) for line in (Path(run_dir) / "metrics.ndjson").read_text().splitlines()]
-    return {r["step"]: r for r in lines if r["split"] == "train"}
 
 
 @pytest.mark.parametrize("activation_checkpointing", [False, True])

@@ -15,9 +15,10 @@ export).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,15 @@ def _first_error(error: str | None) -> str | None:
     return next((e for e in errors if e), None)
 
 
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """Without a process group DCP warns that it is "assuming the intent is to save/load in a single process": it
+    is (one process, or generate/export)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to", category=UserWarning)
+        yield
+
+
 def save_sharded_checkpoint(path: str | os.PathLike, *, sharded_state: Mapping[str, Any], **files: Any) -> Path:
     """Writes a sharded checkpoint directory at `path` atomically and returns it. Collective: every process calls it
     with its own `sharded_state` (e.g. {"model": ..., "optimizer": ...} from get_state_dict(), DTensors under FSDP);
@@ -85,8 +95,9 @@ def save_sharded_checkpoint(path: str | os.PathLike, *, sharded_state: Mapping[s
     error = None
     try:
         # Every process writes its shards and fsyncs them; DCP gathers what each wrote, then rank 0 writes .metadata.
-        dcp_save(dict(sharded_state), storage_writer=FileSystemWriter(tmp / SHARDED_DIR, sync_files=True),
-                 no_dist=not _distributed())
+        with _single_process_quiet():
+            dcp_save(dict(sharded_state), storage_writer=FileSystemWriter(tmp / SHARDED_DIR, sync_files=True),
+                     no_dist=not _distributed())
     except Exception as e:  # noqa: BLE001 - DCP raises CheckpointException carrying each rank's error
         error = f"{type(e).__name__}: {e}"
     error = _first_error(error)
@@ -121,7 +132,8 @@ def load_sharded_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint import load as dcp_load
 
-    dcp_load(state, storage_reader=FileSystemReader(Path(path) / SHARDED_DIR), no_dist=not _distributed())
+    with _single_process_quiet():
+        dcp_load(state, storage_reader=FileSystemReader(Path(path) / SHARDED_DIR), no_dist=not _distributed())
 
 
 def load_sharded_model_state(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -138,7 +150,6 @@ def load_sharded_model_state(path: str | os.PathLike, device: str | torch.device
              if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
     if not state:
         raise CheckpointError(f"Checkpoint {path}: its shards hold no model weights.")
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
+    with _single_process_quiet():
         dcp_load(state, storage_reader=reader, no_dist=True)
     return {key[len(prefix):]: tensor.to(device) for key, tensor in state.items()}
