@@ -29,7 +29,14 @@ from codex_ml.training.optim import build_optimizer
 from codex_ml.training.reporting import Reporter
 from codex_ml.training.resume import check_compatible, reshard_data_state, resolve_resume, resume_state
 from codex_ml.training.run_dir import run_dir_lock
-from codex_ml.training.setup import ProcessInfo, rng_state, seed_everything, set_rng_state
+from codex_ml.training.setup import (
+    ProcessInfo,
+    is_collective_failure,
+    process_group_failure,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from codex_ml.training.signals import GracefulStop
 from codex_ml.training.step import StepOutcome, TrainStep, data_parallel
 
@@ -126,6 +133,10 @@ class Trainer:
                 result = self._loop(train_iter)
                 status = result.status
                 return result
+            except RuntimeError as e:
+                if self.process.world_size == 1 or not is_collective_failure(e):
+                    raise
+                raise process_group_failure(e, self.process, self.run_dir) from e
             finally:
                 self.report.close(status)
 
