@@ -21,7 +21,7 @@ from codex_ml.training import TrainerConfig
 from codex_ml.training.config import ConfigError
 
 OPTIONS = {"max_steps": 4, "batch_size": 4, "dropout": 0.0, "checkpoint_every": 2, "eval_every": 2,
-           "grad_accum_steps": 2, "clip_grad_norm": 0.5, "model": "gpt"}
+           "grad_accum_steps": 2, "clip_grad_norm": 0.5, "system_metrics_every": 2, "model": "gpt"}
 
 
 @pytest.mark.parametrize("activation_checkpointing", [False, True])
@@ -39,6 +39,12 @@ def test_fsdp_two_processes_match_one(tmp_path, activation_checkpointing):
         # The norm of the whole gradient (all shards), not of one process's shard: it is what clipping used.
         assert single_records[step]["grad_norm"] > OPTIONS["clip_grad_norm"]
         assert records[step]["grad_norm"] == pytest.approx(single_records[step]["grad_norm"], rel=1e-5)
+
+    # Reported once (rank 0): tokens of the global batch, per process, and every process's peak memory.
+    assert records[2]["tokens_per_s_per_process"] == pytest.approx(records[2]["tokens_per_s"] / 2)
+    ranks = [records[2][f"peak_memory_mb_rank{r}"] for r in (0, 1)]
+    assert all(mb > 10 for mb in ranks) and records[2]["peak_memory_mb"] == max(ranks)
+    assert "peak_memory_mb" in single_records[2] and "peak_memory_mb_rank0" not in single_records[2]
 
     checkpoint = latest_valid_checkpoint(run_dir)
     manifest = verify_checkpoint(checkpoint)

@@ -14,6 +14,7 @@ import ctypes
 import datetime
 import os
 import random
+import resource
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,6 +153,14 @@ def shutdown_distributed() -> None:
         except RuntimeError:  # a rank already gone: leave anyway
             pass
         dist.destroy_process_group()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """This process's peak memory in MiB: the most CUDA memory its tensors held on a GPU (max_memory_allocated),
+    its peak resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def keep_freed_cpu_memory(limit_bytes: int = 1 << 30) -> bool:

@@ -32,6 +32,7 @@ from codex_ml.training.run_dir import run_dir_lock
 from codex_ml.training.setup import (
     ProcessInfo,
     is_collective_failure,
+    peak_memory_mb,
     process_group_failure,
     rng_state,
     seed_everything,
@@ -151,7 +152,10 @@ class Trainer:
                     result.status = "stopped_nonfinite"
                     break
                 result.train_losses[self.step] = outcome.loss
-                self.report.train(self.step, self.tokens, outcome)
+                # Every process's peak memory, with the system metrics: what sharding saves is seen per process.
+                memory = (self._gather(peak_memory_mb(self.process.device))
+                          if self._due(self.config.system_metrics_every) else None)
+                self.report.train(self.step, self.tokens, outcome, memory)
                 done = self.step >= self.config.max_steps
                 interrupted = self._any_rank(stop.requested)
                 val_loss = self._evaluate_if_due(done, result)
