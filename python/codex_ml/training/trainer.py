@@ -375,11 +375,11 @@ class Trainer:
 
 
 def _state_options() -> Any:
-    """The options of the state_dict API for sharded checkpoints."""
+    """The options of the state_dict API for sharded checkpoints: strict=False, as a LoRA model's state_dict holds
+    its adapters alone (the frozen base is the model folder's, as in whole checkpoints)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    # A frozen base (LoRA) is not the run's state: it is the model folder's, as in whole checkpoints.
-    return StateDictOptions(ignore_frozen_params=True)
+    return StateDictOptions(strict=False)
 
 
 def _check_model_fits(config: TrainerConfig, model: torch.nn.Module) -> None:
