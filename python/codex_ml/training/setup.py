@@ -14,6 +14,7 @@ import ctypes
 import datetime
 import os
 import random
+import resource
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,35 @@ from codex_ml.models.hf import resolve_device
 from codex_ml.training.config import ConfigError, TrainerConfig
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+class ProcessGroupError(RuntimeError):
+    """Another process of a multi-process run died or stopped answering (a collective failed or timed out): the
+    run stops on every process; the checkpoints written before are intact."""
+
+
+_process_group_failed = False  # set by process_group_failure(): leaving then skips the barrier no one would join
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed because another process is gone or silent (torch's DistError;
+    gloo reports a dead peer as a RuntimeError naming itself)."""
+    text = str(error).lower()
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError)
+                                                 and ("gloo" in text or "nccl" in text or "timed out" in text))
+
+
+def process_group_failure(error: BaseException, process: ProcessInfo, run_dir: os.PathLike) -> ProcessGroupError:
+    """The one error every surviving process reports when another is lost (`error`: what torch raised)."""
+    global _process_group_failed
+    _process_group_failed = True
+    first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    return ProcessGroupError(
+        f"Process {process.rank} of {process.world_size}: another process of this run died or stopped answering "
+        f"({first_line}), so the run stopped. Its own output (or torchrun's summary) says why it ended. The "
+        f"checkpoints in {run_dir} are intact: run the same command again, and --resume=auto continues from the "
+        "newest. Trainer.collective_timeout_s bounds how long a process waits for a silent one."
+    )
 
 
 @dataclass(frozen=True)
@@ -55,13 +85,16 @@ def setup_process(config: TrainerConfig) -> ProcessInfo:
     device = _resolve_device(config.device, local_rank)
     if config.precision == "fp16" and device.type != "cuda":
         raise ConfigError("Trainer.precision = 'fp16' needs a GPU (it uses a loss scaler); use 'bf16' on the CPU.")
+    if config.fsdp_cpu_offload and device.type != "cuda":
+        raise ConfigError("Trainer.fsdp_cpu_offload = True moves FSDP's shards from the GPU to CPU memory: on the CPU "
+                          "there is nothing to offload; turn it off.")
     if config.keep_freed_memory and device.type == "cpu":
         keep_freed_cpu_memory()
     if config.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
-    init_distributed()
+    init_distributed(config.collective_timeout_s)
     return ProcessInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
@@ -85,8 +118,10 @@ def distributed_env() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def init_distributed() -> None:
-    """Joins the torchrun process group (nccl on GPU, gloo on CPU) when WORLD_SIZE > 1; a no-op otherwise."""
+def init_distributed(timeout_s: float | None = None) -> None:
+    """Joins the torchrun process group (nccl on GPU, gloo on CPU) when WORLD_SIZE > 1; a no-op otherwise.
+    `timeout_s` (Trainer.collective_timeout_s): how long a collective waits for the other processes before it
+    fails (default: torch's)."""
     rank, local_rank, world_size = distributed_env()
     if world_size > 1 and not dist.is_initialized():
         missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
@@ -98,7 +133,8 @@ def init_distributed() -> None:
             )
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        timeout = datetime.timedelta(seconds=timeout_s) if timeout_s is not None else None
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
 
 
 def shutdown_distributed() -> None:
@@ -106,6 +142,9 @@ def shutdown_distributed() -> None:
     first, so no rank tears down its connections while another still uses them (under load that raced and
     aborted a rank at exit: "terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        if _process_group_failed:  # another process is gone: a barrier would wait for it
+            dist.destroy_process_group()
+            return
         try:
             if dist.get_backend() == "gloo":  # one that gives up (a rank killed, failed) instead of waiting forever
                 dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
@@ -114,6 +153,14 @@ def shutdown_distributed() -> None:
         except RuntimeError:  # a rank already gone: leave anyway
             pass
         dist.destroy_process_group()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """This process's peak memory in MiB: the most CUDA memory its tensors held on a GPU (max_memory_allocated),
+    its peak resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def keep_freed_cpu_memory(limit_bytes: int = 1 << 30) -> bool:
