@@ -1,5 +1,6 @@
-"""Many machines on one: two torchrun launches with --nnodes=2 (one process each, c10d rendezvous on 127.0.0.1)
-train configs/smoke.gin exactly as one torchrun launch with --nproc_per_node=2 does.
+"""Many machines on one: two torchrun launches with --nnodes=2 (one process each, meeting on 127.0.0.1 through the
+c10d rendezvous, or the static one with --node_rank) train configs/smoke.gin exactly as one torchrun launch with
+--nproc_per_node=2 does.
 
 Both runs have two processes with the same ranks' data, so every reduction is the same sum in the same order: the
 per-step losses and the final weights agree bit for bit. The two "nodes" share one --run_dir, as nodes share a
@@ -64,19 +65,35 @@ def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("multinode")
 
 
-@pytest.mark.parametrize("parallelism", ["ddp"])
-def test_two_nodes_train_as_one_node_with_two_processes(workdir: Path, parallelism: str):
-    bindings = [f"Trainer.parallelism = '{parallelism}'"] if parallelism != "ddp" else []
-    one_node, two_nodes = workdir / f"{parallelism}_one_node", workdir / f"{parallelism}_two_nodes"
-    _finish([_torchrun(workdir, ["--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                                 f"--master_port={_free_port()}"], one_node, bindings)])
+_ONE_NODE: dict[str, Path] = {}
 
-    endpoint = f"127.0.0.1:{_free_port()}"
-    nodes = [_torchrun(workdir, ["--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}", "--rdzv_backend=c10d",
-                                 f"--rdzv_endpoint={endpoint}", f"--rdzv_id=multinode_{parallelism}",
-                                 "--local_addr=127.0.0.1"], two_nodes, bindings)
-             for rank in (0, 1)]
-    _finish(nodes)
+
+def _one_node_run(workdir: Path, parallelism: str, bindings: list[str]) -> Path:
+    """The run directory of one torchrun with --nproc_per_node=2 (made once per parallelism)."""
+    if parallelism not in _ONE_NODE:
+        run_dir = workdir / f"{parallelism}_one_node"
+        _finish([_torchrun(workdir, ["--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                                     f"--master_port={_free_port()}"], run_dir, bindings)])
+        _ONE_NODE[parallelism] = run_dir
+    return _ONE_NODE[parallelism]
+
+
+def _node_args(rendezvous: str, node_rank: int, port: int) -> list[str]:
+    """torchrun's flags for one of two machines, as docs/training.md ("Many machines") gives them."""
+    if rendezvous == "c10d":
+        return ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                "--rdzv_id=multinode", "--local_addr=127.0.0.1"]
+    return ["--nnodes=2", "--nproc_per_node=1", f"--node_rank={node_rank}", "--master_addr=127.0.0.1",
+            f"--master_port={port}"]
+
+
+@pytest.mark.parametrize("parallelism, rendezvous", [("ddp", "c10d"), ("ddp", "static")])
+def test_two_nodes_train_as_one_node_with_two_processes(workdir: Path, parallelism: str, rendezvous: str):
+    bindings = [f"Trainer.parallelism = '{parallelism}'"] if parallelism != "ddp" else []
+    one_node = _one_node_run(workdir, parallelism, bindings)
+    two_nodes = workdir / f"{parallelism}_two_nodes_{rendezvous}"
+    port = _free_port()
+    _finish([_torchrun(workdir, _node_args(rendezvous, node_rank, port), two_nodes, bindings) for node_rank in (0, 1)])
 
     trainer_state = json.loads((latest_valid_checkpoint(two_nodes) / "trainer_state.json").read_text())
     assert (trainer_state["step"], trainer_state["world_size"]) == (STEPS, 2)
