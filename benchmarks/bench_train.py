@@ -64,6 +64,18 @@ during it. All six processes are alive at once: the cpu preset needs about 10 GB
 - final_loss: the training loss of the last step (the same batch for all three); losses: every step's.
 - plain_loss: the plain loop's loss (--plain_loss) in its rows, null in the others.
 
+Distributed presets (dist_quick, dist; dist_gpu on 8 GPUs with nccl): four trainings, each spec.world_size
+processes under torchrun (gloo on 127.0.0.1 on the CPU, one thread per process), run one after another rather than
+in lockstep (train_bench/dist.py): codex_ml_ddp, codex_ml_fsdp (Trainer.parallelism = 'fsdp': FSDP2's
+fully_shard per block and at the root), codex_ml_fsdp_ac (also Trainer.activation_checkpointing) and
+hf_trainer_fsdp (the HF Trainer with its FSDP2 integration, accelerate's FSDP plugin with fsdp_version=2). The
+same initial weights, global batches (process r reads rows [r * B / N, (r + 1) * B / N) of each), optimizer and
+schedule as above; settings default to as_shipped. Each row is one training: tokens_per_s counts the global
+batch over steps that last until the slowest process finishes them; peak_rss_mb_per_rank and
+train_peak_rss_mb_per_rank hold each process's VmHWM (peak_rss_mb, the largest), peak_gpu_mb_per_rank CUDA's
+max allocated; the losses are rank 0's (the mean over the processes, as both frameworks log it); the codex_ml
+rows hold their ratios against every other training (speedup_vs_*, rss_ratio_vs_*, loss_diff_vs_*).
+
 The result file (--json; default runs/bench_train/<preset>.json) is codex_ml.kernels.bench.record's format:
 {"meta": {...}, "rows": [...]}, one row per implementation and settings; a PNG plot is written beside it.
 """
@@ -82,7 +94,14 @@ from absl import flags
 
 from benchmarks.train_bench.dist import run_distributed
 from benchmarks.train_bench.lockstep import run_lockstep
-from benchmarks.train_bench.report import DIST_TABLE_KEYS, TABLE_KEYS, make_dist_rows, make_rows, print_table, write_plot
+from benchmarks.train_bench.report import (
+    DIST_TABLE_KEYS,
+    TABLE_KEYS,
+    make_dist_rows,
+    make_rows,
+    print_table,
+    write_plot,
+)
 from benchmarks.train_bench.spec import (
     DIST_IMPLS,
     IMPLS,

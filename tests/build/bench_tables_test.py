@@ -66,7 +66,8 @@ def test_the_pages_carry_the_tables():
     readme = (RUNFILES / "README.md").read_text()
     benchmarks = (RUNFILES / "docs" / "benchmarks.md").read_text()
     assert "<!-- bench:bench_train-cpu:headline -->" in readme
-    for name in ("bench_train-cpu", "bench_linear_cross_entropy-cpu", "bench_attention-cpu", "bench_layers-cpu"):
+    for name in ("bench_train-cpu", "bench_train-dist", "bench_linear_cross_entropy-cpu", "bench_attention-cpu",
+                 "bench_layers-cpu"):
         assert f"<!-- bench:{name} -->" in benchmarks
 
 
