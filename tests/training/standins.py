@@ -5,9 +5,14 @@ function of (seed, row index), and rank r of N reads rows [r*B/N, (r+1)*B/N) of 
 N processes together see exactly what one process sees.
 """
 
+import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -108,9 +113,17 @@ class TinyLM(torch.nn.Module):
         return 6 * sum(p.numel() for p in self.parameters())
 
 
+def tiny_gpt():
+    """The native GPT (fused ops, transformer blocks), as small as it goes, over the stand-in vocabulary."""
+    from codex_ml.models import GPT, GPTConfig
+
+    return GPT(GPTConfig(vocab_size=32, n_layer=2, n_head=2, n_kv_head=1, d_model=32, max_seq_len=16))
+
+
 def make_trainer(run_dir, *, seed=0, dropout=0.1, data=None, model=None, operative_config="", **settings):
     """A Trainer over the stand-ins, set up as the command line does: the config (TrainerConfig fields as keyword
-    arguments), then the process, then the model, built right after seeding as the experiment does."""
+    arguments), then the process, then the model, built right after seeding as the experiment does. model="gpt":
+    tiny_gpt() instead of TinyLM."""
     from codex_ml.training import Trainer, TrainerConfig, seed_everything, setup_process
 
     defaults = dict(batch_size=4, seq_len=16, max_steps=8, learning_rate=1e-2, warmup_steps=2, eval_every=0,
@@ -118,9 +131,36 @@ def make_trainer(run_dir, *, seed=0, dropout=0.1, data=None, model=None, operati
     config = TrainerConfig(seed=seed, **{**defaults, **settings})
     process = setup_process(config)
     seed_everything(seed)
+    if model == "gpt":
+        model = tiny_gpt()
     model = model or TinyLM(TinyConfig(dropout=dropout))
     return Trainer(config, model=model, data=data or StandinData(), run_dir=run_dir, process=process,
                    operative_config=operative_config)
 
 
 SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT, "SIGKILL": signal.SIGKILL}
+
+
+def free_port():
+    """A TCP port free on 127.0.0.1 (for torchrun's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(run_dir, options, nproc=2, timeout=150):
+    """train_standin_main.py (options: its JSON options) under torchrun with `nproc` CPU processes (gloo on
+    127.0.0.1); returns the finished process."""
+    here = Path(__file__).absolute().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), *sys.path]), GLOO_SOCKET_IFNAME="lo",
+               OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+               str(here / "train_standin_main.py"), str(run_dir), json.dumps(options)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def train_records(run_dir):
+    """step -> the train record of metrics.ndjson."""
+    lines = [json.loads(line) for line in (Path(run_dir) / "metrics.ndjson").read_text().splitlines()]
+    return {r["step"]: r for r in lines if r["split"] == "train"}

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.safetensors"
+_SHARDED_DIR = "sharded"  # a sharded checkpoint's weights and optimizer state (checkpoint/sharded.py)
 CHECKPOINTS_SUBDIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp-"
@@ -143,62 +144,99 @@ def save_checkpoint(
       manifest_extra: extra manifest fields (step, tokens, val_loss, tokenizer_sha256, ...).
     """
     path = Path(path)
+    writer, tmp, token = _begin_save(path)
+    try:
+        _write_files(tmp, model_state=model_state, model_config=model_config, tokenizer_path=tokenizer_path,
+                     torch_states=torch_states, json_states=json_states, operative_config=operative_config)
+        _publish(tmp, path, token, manifest_extra)
+    except (OSError, RuntimeError, ValueError) as e:
+        _abandon(tmp, path, e)
+    finally:
+        _end_save(writer)
+    return path
+
+
+def _begin_save(path: Path) -> tuple[LockFile, Path, str]:
+    """Takes a writer's lock beside `path` and makes its temporary directory; returns (lock, temporary, token).
+
+    The writer's lock file (held for the whole save, holding its pid and host) and its temporaries share a
+    token: remove_stale_temporaries removes a temporary only once its writer's lock is free, i.e. it is gone."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The writer's lock file (held for the whole save, holding its pid and host) and its temporaries share a
-    # token: remove_stale_temporaries removes a temporary only once its writer's lock is free, i.e. it is gone.
     token = f"{os.getpid()}-{secrets.token_hex(4)}"
     writer = LockFile(path.parent / f"{_WRITER_PREFIX}{token}")
     tmp = path.parent / f"{_TMP_PREFIX}{path.name}-{token}"
     try:
         writer.acquire()
         tmp.mkdir()
+    except (OSError, RuntimeError) as e:
+        _end_save(writer)
+        _abandon(tmp, path, e)
+    return writer, tmp, token
+
+
+def _write_files(tmp: Path, *, model_state: Mapping[str, torch.Tensor] | None = None,
+                 model_config: Mapping[str, Any] | None = None, tokenizer_path: str | os.PathLike | None = None,
+                 torch_states: Mapping[str, Any] | None = None, json_states: Mapping[str, Any] | None = None,
+                 operative_config: str | None = None) -> None:
+    """Writes (and fsyncs) the files of a checkpoint into its temporary directory (see save_checkpoint)."""
+    if model_state is not None:
         _write_safetensors(tmp / MODEL_FILE, model_state)
-        if model_config is not None:
-            _write_bytes(tmp / "model_config.json", json.dumps(dict(model_config), indent=2).encode())
-        if tokenizer_path is not None:
-            _write_bytes(tmp / "tokenizer.model", Path(tokenizer_path).read_bytes())
-        for name, obj in (torch_states or {}).items():
-            _write_torch(tmp / f"{name}.pt", obj)
-        for name, obj in (json_states or {}).items():
-            _write_bytes(tmp / f"{name}.json", json.dumps(obj, indent=2).encode())
-        if operative_config is not None:
-            _write_bytes(tmp / "operative_config.gin", operative_config.encode())
-        files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
-        manifest = {
-            "format": 1,
-            "files": files,
-            "git_commit": git_commit(),
-            "versions": package_versions(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            # Write order (retention and auto-resume): one more than any checkpoint beside it, never a clock.
-            "seq": _next_sequence(path.parent),
-            **dict(manifest_extra or {}),
-        }
-        _write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
-        fsync_path(tmp)
-        if path.exists():  # Re-saving the same step: move the old one aside only once the new one is complete.
-            old = path.parent / f"{_OLD_PREFIX}{path.name}-{token}"
-            os.rename(path, old)
-            try:
-                os.rename(tmp, path)
-            except OSError:
-                os.rename(old, path)  # the old checkpoint goes back (after a crash: remove_stale_temporaries)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
+    if model_config is not None:
+        _write_bytes(tmp / "model_config.json", json.dumps(dict(model_config), indent=2).encode())
+    if tokenizer_path is not None:
+        _write_bytes(tmp / "tokenizer.model", Path(tokenizer_path).read_bytes())
+    for name, obj in (torch_states or {}).items():
+        _write_torch(tmp / f"{name}.pt", obj)
+    for name, obj in (json_states or {}).items():
+        _write_bytes(tmp / f"{name}.json", json.dumps(obj, indent=2).encode())
+    if operative_config is not None:
+        _write_bytes(tmp / "operative_config.gin", operative_config.encode())
+
+
+def _publish(tmp: Path, path: Path, token: str, manifest_extra: Mapping[str, Any] | None) -> None:
+    """Writes the manifest (the SHA-256 of every file under `tmp`, subdirectories included) last, then renames
+    `tmp` to `path` and fsyncs the parent: the checkpoint appears complete or not at all."""
+    files = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    manifest = {
+        "format": 1,
+        "files": files,
+        "git_commit": git_commit(),
+        "versions": package_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        # Write order (retention and auto-resume): one more than any checkpoint beside it, never a clock.
+        "seq": _next_sequence(path.parent),
+        **dict(manifest_extra or {}),
+    }
+    _write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
+    for directory in sorted({p.parent for p in tmp.rglob("*") if p.is_file()}, reverse=True):
+        fsync_path(directory)
+    if path.exists():  # Re-saving the same step: move the old one aside only once the new one is complete.
+        old = path.parent / f"{_OLD_PREFIX}{path.name}-{token}"
+        os.rename(path, old)
+        try:
             os.rename(tmp, path)
-        fsync_path(path.parent)
-    except (OSError, RuntimeError, ValueError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(
-            f"Could not write checkpoint {path}: {e}. Earlier checkpoints are intact; free disk space or "
-            "choose another --run_dir, then resume with --resume=auto."
-        ) from e
-    finally:
-        if writer.held:
-            writer.path.unlink(missing_ok=True)  # before the release: a free lock then always means a dead writer
-            writer.release()
-    return path
+        except OSError:
+            os.rename(old, path)  # the old checkpoint goes back (after a crash: remove_stale_temporaries)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, path)
+    fsync_path(path.parent)
+
+
+def _abandon(tmp: Path, path: Path, error: BaseException) -> None:
+    """Removes the temporary of a failed save and raises the CheckpointError that says so."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise CheckpointError(
+        f"Could not write checkpoint {path}: {error}. Earlier checkpoints are intact; free disk space or "
+        "choose another --run_dir, then resume with --resume=auto."
+    ) from error
+
+
+def _end_save(writer: LockFile) -> None:
+    if writer.held:
+        writer.path.unlink(missing_ok=True)  # before the release: a free lock then always means a dead writer
+        writer.release()
 
 
 def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -211,7 +249,8 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"Checkpoint {path} does not exist or is not a directory.")
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
-        if not (path / MODEL_FILE).exists():  # never a checkpoint: "partial" would send the user looking for a crash
+        if not (path / MODEL_FILE).exists() and not (path / _SHARDED_DIR).is_dir():  # never a checkpoint: "partial"
+            # would send the user looking for a crash
             what = "is empty" if not any(path.iterdir()) else f"has neither {MANIFEST} nor {MODEL_FILE}"
             raise CheckpointError(f"Checkpoint {path} {what}: not a checkpoint. Give a checkpoint directory "
                                   f"(RUN/{CHECKPOINTS_SUBDIR}/step_N) or a run directory.")
@@ -226,7 +265,7 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         problem = str(e)
     if problem is not None:
         raise CheckpointError(f"Checkpoint {path}: {MANIFEST} is corrupt ({problem}).")
-    if MODEL_FILE not in files:
+    if MODEL_FILE not in files and f"{_SHARDED_DIR}/.metadata" not in files:  # the weights: one file, or shards
         raise CheckpointError(f"Checkpoint {path}: the manifest lists no {MODEL_FILE}.")
     for name, digest in files.items():
         file = path / name
@@ -308,9 +347,14 @@ def latest_valid_checkpoint(
 
 
 def load_model_state(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The model state_dict of a checkpoint directory (from model.safetensors)."""
+    """The model state_dict of a checkpoint directory (from model.safetensors; from a sharded checkpoint, its
+    shards consolidated into whole tensors in this process)."""
     from safetensors.torch import load_file
 
+    if not (Path(path) / MODEL_FILE).exists() and (Path(path) / _SHARDED_DIR).is_dir():
+        from codex_ml.checkpoint.sharded import load_sharded_model_state
+
+        return load_sharded_model_state(path, device)
     return load_file(str(Path(path) / MODEL_FILE), device=str(device))
 
 
@@ -422,6 +466,18 @@ class CheckpointManager:
         extra.setdefault("step", step)
         path = save_checkpoint(self.directory / step_dir_name(step), manifest_extra=extra, **kwargs)
         self.prune(keep=path)
+        return path
+
+    def save_sharded(self, step: int, *, is_main: bool, **kwargs: Any) -> Path:
+        """save_sharded_checkpoint() (collective: every process calls it) into checkpoints/step_XXXXXXXX; then the
+        main process (`is_main`, rank 0) prunes. Returns the checkpoint path."""
+        from codex_ml.checkpoint.sharded import save_sharded_checkpoint
+
+        extra = dict(kwargs.pop("manifest_extra", None) or {})
+        extra.setdefault("step", step)
+        path = save_sharded_checkpoint(self.directory / step_dir_name(step), manifest_extra=extra, **kwargs)
+        if is_main:
+            self.prune(keep=path)
         return path
 
     def prune(self, keep: Path | None = None) -> list[Path]:

@@ -22,6 +22,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 RESUME_CHANGEABLE = ("learning_rate", "schedule", "warmup_steps", "min_lr_ratio", "grad_accum_steps",
                      "clip_grad_norm")
 NAN_POLICIES = ("skip", "stop")
+PARALLELISMS = ("ddp", "fsdp")
 
 
 class ConfigError(ValueError):
@@ -36,6 +37,13 @@ class TrainerConfig:
     batch_size / N rows of it. One optimizer step uses `grad_accum_steps` micro-steps. `seed` is
     `train.seed` (gin binds it there, not here). `allow_changed` names the settings of RESUME_CHANGEABLE that
     may differ from the checkpoint a run resumes from, e.g. ('learning_rate',); each change is recorded.
+
+    Scale-out: `parallelism` is how torchrun processes share the model: "ddp" (each keeps a full copy) or "fsdp"
+    (FSDP2: parameters, gradients and optimizer state sharded across processes, per transformer block; sharded
+    checkpoints). `activation_checkpointing` recomputes each transformer block's activations in the backward pass
+    instead of keeping them (less memory, about one more forward of compute). `fsdp_cpu_offload` keeps the sharded
+    parameters and optimizer state in CPU memory (GPU training under FSDP). `collective_timeout_s` bounds how long a
+    process waits for the others in a collective: a process that died brings the others down after that long.
 
     Tracking: `trackers` selects the backends beside metrics.ndjson and metrics.csv, any of "mlflow",
     "tensorboard" and "wandb" (offline). `mlflow = False` turns MLflow off whatever `trackers` says (the older
@@ -77,6 +85,10 @@ class TrainerConfig:
     tracking_uri: str | None = None
     peak_flops_per_device: float | None = None
     allow_changed: Sequence[str] = ()
+    parallelism: str = "ddp"
+    activation_checkpointing: bool = False
+    fsdp_cpu_offload: bool = False
+    collective_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         validate(self)
@@ -117,6 +129,7 @@ def validate(config: TrainerConfig) -> None:
     _check_evaluation(config)
     _check_resume(config)
     _check_tracking(config)
+    _check_parallelism(config)
 
 
 def _check_choices_and_counts(c: TrainerConfig) -> None:
@@ -205,3 +218,21 @@ def _check_tracking(c: TrainerConfig) -> None:
     if c.tracking_uri is not None and (not isinstance(c.tracking_uri, str) or not c.tracking_uri.strip()):
         raise ConfigError(f"Trainer.tracking_uri = {c.tracking_uri!r} must be None (the run's own store) or an "
                           "MLflow tracking URI, e.g. 'sqlite:////abs/path/mlflow.db'.")
+
+
+def _check_parallelism(c: TrainerConfig) -> None:
+    if c.parallelism not in PARALLELISMS:
+        raise ConfigError(f"Trainer.parallelism = {c.parallelism!r} is not one of {', '.join(PARALLELISMS)} ('ddp': "
+                          "a full model copy per process; 'fsdp': parameters and optimizer state sharded).")
+    for name in ("activation_checkpointing", "fsdp_cpu_offload"):
+        if not isinstance(getattr(c, name), bool):
+            raise ConfigError(f"Trainer.{name} = {getattr(c, name)!r} must be True or False.")
+    if c.fsdp_cpu_offload and c.parallelism != "fsdp":
+        raise ConfigError("Trainer.fsdp_cpu_offload = True offloads FSDP's shards: set Trainer.parallelism = 'fsdp' "
+                          "too, or turn the offload off.")
+    if c.parallelism == "fsdp" and c.precision == "fp16":
+        raise ConfigError("Trainer.precision = 'fp16' (a loss scaler) is not supported with Trainer.parallelism = "
+                          "'fsdp': use 'bf16', which needs no scaler.")
+    if not _is_finite_number(c.collective_timeout_s) or c.collective_timeout_s <= 0:
+        raise ConfigError(f"Trainer.collective_timeout_s = {c.collective_timeout_s!r} must be a number of seconds > 0 "
+                          "(how long a process waits for the others before the run stops), e.g. 1800.")

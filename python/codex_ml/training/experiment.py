@@ -88,10 +88,15 @@ def train(
     trainer = Trainer(config, model=model, data=data, run_dir=run_dir, process=process,
                       operative_config=operative_config)
     result = trainer.fit(resume=resume)
+    sharded = trainer.train_step.sharded  # FSDP: every forward pass gathers parameters from every process
     if process.is_main and result.status == "finished" and callable(getattr(model, "save_adapter", None)):
-        say(f"LoRA adapter saved to {model.save_adapter(Path(run_dir) / 'adapter')} (load it with "
-            "HFModelConfig.peft_path or codex-generate --adapter).")
-    if process.is_main and sample_prompt is not None and result.status == "finished":
+        if sharded:
+            say("The LoRA adapter is in the run's sharded checkpoints (export a checkpoint to get the weights).")
+        else:
+            say(f"LoRA adapter saved to {model.save_adapter(Path(run_dir) / 'adapter')} (load it with "
+                "HFModelConfig.peft_path or codex-generate --adapter).")
+    # Under FSDP every process samples (the same tokens, from the same seed), rank 0 prints.
+    if (process.is_main or sharded) and sample_prompt is not None and result.status == "finished":
         max_len = getattr(getattr(model, "config", None), "max_seq_len", None)
         text = sample_text(model, data.tokenizer, sample_prompt, max_new_tokens=sample_tokens, seed=seed,
                            max_seq_len=max_len)

@@ -26,6 +26,8 @@ from codex_ml.training.setup import ProcessInfo
 _LAYOUT = ("seed", "batch_size", "seq_len")
 # Kept in the optimizer's saved state, which a resume restores (the old values would silently win):
 _OPTIMIZER_STATE = ("optimizer", "betas", "weight_decay", "momentum")
+# A data iterator's state that belongs to its process rather than to the run's place in the data:
+_PER_RANK = ("rank", "world_size", "batch_size")
 
 
 def _binding(key: str) -> str:
@@ -118,7 +120,7 @@ def check_compatible(path: Path, *, now: dict[str, Any], model_config: dict[str,
     changes = _check_state(path, json.loads(state_file.read_text()) if state_file.is_file() else {}, now,
                            allow_changed)
     saved_world = manifest.get("world_size", 1)
-    if saved_world != world_size:
+    if saved_world != world_size and not manifest.get("sharded"):  # sharded checkpoints reshard
         raise ConfigError(
             f"Cannot resume from {path}: it was written by {saved_world} process(es) and this run has "
             f"{world_size}; each process's data position is stored, so resume with the same "
@@ -128,6 +130,22 @@ def check_compatible(path: Path, *, now: dict[str, Any], model_config: dict[str,
         ranks = json.loads((path / "data_state.json").read_text()).get("ranks") or [{}]
         _check_data(path, ranks[rank] if rank < len(ranks) else {}, data_now)
     return changes
+
+
+def reshard_data_state(saved: Sequence[dict[str, Any]], now: dict[str, Any]) -> dict[str, Any]:
+    """This rank's data position from the positions saved by a run with another process count (resharding).
+
+    The processes split each global batch (Trainer.batch_size, which a resume keeps) between them, and each
+    iterator's position counts global batches of the epoch: after position p the run has read the first p global
+    batches of the epoch's order, whatever the process count. So every rank continues at the saved (epoch,
+    position), with its own rank, process count and per-process batch (`now`: the state_dict() of this rank's
+    fresh iterator): no sequence of the epoch is read twice or skipped."""
+    positions = {json.dumps({k: v for k, v in state.items() if k not in _PER_RANK}, sort_keys=True)
+                 for state in saved}
+    if len(positions) != 1:
+        raise CheckpointError(f"The saved data positions of the {len(saved)} processes differ ({sorted(positions)}): "
+                              "the checkpoint was edited or not written by codex_ml; resume from another one.")
+    return {**saved[0], **{key: now[key] for key in _PER_RANK if key in now}}
 
 
 def _check_data(path: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:

@@ -55,13 +55,16 @@ def setup_process(config: TrainerConfig) -> ProcessInfo:
     device = _resolve_device(config.device, local_rank)
     if config.precision == "fp16" and device.type != "cuda":
         raise ConfigError("Trainer.precision = 'fp16' needs a GPU (it uses a loss scaler); use 'bf16' on the CPU.")
+    if config.fsdp_cpu_offload and device.type != "cuda":
+        raise ConfigError("Trainer.fsdp_cpu_offload = True moves FSDP's shards from the GPU to CPU memory: on the CPU "
+                          "there is nothing to offload; turn it off.")
     if config.keep_freed_memory and device.type == "cpu":
         keep_freed_cpu_memory()
     if config.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
-    init_distributed()
+    init_distributed(config.collective_timeout_s)
     return ProcessInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
@@ -85,8 +88,10 @@ def distributed_env() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def init_distributed() -> None:
-    """Joins the torchrun process group (nccl on GPU, gloo on CPU) when WORLD_SIZE > 1; a no-op otherwise."""
+def init_distributed(timeout_s: float | None = None) -> None:
+    """Joins the torchrun process group (nccl on GPU, gloo on CPU) when WORLD_SIZE > 1; a no-op otherwise.
+    `timeout_s` (Trainer.collective_timeout_s): how long a collective waits for the other processes before it
+    fails (default: torch's)."""
     rank, local_rank, world_size = distributed_env()
     if world_size > 1 and not dist.is_initialized():
         missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
@@ -98,7 +103,8 @@ def init_distributed() -> None:
             )
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        timeout = datetime.timedelta(seconds=timeout_s) if timeout_s is not None else None
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
 
 
 def shutdown_distributed() -> None:

@@ -21,16 +21,17 @@ from codex_ml.checkpoint import (
     load_model_state,
     load_state_file,
 )
+from codex_ml.checkpoint.sharded import is_sharded_checkpoint, load_sharded_state
 from codex_ml.data import DataError
 from codex_ml.eval import evaluate
 from codex_ml.training.config import ConfigError, TrainerConfig
 from codex_ml.training.optim import build_optimizer
 from codex_ml.training.reporting import Reporter
-from codex_ml.training.resume import check_compatible, resolve_resume, resume_state
+from codex_ml.training.resume import check_compatible, reshard_data_state, resolve_resume, resume_state
 from codex_ml.training.run_dir import run_dir_lock
 from codex_ml.training.setup import ProcessInfo, rng_state, seed_everything, set_rng_state
 from codex_ml.training.signals import GracefulStop
-from codex_ml.training.step import StepOutcome, TrainStep
+from codex_ml.training.step import StepOutcome, TrainStep, data_parallel
 
 
 @dataclass
@@ -71,10 +72,12 @@ class Trainer:
             self._check_val_split()
         self.model = model.to(process.device)
         self.model_config = model_config if model_config is not None else _model_config_of(model)
+        ddp = data_parallel(model, config, process)  # before the optimizer: FSDP replaces the parameters
         self.optimizer = build_optimizer(model, config.optimizer, learning_rate=config.learning_rate,
                                          weight_decay=config.weight_decay, betas=config.betas,
                                          momentum=config.momentum)
-        self.train_step = TrainStep(config, model, self.optimizer, config.lr_schedule(), process)
+        self.train_step = TrainStep(config, model, self.optimizer, config.lr_schedule(), process, ddp)
+        self.sharded_checkpoints = config.parallelism == "fsdp"  # at any process count: they reshard
         self.checkpoints = CheckpointManager(self.run_dir, keep_last=config.keep_last, keep_best=config.keep_best)
         tokenizer = getattr(data, "tokenizer", None)
         self.tokenizer_sha256 = getattr(tokenizer, "sha256", None)
@@ -234,9 +237,16 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, train_iter: Any, val_loss: float | None) -> Path | None:
-        """Writes a checkpoint of the current step (rank 0 writes; every rank contributes its RNG/data state)."""
+        """Writes a checkpoint of the current step (every rank contributes its RNG/data state). Under FSDP every
+        rank writes its own shards (a sharded checkpoint); otherwise rank 0 writes the whole checkpoint."""
         rng_states = self._gather(rng_state())
         data_states = self._gather(train_iter.state_dict())
+        if self.sharded_checkpoints:
+            contents = self._checkpoint_contents(rng_states, data_states, val_loss)
+            path = self.checkpoints.save_sharded(self.step, is_main=self.process.is_main,
+                                                 sharded_state=self._sharded_state(), **contents)
+            self.report.event(self.step, "checkpoint", path)
+            return path
         error, path = None, None
         if self.process.is_main:
             try:
@@ -252,10 +262,10 @@ class Trainer:
         self.report.event(self.step, "checkpoint", path)
         return path
 
-    def _write_checkpoint(self, rng_states: list, data_states: list, val_loss: float | None) -> Path:
+    def _checkpoint_contents(self, rng_states: list, data_states: list, val_loss: float | None) -> dict[str, Any]:
+        """What a checkpoint holds besides the model weights and the optimizer state."""
         world_size, scaler = self.process.world_size, self.train_step.scaler
-        torch_states = {"optimizer": self.optimizer.state_dict(),
-                        "scheduler": {"step": self.step, **self.train_step.schedule.state_dict()},
+        torch_states = {"scheduler": {"step": self.step, **self.train_step.schedule.state_dict()},
                         "rng": {"ranks": rng_states}}
         if scaler is not None:
             torch_states["scaler"] = scaler.state_dict()
@@ -266,12 +276,22 @@ class Trainer:
         extra = {"tokens": self.tokens, "tokenizer_sha256": self.tokenizer_sha256, "world_size": world_size}
         if val_loss is not None and math.isfinite(val_loss):
             extra["val_loss"] = val_loss
-        return self.checkpoints.save(
-            self.step, model_state=self.model.state_dict(), model_config=self.model_config,
-            tokenizer_path=self.tokenizer_path, torch_states=torch_states,
-            json_states={"trainer_state": trainer_state, "data_state": {"ranks": data_states}},
-            operative_config=self._config_text(), manifest_extra=extra,
-        )
+        return dict(model_config=self.model_config, tokenizer_path=self.tokenizer_path, torch_states=torch_states,
+                    json_states={"trainer_state": trainer_state, "data_state": {"ranks": data_states}},
+                    operative_config=self._config_text(), manifest_extra=extra)
+
+    def _write_checkpoint(self, rng_states: list, data_states: list, val_loss: float | None) -> Path:
+        contents = self._checkpoint_contents(rng_states, data_states, val_loss)
+        contents["torch_states"] = {"optimizer": self.optimizer.state_dict(), **contents["torch_states"]}
+        return self.checkpoints.save(self.step, model_state=self.model.state_dict(), **contents)
+
+    def _sharded_state(self) -> dict[str, Any]:
+        """This rank's model and optimizer state keyed by parameter name (shards under FSDP): what a sharded
+        checkpoint stores, and the structure a resume fills in at this run's process count."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer, options=_state_options())
+        return {"model": model_state, "optimizer": optimizer_state}
 
     def _load_checkpoint(self, path: Path, train_iter: Any) -> list[tuple[str, Any, Any]]:
         """Restores the run from checkpoint `path`; returns the settings changed under Trainer.allow_changed."""
@@ -279,6 +299,37 @@ class Trainer:
                                    tokenizer_sha256=self.tokenizer_sha256, world_size=self.process.world_size,
                                    data_now=train_iter.state_dict(), rank=self.process.rank,
                                    allow_changed=self.config.allow_changed)
+        if is_sharded_checkpoint(path):
+            self._load_sharded(path)
+        elif self.sharded_checkpoints and self.process.world_size > 1:
+            raise ConfigError(f"Cannot resume from {path}: it was written without FSDP (Trainer.parallelism = "
+                              "'ddp'), whose whole-model checkpoint a sharded run does not read. Resume it with "
+                              "Trainer.parallelism = 'ddp', or start afresh in another --run_dir.")
+        else:
+            self._load_whole(path)
+        if self.train_step.scaler is not None and (path / "scaler.pt").is_file():
+            self.train_step.scaler.load_state_dict(load_state_file(path, "scaler"))
+        state = load_state_file(path, "trainer_state")
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.best_val_loss = state["best_val_loss"] if state["best_val_loss"] is not None else math.inf
+        self.nonfinite_skipped = state["nonfinite_skipped"]
+        self.consecutive_nonfinite = state.get("consecutive_nonfinite", 0)
+        data_states, rng_states = load_state_file(path, "data_state")["ranks"], load_state_file(path, "rng")["ranks"]
+        rank, world_size = self.process.rank, self.process.world_size
+        same_world = len(data_states) == world_size
+        train_iter.load_state_dict(data_states[rank] if same_world else
+                                   reshard_data_state(data_states, train_iter.state_dict()))
+        if rank < len(rng_states):  # a rank new to the run (resharded onto more processes) keeps its fresh seed
+            set_rng_state(rng_states[rank])
+        self._say(f"Resumed from {path} at step {self.step} ({self.tokens:,} tokens).")
+        if self.step >= self.config.max_steps:
+            self._say(f"Nothing to train: the checkpoint is at step {self.step} and Trainer.max_steps = "
+                      f"{self.config.max_steps}; raise Trainer.max_steps to train further.")
+        return changes
+
+
+    def _load_whole(self, path: Path) -> None:
+        """The weights and optimizer state of a single-process (or DDP) checkpoint."""
         try:
             self.model.load_state_dict(load_model_state(path, self.process.device))
         except RuntimeError as e:
@@ -291,20 +342,29 @@ class Trainer:
                 f"{self.config.optimizer!r} ({type(e).__name__}: {e}). Resume with the optimizer of that run, or "
                 "start afresh in another --run_dir."
             ) from e
-        if self.train_step.scaler is not None and (path / "scaler.pt").is_file():
-            self.train_step.scaler.load_state_dict(load_state_file(path, "scaler"))
-        state = load_state_file(path, "trainer_state")
-        self.step, self.tokens = state["step"], state["tokens"]
-        self.best_val_loss = state["best_val_loss"] if state["best_val_loss"] is not None else math.inf
-        self.nonfinite_skipped = state["nonfinite_skipped"]
-        self.consecutive_nonfinite = state.get("consecutive_nonfinite", 0)
-        train_iter.load_state_dict(load_state_file(path, "data_state")["ranks"][self.process.rank])
-        set_rng_state(load_state_file(path, "rng")["ranks"][self.process.rank])
-        self._say(f"Resumed from {path} at step {self.step} ({self.tokens:,} tokens).")
-        if self.step >= self.config.max_steps:
-            self._say(f"Nothing to train: the checkpoint is at step {self.step} and Trainer.max_steps = "
-                      f"{self.config.max_steps}; raise Trainer.max_steps to train further.")
-        return changes
+
+    def _load_sharded(self, path: Path) -> None:
+        """The weights and optimizer state of a sharded checkpoint, written at any process count: each rank reads
+        the pieces of its own shards (the whole tensors without FSDP)."""
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = self._sharded_state()
+        try:
+            load_sharded_state(path, state)
+        except Exception as e:  # noqa: BLE001 - DCP raises CheckpointException carrying each rank's error
+            raise ConfigError(f"Cannot resume from {path}: its shards do not fit this model and optimizer "
+                              f"({str(e)[:500]}). Use the model and Trainer.optimizer of that run, or start afresh "
+                              "in another --run_dir.") from e
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"], options=_state_options())
+
+
+def _state_options() -> Any:
+    """The options of the state_dict API for sharded checkpoints."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # A frozen base (LoRA) is not the run's state: it is the model folder's, as in whole checkpoints.
+    return StateDictOptions(ignore_frozen_params=True)
 
 
 def _check_model_fits(config: TrainerConfig, model: torch.nn.Module) -> None:
