@@ -3,7 +3,8 @@ c10d rendezvous, or the static one with --node_rank) train configs/smoke.gin exa
 --nproc_per_node=2 does.
 
 Both runs have two processes with the same ranks' data, so every reduction is the same sum in the same order: the
-per-step losses and the final weights agree bit for bit. The two "nodes" share one --run_dir, as nodes share a
+per-step losses and the final weights agree bit for bit, with DistributedDataParallel and with FSDP2 (whose
+processes each write their shards of every checkpoint). The two "nodes" share one --run_dir, as nodes share a
 network filesystem.
 """
 
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 from codex_ml.checkpoint import latest_valid_checkpoint, load_model_state
+from codex_ml.checkpoint.sharded import is_sharded_checkpoint
 
 STEPS = 6
 BINDINGS = [f"Trainer.max_steps = {STEPS}", "Trainer.log_every = 1", "Trainer.eval_every = 0",
@@ -87,7 +89,7 @@ def _node_args(rendezvous: str, node_rank: int, port: int) -> list[str]:
             f"--master_port={port}"]
 
 
-@pytest.mark.parametrize("parallelism, rendezvous", [("ddp", "c10d"), ("ddp", "static")])
+@pytest.mark.parametrize("parallelism, rendezvous", [("ddp", "c10d"), ("ddp", "static"), ("fsdp", "c10d")])
 def test_two_nodes_train_as_one_node_with_two_processes(workdir: Path, parallelism: str, rendezvous: str):
     bindings = [f"Trainer.parallelism = '{parallelism}'"] if parallelism != "ddp" else []
     one_node = _one_node_run(workdir, parallelism, bindings)
@@ -95,8 +97,10 @@ def test_two_nodes_train_as_one_node_with_two_processes(workdir: Path, paralleli
     port = _free_port()
     _finish([_torchrun(workdir, _node_args(rendezvous, node_rank, port), two_nodes, bindings) for node_rank in (0, 1)])
 
-    trainer_state = json.loads((latest_valid_checkpoint(two_nodes) / "trainer_state.json").read_text())
+    checkpoint = latest_valid_checkpoint(two_nodes)
+    trainer_state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert (trainer_state["step"], trainer_state["world_size"]) == (STEPS, 2)
+    assert is_sharded_checkpoint(checkpoint) == (parallelism == "fsdp")
     expected = _losses(one_node)
     assert sorted(expected) == list(range(1, STEPS + 1))
     assert _losses(two_nodes) == expected
