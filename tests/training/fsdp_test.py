@@ -21,7 +21,7 @@ from codex_ml.training import TrainerConfig
 from codex_ml.training.config import ConfigError
 
 OPTIONS = {"max_steps": 4, "batch_size": 4, "dropout": 0.0, "checkpoint_every": 2, "eval_every": 2,
-           "grad_accum_steps": 2, "clip_grad_norm": 0.5, "model": "gpt"}
+           "grad_accum_steps": 2, "clip_grad_norm": 0.5, "system_metrics_every": 2, "model": "gpt"}
 
 
 @pytest.mark.parametrize("activation_checkpointing", [False, True])
@@ -39,6 +39,12 @@ def test_fsdp_two_processes_match_one(tmp_path, activation_checkpointing):
         # The norm of the whole gradient (all shards), not of one process's shard: it is what clipping used.
         assert single_records[step]["grad_norm"] > OPTIONS["clip_grad_norm"]
         assert records[step]["grad_norm"] == pytest.approx(single_records[step]["grad_norm"], rel=1e-5)
+
+    # Reported once (rank 0): tokens of the global batch, per process, and every process's peak memory.
+    assert records[2]["tokens_per_s_per_process"] == pytest.approx(records[2]["tokens_per_s"] / 2)
+    ranks = [records[2][f"peak_memory_mb_rank{r}"] for r in (0, 1)]
+    assert all(mb > 10 for mb in ranks) and records[2]["peak_memory_mb"] == max(ranks)
+    assert "peak_memory_mb" in single_records[2] and "peak_memory_mb_rank0" not in single_records[2]
 
     checkpoint = latest_valid_checkpoint(run_dir)
     manifest = verify_checkpoint(checkpoint)
@@ -75,13 +81,13 @@ def test_bad_parallelism_settings_are_named(settings, message):
         TrainerConfig(**settings)
 
 
-def _cli(tmp_path, run_dir, *bindings, nproc=1):
+def _cli(tmp_path, run_dir, *bindings, nproc=1, gin_file="configs/smoke.gin"):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
     env.pop("BUILD_WORKING_DIRECTORY", None)
     launcher = [sys.executable] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
         "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
-    command = [*launcher, "-m", "codex_ml.cli.train", "--gin_file=configs/smoke.gin", f"--run_dir={run_dir}",
+    command = [*launcher, "-m", "codex_ml.cli.train", f"--gin_file={gin_file}", f"--run_dir={run_dir}",
                f"--gin_bindings=train.cache_dir = '{tmp_path / 'cache'}'", "--gin_bindings=Trainer.mlflow = False",
                "--gin_bindings=Trainer.max_steps = 6", "--gin_bindings=Trainer.log_every = 1",
                *[f"--gin_bindings={b}" for b in bindings]]
@@ -104,3 +110,50 @@ def test_smoke_config_under_torchrun_with_fsdp_matches_one_process(tmp_path):
     for step, record in one_losses.items():
         assert two_losses[step]["loss"] == pytest.approx(record["loss"], rel=1e-5)
     assert verify_checkpoint(latest_valid_checkpoint(tmp_path / "runs/two"))["sharded"] is True
+
+
+@pytest.fixture(scope="module")
+def hf_model_dir(tmp_path_factory):
+    """A tiny native GPT with its tokenizer, exported to a Hugging Face folder (the path docs/models.md shows)."""
+    from codex_ml.checkpoint.core import save_checkpoint
+    from codex_ml.data import read_corpus
+    from codex_ml.models import GPT, GPTConfig
+    from codex_ml.models.export import export_hf
+    from codex_ml.tokenization import Tokenizer
+
+    tmp = tmp_path_factory.mktemp("hf")
+    tok = Tokenizer.train((d.text for d in read_corpus(None).documents[:40]), tmp / "tokenizer.model", vocab_size=400)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=64))
+    checkpoint = save_checkpoint(tmp / "native", model_state=model.state_dict(),
+                                 model_config={**model.config.to_dict(), "architecture": "codex_ml.GPT"},
+                                 tokenizer_path=tok.model_path, manifest_extra={"tokenizer_sha256": tok.sha256})
+    return export_hf(checkpoint, tmp / "exported")
+
+
+def test_lora_under_fsdp_matches_one_process_and_saves_the_adapters_alone(tmp_path, hf_model_dir):
+    """configs/lora.gin (a Hugging Face model, fused ops, LoRA) on 2 processes under FSDP: the frozen base is
+    sharded with the adapters, only the adapters train and are checkpointed, the losses are the 1-process run's."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from codex_ml.models.generation import load_model
+
+    small = ["Trainer.seq_len = 32", "Trainer.batch_size = 4", "Trainer.eval_batches = 0", "Trainer.max_steps = 3",
+             "Trainer.warmup_steps = 1", "prepare_data.max_documents = 150", "prepare_data.splits = (0.8, 0.1, 0.1)",
+             "train.sample_tokens = 4", "HFModelConfig.lora_r = 4", "HFModelConfig.lora_dropout = 0.0",
+             f"MODEL_DIR = '{hf_model_dir}'"]
+    one = _cli(tmp_path, "runs/one", *small, gin_file="configs/lora.gin")
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    two = _cli(tmp_path, "runs/two", *small, "Trainer.parallelism = 'fsdp'", nproc=2, gin_file="configs/lora.gin")
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    one_losses, two_losses = train_records(tmp_path / "runs/one"), train_records(tmp_path / "runs/two")
+    assert sorted(two_losses) == [1, 2, 3]
+    for step, record in one_losses.items():
+        assert two_losses[step]["loss"] == pytest.approx(record["loss"], rel=1e-5)
+    checkpoint = latest_valid_checkpoint(tmp_path / "runs/two")
+    keys = FileSystemReader(str(checkpoint / "sharded")).read_metadata().state_dict_metadata
+    weights = [k for k in keys if k.startswith("model.")]
+    assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights), weights
+    model, _ = load_model(tmp_path / "runs/two")  # the base from its folder, the adapters from the shards
+    adapters = {k: v for k, v in model.state_dict().items() if "lora_B" in k}
+    assert adapters and any(v.abs().sum() > 0 for v in adapters.values())  # trained: lora_B starts at zero

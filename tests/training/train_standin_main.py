@@ -2,7 +2,8 @@
 
 Usage: train_standin_main.py RUN_DIR JSON_OPTIONS
 JSON_OPTIONS: Trainer options plus "signals": {"<batch position>": ["SIGTERM", ...]} sent to this process
-when the training iterator reaches that position, and "dropout".
+when the training iterator reaches that position ("signals_rank": "R" sends them in rank R's process only),
+"dropout", and "model": "gpt" for the tiny native GPT.
 """
 
 import json
@@ -17,6 +18,8 @@ from codex_ml.training import shutdown_distributed
 def main() -> int:
     run_dir, options = sys.argv[1], json.loads(sys.argv[2])
     signals = {int(k): [SIGNALS[s] for s in v] for k, v in options.pop("signals", {}).items()}
+    if options.pop("signals_rank", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
+        signals = {}  # sent to that rank's process only
     trainer = make_trainer(run_dir, data=StandinData(signals=signals), **options)
     try:
         result = trainer.fit(resume="auto")

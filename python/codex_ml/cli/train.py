@@ -315,11 +315,16 @@ def main(argv: list[str]) -> int:
     # A scheduler's SIGTERM during data preparation unwinds like Ctrl-C (temporaries removed, one line), instead
     # of killing the process mid-write; the training loop installs its own handler while it runs.
     signal.signal(signal.SIGTERM, _raise_terminated)
+    from codex_ml.training import ProcessGroupError
+
     try:
         return run()
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ProcessGroupError as e:  # another process of the run is gone: one paragraph, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:  # in the training loop the first Ctrl-C/SIGTERM is handled there (exit 0)
         what = "SIGTERM" if isinstance(e, _Terminated) else "Ctrl-C"
         print(f"Interrupted ({what}): nothing half-written was kept (complete cache entries and checkpoints stay); "

@@ -2,12 +2,20 @@
 
 from codex_ml.training.config import ConfigError, TrainerConfig
 from codex_ml.training.optim import LRSchedule, build_optimizer
-from codex_ml.training.setup import ProcessInfo, init_distributed, seed_everything, setup_process, shutdown_distributed
+from codex_ml.training.setup import (
+    ProcessGroupError,
+    ProcessInfo,
+    init_distributed,
+    seed_everything,
+    setup_process,
+    shutdown_distributed,
+)
 from codex_ml.training.trainer import Trainer, TrainResult
 
 __all__ = [
     "ConfigError",
     "LRSchedule",
+    "ProcessGroupError",
     "ProcessInfo",
     "TrainResult",
     "Trainer",

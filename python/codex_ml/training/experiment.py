@@ -91,7 +91,8 @@ def train(
     sharded = trainer.train_step.sharded  # FSDP: every forward pass gathers parameters from every process
     if process.is_main and result.status == "finished" and callable(getattr(model, "save_adapter", None)):
         if sharded:
-            say("The LoRA adapter is in the run's sharded checkpoints (export a checkpoint to get the weights).")
+            say(f"The LoRA adapter is in the run's sharded checkpoints: codex-generate --checkpoint={run_dir} "
+                "loads it with its base model.")
         else:
             say(f"LoRA adapter saved to {model.save_adapter(Path(run_dir) / 'adapter')} (load it with "
                 "HFModelConfig.peft_path or codex-generate --adapter).")

@@ -129,14 +129,23 @@ class Reporter:
         if self.process.is_main:
             self._progress = Progress(self.config.max_steps, step, self.config.log_every)
 
-    def train(self, step: int, tokens: int, outcome: StepOutcome) -> None:
+    def train(self, step: int, tokens: int, outcome: StepOutcome, peak_memory_mb: list[float] | None = None) -> None:
+        """The step's metrics, once for the run (rank 0): tokens_per_s counts every process's tokens (the global
+        batch), tokens_per_s_per_process and mfu divide by the process count. `peak_memory_mb`: each process's
+        peak memory (rank order), logged as their maximum and, with several processes, one column per rank."""
         if not self.process.is_main:
             return
-        tokens_per_s = outcome.tokens_per_s
+        tokens_per_s, world_size = outcome.tokens_per_s, self.process.world_size
         metrics = {"loss": outcome.loss, "lr": outcome.lr, "grad_norm": outcome.grad_norm,
                    "tokens_per_s": tokens_per_s, "tokens": float(tokens)}
+        if world_size > 1:
+            metrics["tokens_per_s_per_process"] = tokens_per_s / world_size
         if self.flops_per_token and self.peak_flops:
-            metrics["mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops * self.process.world_size)
+            metrics["mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops * world_size)
+        if peak_memory_mb:
+            metrics["peak_memory_mb"] = max(peak_memory_mb)
+            if world_size > 1:
+                metrics.update({f"peak_memory_mb_rank{rank}": mb for rank, mb in enumerate(peak_memory_mb)})
         every = self.config.system_metrics_every
         if every and step % every == 0:
             metrics.update(self._monitor.sample())

@@ -14,6 +14,7 @@ import ctypes
 import datetime
 import os
 import random
+import resource
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,35 @@ from codex_ml.models.hf import resolve_device
 from codex_ml.training.config import ConfigError, TrainerConfig
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+class ProcessGroupError(RuntimeError):
+    """Another process of a multi-process run died or stopped answering (a collective failed or timed out): the
+    run stops on every process; the checkpoints written before are intact."""
+
+
+_process_group_failed = False  # set by process_group_failure(): leaving then skips the barrier no one would join
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed because another process is gone or silent (torch's DistError;
+    gloo reports a dead peer as a RuntimeError naming itself)."""
+    text = str(error).lower()
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError)
+                                                 and ("gloo" in text or "nccl" in text or "timed out" in text))
+
+
+def process_group_failure(error: BaseException, process: ProcessInfo, run_dir: os.PathLike) -> ProcessGroupError:
+    """The one error every surviving process reports when another is lost (`error`: what torch raised)."""
+    global _process_group_failed
+    _process_group_failed = True
+    first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    return ProcessGroupError(
+        f"Process {process.rank} of {process.world_size}: another process of this run died or stopped answering "
+        f"({first_line}), so the run stopped. Its own output (or torchrun's summary) says why it ended. The "
+        f"checkpoints in {run_dir} are intact: run the same command again, and --resume=auto continues from the "
+        "newest. Trainer.collective_timeout_s bounds how long a process waits for a silent one."
+    )
 
 
 @dataclass(frozen=True)
@@ -112,6 +142,9 @@ def shutdown_distributed() -> None:
     first, so no rank tears down its connections while another still uses them (under load that raced and
     aborted a rank at exit: "terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        if _process_group_failed:  # another process is gone: a barrier would wait for it
+            dist.destroy_process_group()
+            return
         try:
             if dist.get_backend() == "gloo":  # one that gives up (a rank killed, failed) instead of waiting forever
                 dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
@@ -120,6 +153,14 @@ def shutdown_distributed() -> None:
         except RuntimeError:  # a rank already gone: leave anyway
             pass
         dist.destroy_process_group()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """This process's peak memory in MiB: the most CUDA memory its tensors held on a GPU (max_memory_allocated),
+    its peak resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def keep_freed_cpu_memory(limit_bytes: int = 1 << 30) -> bool:

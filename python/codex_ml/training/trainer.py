@@ -29,7 +29,15 @@ from codex_ml.training.optim import build_optimizer
 from codex_ml.training.reporting import Reporter
 from codex_ml.training.resume import check_compatible, reshard_data_state, resolve_resume, resume_state
 from codex_ml.training.run_dir import run_dir_lock
-from codex_ml.training.setup import ProcessInfo, rng_state, seed_everything, set_rng_state
+from codex_ml.training.setup import (
+    ProcessInfo,
+    is_collective_failure,
+    peak_memory_mb,
+    process_group_failure,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from codex_ml.training.signals import GracefulStop
 from codex_ml.training.step import StepOutcome, TrainStep, data_parallel
 
@@ -126,6 +134,10 @@ class Trainer:
                 result = self._loop(train_iter)
                 status = result.status
                 return result
+            except RuntimeError as e:
+                if self.process.world_size == 1 or not is_collective_failure(e):
+                    raise
+                raise process_group_failure(e, self.process, self.run_dir) from e
             finally:
                 self.report.close(status)
 
@@ -140,7 +152,10 @@ class Trainer:
                     result.status = "stopped_nonfinite"
                     break
                 result.train_losses[self.step] = outcome.loss
-                self.report.train(self.step, self.tokens, outcome)
+                # Every process's peak memory, with the system metrics: what sharding saves is seen per process.
+                memory = (self._gather(peak_memory_mb(self.process.device))
+                          if self._due(self.config.system_metrics_every) else None)
+                self.report.train(self.step, self.tokens, outcome, memory)
                 done = self.step >= self.config.max_steps
                 interrupted = self._any_rank(stop.requested)
                 val_loss = self._evaluate_if_due(done, result)
@@ -360,11 +375,11 @@ class Trainer:
 
 
 def _state_options() -> Any:
-    """The options of the state_dict API for sharded checkpoints."""
+    """The options of the state_dict API for sharded checkpoints: strict=False, as a LoRA model's state_dict holds
+    its adapters alone (the frozen base is the model folder's, as in whole checkpoints)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    # A frozen base (LoRA) is not the run's state: it is the model folder's, as in whole checkpoints.
-    return StateDictOptions(ignore_frozen_params=True)
+    return StateDictOptions(strict=False)
 
 
 def _check_model_fits(config: TrainerConfig, model: torch.nn.Module) -> None:
