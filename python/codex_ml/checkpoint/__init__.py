@@ -4,7 +4,9 @@ Layout of one checkpoint (``<run_dir>/checkpoints/step_XXXXXXXX/``): model.safet
 tokenizer.model, optimizer.pt, scheduler.pt, scaler.pt (when a loss scaler is used), rng.pt,
 data_state.json, operative_config.gin, trainer_state.json and manifest.json (written last; it lists every
 other file with its SHA-256, and "seq": the checkpoint's place in the run's write order). Loading uses safetensors
-and ``torch.load(weights_only=True)`` only.
+and ``torch.load(weights_only=True)`` only. A sharded checkpoint (FSDP; checkpoint/sharded.py) holds sharded/ (each
+process's shards of the weights and optimizer state, torch.distributed.checkpoint) instead of model.safetensors
+and optimizer.pt, and "sharded": true in its manifest.
 
 Write order (which checkpoints are the last K, which one --resume=auto takes) follows "seq", one more than the
 largest in the directory at each save, never a clock. Checkpoints of earlier versions, without "seq", come before

@@ -77,6 +77,7 @@ def save_sharded_checkpoint(path: str | os.PathLike, *, sharded_state: Mapping[s
     raises CheckpointError on every process."""
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.api import CheckpointException
 
     path = Path(path)
     manifest_extra = files.pop("manifest_extra", None)
@@ -98,8 +99,8 @@ def save_sharded_checkpoint(path: str | os.PathLike, *, sharded_state: Mapping[s
         with _single_process_quiet():
             dcp_save(dict(sharded_state), storage_writer=FileSystemWriter(tmp / SHARDED_DIR, sync_files=True),
                      no_dist=not _distributed())
-    except Exception as e:  # noqa: BLE001 - DCP raises CheckpointException carrying each rank's error
-        error = f"{type(e).__name__}: {e}"
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's CheckpointException (a BaseException)
+        error = f"{type(e).__name__}: {str(e)[:2000]}"  # carries each rank's error; others: I/O, serialization
     error = _first_error(error)
     if main:
         try:

@@ -361,12 +361,13 @@ class Trainer:
     def _load_sharded(self, path: Path) -> None:
         """The weights and optimizer state of a sharded checkpoint, written at any process count: each rank reads
         the pieces of its own shards (the whole tensors without FSDP)."""
+        from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         state = self._sharded_state()
         try:
             load_sharded_state(path, state)
-        except Exception as e:  # noqa: BLE001 - DCP raises CheckpointException carrying each rank's error
+        except (CheckpointException, RuntimeError, ValueError) as e:  # CheckpointException carries each rank's error
             raise ConfigError(f"Cannot resume from {path}: its shards do not fit this model and optimizer "
                               f"({str(e)[:500]}). Use the model and Trainer.optimizer of that run, or start afresh "
                               "in another --run_dir.") from e
