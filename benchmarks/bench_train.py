@@ -66,6 +66,18 @@ memory.
 - final_loss: the training loss of the last step (the same batch for all three); losses: every step's.
 - plain_loss: the plain loop's loss (--plain_loss) in its rows, null in the others.
 
+Distributed presets (dist_quick, dist; dist_gpu on 8 GPUs with nccl): four trainings, each spec.world_size
+processes under torchrun (gloo on 127.0.0.1 on the CPU, one thread per process), run one after another rather than
+in lockstep (train_bench/dist.py): codex_ml_ddp, codex_ml_fsdp (Trainer.parallelism = 'fsdp': FSDP2's
+fully_shard per block and at the root), codex_ml_fsdp_ac (also Trainer.activation_checkpointing) and
+hf_trainer_fsdp (the HF Trainer with its FSDP2 integration, accelerate's FSDP plugin with fsdp_version=2). The
+same initial weights, global batches (process r reads rows [r * B / N, (r + 1) * B / N) of each), optimizer and
+schedule as above; settings default to as_shipped. Each row is one training: tokens_per_s counts the global
+batch over steps that last until the slowest process finishes them; peak_rss_mb_per_rank and
+train_peak_rss_mb_per_rank hold each process's VmHWM (peak_rss_mb, the largest), peak_gpu_mb_per_rank CUDA's
+max allocated; the losses are rank 0's (the mean over the processes, as both frameworks log it); the codex_ml
+rows hold their ratios against every other training (speedup_vs_*, rss_ratio_vs_*, loss_diff_vs_*).
+
 The result file (--json; default runs/bench_train/<preset>.json) is codex_ml.kernels.bench.record's format:
 {"meta": {...}, "rows": [...]}, one row per implementation and settings; a PNG plot is written beside it.
 """
@@ -82,9 +94,18 @@ from pathlib import Path
 import torch
 from absl import flags
 
+from benchmarks.train_bench.dist import run_distributed
 from benchmarks.train_bench.lockstep import run_lockstep
-from benchmarks.train_bench.report import make_rows, print_table, write_plot
+from benchmarks.train_bench.report import (
+    DIST_TABLE_KEYS,
+    TABLE_KEYS,
+    make_dist_rows,
+    make_rows,
+    print_table,
+    write_plot,
+)
 from benchmarks.train_bench.spec import (
+    DIST_IMPLS,
     IMPLS,
     PLAIN_LOSSES,
     PRESETS,
@@ -102,12 +123,15 @@ PROG = "bench_train"
 def define_flags(fv: flags.FlagValues) -> None:
     """bench_train's flags."""
     flags.DEFINE_enum("preset", "quick", list(PRESETS),
-                      "quick (seconds, tiny model), cpu (the CPU target, minutes), gpu (CUDA, bf16)", flag_values=fv)
+                      "quick (seconds, tiny model), cpu (the CPU target, minutes), gpu (CUDA, bf16); distributed: "
+                      "dist_quick (seconds), dist (2 CPU processes on gloo, minutes), dist_gpu (8 GPUs on nccl)",
+                      flag_values=fv)
     flags.DEFINE_string("json", None, "the result file; default runs/bench_train/<preset>.json", flag_values=fv)
     flags.DEFINE_string("plot", None, "PNG of loss and throughput; default: --json with .png", flag_values=fv)
-    flags.DEFINE_list("impls", list(IMPLS), "comma-separated subset of " + ", ".join(IMPLS), flag_values=fv)
-    flags.DEFINE_list("settings", list(SETTINGS), "comma-separated subset of " + ", ".join(SETTINGS) +
-                      " (see the description above)", flag_values=fv)
+    flags.DEFINE_list("impls", None, "comma-separated subset of " + ", ".join(IMPLS) + " (default: all); with a "
+                      "distributed preset, of " + ", ".join(DIST_IMPLS), flag_values=fv)
+    flags.DEFINE_list("settings", None, "comma-separated subset of " + ", ".join(SETTINGS) + " (see the "
+                      "description above; default: both, as_shipped with a distributed preset)", flag_values=fv)
     flags.DEFINE_integer("steps", None, "override the preset's optimizer steps", flag_values=fv)
     flags.DEFINE_integer("threads", None, "torch threads in every process", flag_values=fv)
     flags.DEFINE_enum("plain_loss", BenchSpec.plain_loss if chunked_loss_available() else "full_logits",
@@ -139,6 +163,9 @@ def resolve_spec(args: flags.FlagValues) -> BenchSpec:
                           f"{torch.__version__} does not have: use --plain_loss=full_logits")
     if spec.device.startswith("cuda") and not torch.cuda.is_available():
         usage_error(PROG, f"--preset={args.preset} needs a CUDA device and none is available")
+    if spec.device.startswith("cuda") and torch.cuda.device_count() < spec.world_size:
+        usage_error(PROG, f"--preset={args.preset} needs {spec.world_size} CUDA devices and this machine has "
+                          f"{torch.cuda.device_count()}")
     return spec
 
 
@@ -154,31 +181,36 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the benchmark on `argv` (default: sys.argv[1:]); returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args, _ = parse_flags(PROG, __doc__, define_flags, argv)
-    impls = _subset("impls", args.impls, IMPLS)
-    settings = _subset("settings", args.settings, SETTINGS)
     spec = resolve_spec(args)
+    impls = _subset("impls", spec.impls if args.impls is None else args.impls, spec.impls)
+    default_settings = ["as_shipped"] if spec.distributed else list(SETTINGS)
+    settings = _subset("settings", default_settings if args.settings is None else args.settings, SETTINGS)
     enter_working_directory()  # under `bazel run`: outputs where the user ran it
     json_path = args.json or os.path.join("runs", "bench_train", f"{args.preset}.json")
     plot_path = args.plot or os.path.splitext(json_path)[0] + ".png"
     results = ResultFile(json_path, PROG, args.preset, argv)
     print(f"{PROG} --preset={args.preset}: {spec.n_layer} layers x d_model {spec.d_model}, vocab "
           f"{spec.vocab_size}, batch {spec.batch} x {spec.seq_len} tokens, {spec.steps} steps "
-          f"({spec.timing_warmup} untimed), {spec.threads} threads, {spec.device} {spec.precision}; "
-          f"{', '.join(impls)} under {', '.join(settings)}", flush=True)
+          f"({spec.timing_warmup} untimed), {spec.threads} threads, {spec.device} {spec.precision}"
+          f"{f', {spec.world_size} processes each' if spec.distributed else ''}; {', '.join(impls)} under "
+          f"{', '.join(settings)}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         work = Path(args.work_dir).resolve() if args.work_dir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         init_path = work / "init.pt"
         save_init(spec, init_path)
-        measured = []
-        for group in settings:
-            measured += run_lockstep([(impl, group) for impl in impls], spec, work, init_path)
-            results.write(make_rows(spec, measured))  # the rows so far
-    rows = make_rows(spec, measured)
+        if spec.distributed:
+            measured = run_distributed([(impl, s) for s in settings for impl in impls], spec, work, init_path)
+        else:
+            measured = []
+            for group in settings:
+                measured += run_lockstep([(impl, group) for impl in impls], spec, work, init_path)
+                results.write(make_rows(spec, measured))  # the rows so far
+    rows = make_dist_rows(spec, measured) if spec.distributed else make_rows(spec, measured)
     for row in rows:
         if not all(math.isfinite(x) for x in row["losses"]):
             print(f"warning: {row['impl']} ({row['settings']}) had a non-finite loss", file=sys.stderr)
-    print_table(rows)
+    print_table(rows, DIST_TABLE_KEYS if spec.distributed else TABLE_KEYS)
     results.write(rows)
     write_plot(rows, plot_path)
     print(f"wrote {json_path} and {plot_path}")

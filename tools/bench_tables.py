@@ -40,6 +40,9 @@ COMMANDS = {
 }
 SETTINGS = {"as_shipped": "as shipped", "same_settings": "same process settings"}
 IMPL_NAMES = {"hf_trainer": "the HF Trainer", "plain_torch": "the plain loop"}
+# bench_train's distributed trainings (its dist presets: one row per training, memory per process).
+DIST_NAMES = {"codex_ml_ddp": "codex_ml DDP", "codex_ml_fsdp": "codex_ml FSDP2",
+              "codex_ml_fsdp_ac": "codex_ml FSDP2 + activation checkpointing", "hf_trainer_fsdp": "HF Trainer FSDP2"}
 
 Row = dict
 Table = list[list[str]]
@@ -120,7 +123,65 @@ def _settings_label(settings: object) -> str:
     return SETTINGS.get(settings, str(settings)) if settings is not None else "as shipped"
 
 
+def _is_distributed(result: dict) -> bool:
+    return any((row.get("world_size") or 1) > 1 for row in result["rows"])
+
+
+def _dist_memory(row: Row) -> tuple[list, float | None]:
+    """A distributed row's peak memory per process and its largest: CUDA's on GPUs, the resident set's on CPUs."""
+    if row.get("peak_gpu_mb_per_rank"):
+        return row["peak_gpu_mb_per_rank"], row.get("peak_gpu_mb")
+    return row.get("peak_rss_mb_per_rank") or [], row.get("peak_rss_mb")
+
+
+def bench_train_dist_table(result: dict) -> str:
+    """One line per distributed training; the ratios against codex_ml DDP (memory) and the HF Trainer's FSDP2
+    (speed, loss) come from the rows of the same settings group."""
+    gpu = any(row.get("peak_gpu_mb_per_rank") for row in result["rows"])
+    header = ["settings", "training", "processes", "tokens/s", "median step tokens/s",
+              f"peak {'GPU' if gpu else 'RSS'} MB per process", "final loss", "peak memory vs codex_ml DDP",
+              "tokens/s vs HF Trainer FSDP2", "final loss − HF Trainer FSDP2's"]
+    body = []
+    for settings, rows in _group(result["rows"], "settings").items():
+        impls = _by_impl(rows)
+        ddp, hf = impls.get("codex_ml_ddp", {}), impls.get("hf_trainer_fsdp", {})
+        for row in rows:
+            impl = row.get("impl")
+            per_rank, peak = _dist_memory(row)
+            ours = str(impl).startswith("codex_ml")
+            vs_ddp = ratio(peak, _dist_memory(ddp)[1]) if ours and row is not ddp else None
+            vs_hf = ratio(row.get("tokens_per_s"), hf.get("tokens_per_s")) if ours else None
+            loss_diff = row["final_loss"] - hf["final_loss"] if ours and "final_loss" in hf else None
+            body.append([_settings_label(settings), DIST_NAMES.get(impl, str(impl)), str(row.get("world_size")),
+                         fmt(row.get("tokens_per_s"), "int"), fmt(row.get("tokens_per_s_median"), "int"),
+                         " / ".join(fmt(mb, "int") for mb in per_rank), fmt(row.get("final_loss"), "loss"),
+                         fmt(vs_ddp, "ratio"), fmt(vs_hf, "ratio"), fmt(loss_diff, "loss")])
+    return markdown(header, body)
+
+
+def bench_train_dist_headline(result: dict) -> str:
+    """One line per codex_ml FSDP2 training: its peak memory per process against codex_ml DDP's and its tokens/s
+    against the HF Trainer's FSDP2, from one run."""
+    lines = []
+    for settings, rows in _group(result["rows"], "settings").items():
+        impls = _by_impl(rows)
+        ddp, hf = impls.get("codex_ml_ddp", {}), impls.get("hf_trainer_fsdp", {})
+        for impl in ("codex_ml_fsdp", "codex_ml_fsdp_ac"):
+            row = impls.get(impl)
+            if row is None:
+                continue
+            memory = fmt(ratio(_dist_memory(row)[1], _dist_memory(ddp)[1]), "ratio")
+            speed = fmt(ratio(row.get("tokens_per_s"), hf.get("tokens_per_s")), "ratio")
+            loss = fmt(abs(row["final_loss"] - hf["final_loss"]) if "final_loss" in hf else None, "loss")
+            lines.append(f"- {DIST_NAMES[impl]} ({_settings_label(settings)}, {row.get('world_size')} processes): "
+                         f"{memory} codex_ml DDP's peak memory per process, {speed} the HF Trainer FSDP2's tokens/s "
+                         f"at final losses {loss} apart.")
+    return "\n".join(lines)
+
+
 def bench_train_table(result: dict) -> str:
+    if _is_distributed(result):
+        return bench_train_dist_table(result)
     header = ["settings", "impl", "tokens/s", "median step tokens/s", "peak RSS MB", "final loss",
               "tokens/s vs HF Trainer", "peak RSS vs HF Trainer", "tokens/s vs plain loop"]
     body = []
@@ -139,6 +200,8 @@ def bench_train_table(result: dict) -> str:
 
 def bench_train_headline(result: dict) -> str:
     """One line per settings group: codex_ml's throughput and memory against the other two, from one run."""
+    if _is_distributed(result):
+        return bench_train_dist_headline(result)
     lines = []
     for settings, rows in _group(result["rows"], "settings").items():
         ratios = _train_ratios(rows)

@@ -41,17 +41,49 @@ def make_rows(spec: BenchSpec, results: list[dict[str, Any]]) -> list[dict[str, 
     return rows
 
 
+def make_dist_rows(spec: BenchSpec, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """JSON rows of a distributed preset, one per training and settings (dist.merge_ranks's measurements and the
+    run's shape); each codex_ml row also holds its ratios against every other training under the same settings."""
+    rows = [{**{k: v for k, v in r.items() if k not in ("losses", "step_s")}, "seq_len": spec.seq_len,
+             "batch": spec.batch, "steps": spec.steps, "timed_steps": spec.steps - spec.timing_warmup,
+             "first_loss": r["losses"][0], "final_loss": r["losses"][-1], "device": spec.device,
+             "precision": spec.precision, "plain_loss": None, "losses": r["losses"], "step_s": r["step_s"]}
+            for r in results]
+    for settings in SETTINGS:
+        group = [row for row in rows if row["settings"] == settings]
+        for ours in group:
+            if not ours["impl"].startswith("codex_ml"):
+                continue
+            for other in group:
+                if other is not ours:
+                    name = other["impl"]
+                    ours[f"speedup_vs_{name}"] = ours["tokens_per_s"] / other["tokens_per_s"]
+                    ours[f"rss_ratio_vs_{name}"] = ours["peak_rss_mb"] / other["peak_rss_mb"]
+                    ours[f"loss_diff_vs_{name}"] = ours["final_loss"] - other["final_loss"]
+    return rows
+
+
 def _cell(key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, list):
+        return "/".join(_cell(key, v) for v in value)
     if isinstance(value, float):
         return f"{value:.4f}" if "loss" in key else f"{value:,.1f}"
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
-    """For each settings: the main columns as an aligned text table, then the codex_ml ratios (the rest is in the
-    JSON)."""
-    keys = ("impl", "allocator", "cpu_gemm", "params", "tokens_per_s", "tokens_per_s_median", "tokens_per_s_best",
-            "peak_rss_mb", "train_peak_rss_mb", "base_rss_mb", "first_loss", "final_loss", "wall_s")
+TABLE_KEYS = ("impl", "allocator", "cpu_gemm", "params", "tokens_per_s", "tokens_per_s_median", "tokens_per_s_best",
+              "peak_rss_mb", "train_peak_rss_mb", "base_rss_mb", "first_loss", "final_loss", "wall_s")
+# Distributed rows: memory per process (rank 0/rank 1/...).
+DIST_TABLE_KEYS = ("impl", "parallelism", "activation_checkpointing", "allocator", "params", "tokens_per_s",
+                   "tokens_per_s_median", "peak_rss_mb_per_rank", "train_peak_rss_mb_per_rank", "first_loss",
+                   "final_loss", "wall_s")
+
+
+def print_table(rows: list[dict[str, Any]], keys: tuple[str, ...] = TABLE_KEYS) -> None:
+    """For each settings: the `keys` columns as an aligned text table, then the codex_ml ratios (the rest is in
+    the JSON)."""
     widths = [max(len(k), *(len(_cell(k, row[k])) for row in rows)) for k in keys]
     for settings in SETTINGS:
         group = [row for row in rows if row["settings"] == settings]

@@ -25,17 +25,25 @@ def run_codex(spec: BenchSpec, corpus: SyntheticCorpus, init: dict[str, torch.Te
               gate: Gate) -> dict[str, Any]:
     """codex_ml.training.Trainer on codex_ml.models.GPT, with the allocator setting it ships with."""
     from codex_ml.models.gpt import GPT
-    from codex_ml.training import Trainer, TrainerConfig, setup_process
 
     model = GPT(gpt_config(spec))
     model.load_state_dict(init)
+    return fit_codex(spec, model, CorpusData(corpus), run_dir, gate)
+
+
+def fit_codex(spec: BenchSpec, model: torch.nn.Module, data: CorpusData, run_dir: str, gate: Gate,
+              **settings: Any) -> dict[str, Any]:
+    """Trains `model` with codex_ml's Trainer as the spec says (`settings`: further TrainerConfig fields, such as
+    its parallelism) and checks that its optimizer is the one the others get."""
+    from codex_ml.training import Trainer, TrainerConfig, setup_process
+
     config = TrainerConfig(seed=spec.seed, batch_size=spec.batch, seq_len=spec.seq_len, max_steps=spec.steps,
                            optimizer="adamw", learning_rate=spec.learning_rate, weight_decay=spec.weight_decay,
                            betas=spec.betas, schedule="constant", warmup_steps=spec.lr_warmup,
                            clip_grad_norm=spec.clip_grad_norm, precision=spec.precision, eval_every=0,
                            eval_batches=0, checkpoint_every=0, mlflow=False, device=spec.device,
-                           keep_freed_memory=True)
-    trainer = Trainer(config, model=model, data=CorpusData(corpus), run_dir=run_dir, process=setup_process(config))
+                           keep_freed_memory=True, **settings)
+    trainer = Trainer(config, model=model, data=data, run_dir=run_dir, process=setup_process(config))
     reference = make_optimizer(model, spec)  # the optimizer the other two get: the same hyperparameters?
     for ours, theirs in zip(trainer.optimizer.param_groups, reference.param_groups):
         differ = {k for k in theirs if k not in ("params", "lr", "initial_lr") and ours.get(k) != theirs[k]}
@@ -48,11 +56,11 @@ def run_codex(spec: BenchSpec, corpus: SyntheticCorpus, init: dict[str, torch.Te
     return {"params": model.num_params(), "losses": losses, "clock": clock}
 
 
-def run_hf(spec: BenchSpec, corpus: SyntheticCorpus, init: dict[str, torch.Tensor], run_dir: str,
-           gate: Gate) -> dict[str, Any]:
-    """transformers.Trainer on LlamaForCausalLM of the same shape (SDPA attention, full logits)."""
+def llama_model(spec: BenchSpec, init: dict[str, torch.Tensor]) -> Any:
+    """LlamaForCausalLM of the benchmark's shape (SDPA attention, tied output projection) with the shared initial
+    weights (renamed by codex_ml.models.export.llama_weight_names)."""
     import transformers
-    from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from codex_ml.models.export import llama_weight_names
 
@@ -72,35 +80,62 @@ def run_hf(spec: BenchSpec, corpus: SyntheticCorpus, init: dict[str, torch.Tenso
         raise RuntimeError(f"Llama weights do not map: missing {missing}, unexpected {unexpected}")
     if model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
         raise RuntimeError("LlamaForCausalLM's output projection is not tied to its embedding")
+    return model
 
-    class Rows(torch.utils.data.IterableDataset):
-        """The corpus rows in order; shift_labels = targets, so HF does not shift (and drop) a position."""
 
-        def __iter__(self):
-            for i in range(spec.steps * spec.batch):
-                row = corpus.row(i)
-                yield {"input_ids": row[:-1], "labels": row[:-1], "shift_labels": row[1:]}
+class CorpusRows(torch.utils.data.IterableDataset):
+    """The corpus rows in order, for the HF Trainer; shift_labels = targets, so HF does not shift (and drop) a
+    position. Under several processes accelerate hands process r rows [r * B / N, (r + 1) * B / N) of each global
+    batch of B rows, as CorpusData does."""
 
-    losses: dict[int, float] = {}
+    def __init__(self, spec: BenchSpec, corpus: SyntheticCorpus):
+        self.spec, self.corpus = spec, corpus
+
+    def __iter__(self):
+        for i in range(self.spec.steps * self.spec.batch):
+            row = self.corpus.row(i)
+            yield {"input_ids": row[:-1], "labels": row[:-1], "shift_labels": row[1:]}
+
+
+def hf_arguments(spec: BenchSpec, run_dir: str, **settings: Any) -> Any:
+    """The HF Trainer's TrainingArguments for the spec (`settings`: further arguments, such as its FSDP ones)."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=run_dir, max_steps=spec.steps, per_device_train_batch_size=spec.batch // spec.world_size,
+        gradient_accumulation_steps=1, learning_rate=spec.learning_rate, max_grad_norm=spec.clip_grad_norm,
+        logging_strategy="steps", logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[],
+        disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
+        use_cpu=not spec.device.startswith("cuda"), bf16=spec.precision == "bf16", seed=spec.seed,
+        remove_unused_columns=False, **settings,
+    )
+
+
+def loss_log(losses: dict[int, float]) -> Any:
+    """A TrainerCallback that records every logged training loss in `losses` (by step)."""
+    from transformers import TrainerCallback
 
     class LossLog(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 losses[state.global_step] = float(logs["loss"])
 
-    args = TrainingArguments(
-        output_dir=run_dir, max_steps=spec.steps, per_device_train_batch_size=spec.batch,
-        gradient_accumulation_steps=1, learning_rate=spec.learning_rate, max_grad_norm=spec.clip_grad_norm,
-        logging_strategy="steps", logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[],
-        disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
-        use_cpu=not spec.device.startswith("cuda"), bf16=spec.precision == "bf16", seed=spec.seed,
-        remove_unused_columns=False,
-    )
+    return LossLog()
+
+
+def run_hf(spec: BenchSpec, corpus: SyntheticCorpus, init: dict[str, torch.Tensor], run_dir: str,
+           gate: Gate) -> dict[str, Any]:
+    """transformers.Trainer on LlamaForCausalLM of the same shape (SDPA attention, full logits)."""
+    import transformers
+
+    model = llama_model(spec, init)
+    losses: dict[int, float] = {}
     optimizer = make_optimizer(model, spec)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(spec, step))
     clock = StepClock(optimizer, spec, gate)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows(), optimizers=(optimizer, schedule),
-                                   callbacks=[LossLog()])
+    trainer = transformers.Trainer(model=model, args=hf_arguments(spec, run_dir),
+                                   train_dataset=CorpusRows(spec, corpus), optimizers=(optimizer, schedule),
+                                   callbacks=[loss_log(losses)])
     trainer.train()
     return {"params": model.num_parameters(), "losses": [losses[s] for s in range(1, spec.steps + 1)],
             "clock": clock}

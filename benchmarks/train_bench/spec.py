@@ -1,4 +1,4 @@
-"""What one bench_train run is: its settings (BenchSpec, PRESETS), its data and the parts all three trainings share."""
+"""What one bench_train run is: its settings (BenchSpec, PRESETS), its data and the parts all trainings share."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import torch
 import torch.nn as nn
 
 IMPLS = ("codex_ml", "hf_trainer", "plain_torch")
+# The distributed presets' trainings (world_size processes each): codex_ml's Trainer with each parallelism, and the
+# Hugging Face Trainer with its FSDP2 integration (accelerate's FSDP plugin, fsdp_version=2).
+DIST_IMPLS = ("codex_ml_ddp", "codex_ml_fsdp", "codex_ml_fsdp_ac", "hf_trainer_fsdp")
 # as_shipped: each framework as its users run it; same_settings: the process settings identical for all three.
 SETTINGS = ("as_shipped", "same_settings")
 # The plain loop's loss: PyTorch's chunked F.linear_cross_entropy, or F.cross_entropy on the full logits.
@@ -46,6 +49,16 @@ class BenchSpec:
     precision: str = "fp32"  # "fp32" or "bf16" (autocast)
     threads: int = 0  # torch.set_num_threads in every process (0: the driver's torch.get_num_threads())
     plain_loss: str = "torch_chunked"  # one of PLAIN_LOSSES
+    world_size: int = 1  # processes per training (torchrun --nproc_per_node); batch is the global batch
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def impls(self) -> tuple[str, ...]:
+        """The trainings this spec compares."""
+        return DIST_IMPLS if self.distributed else IMPLS
 
 
 PRESETS: dict[str, BenchSpec] = {
@@ -61,6 +74,20 @@ PRESETS: dict[str, BenchSpec] = {
     "gpu": BenchSpec(vocab_size=32000, d_model=768, n_layer=12, n_head=12, n_kv_head=4, ffn_hidden=2048, seq_len=1024,
                      batch=16, steps=200, timing_warmup=20, learning_rate=6e-4, lr_warmup=20, device="cuda",
                      precision="bf16"),
+    # Distributed, seconds: for the test. Each training is 2 processes on gloo.
+    "dist_quick": BenchSpec(vocab_size=512, d_model=64, n_layer=2, n_head=4, n_kv_head=2, ffn_hidden=192,
+                            seq_len=64, batch=4, steps=6, timing_warmup=2, learning_rate=3e-3, lr_warmup=2,
+                            threads=1, world_size=2),
+    # Distributed on the CPU: 2 processes on gloo, one thread each. 82M parameters (12 blocks of d_model 768, an
+    # 8k tied embedding) over 4 x 128 tokens a step: AdamW's two moments (2 x 328 MB) and the gradients outweigh
+    # the activations, which is where sharding pays.
+    "dist": BenchSpec(vocab_size=8192, d_model=768, n_layer=12, n_head=12, n_kv_head=4, ffn_hidden=2048,
+                      seq_len=128, batch=4, steps=12, timing_warmup=2, learning_rate=6e-4, lr_warmup=4, threads=1,
+                      world_size=2),
+    # 8 GPUs on nccl, bf16: 1.2B parameters (24 blocks of d_model 2048), 64 x 2048 tokens a step.
+    "dist_gpu": BenchSpec(vocab_size=32000, d_model=2048, n_layer=24, n_head=16, n_kv_head=8, ffn_hidden=5632,
+                          seq_len=2048, batch=64, steps=100, timing_warmup=10, learning_rate=3e-4, lr_warmup=10,
+                          device="cuda", precision="bf16", world_size=8),
 }
 
 
@@ -106,23 +133,26 @@ class SyntheticCorpus:
         start = int(self.starts[i])
         return self.stream[start:start + self.seq_len + 1].long()
 
-    def batch_at(self, step: int) -> dict[str, torch.Tensor]:
-        """The batch of optimizer step `step` (0-based): input_ids and targets, int64 [batch, seq_len]."""
-        rows = torch.stack([self.row(step * self.batch + b) for b in range(self.batch)])
+    def batch_at(self, step: int, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
+        """Process `rank`'s part of the batch of optimizer step `step` (0-based): input_ids and targets, int64
+        [batch / world_size, seq_len], rows [rank * batch / world_size, (rank + 1) * batch / world_size) of it."""
+        per_rank = self.batch // world_size
+        first = step * self.batch + rank * per_rank
+        rows = torch.stack([self.row(first + b) for b in range(per_rank)])
         return {"input_ids": rows[:, :-1].contiguous(), "targets": rows[:, 1:].contiguous()}
 
 
 class _CorpusBatches:
     """The iterator codex_ml's Trainer reads (state_dict/load_state_dict for its checkpoints)."""
 
-    def __init__(self, corpus: SyntheticCorpus):
-        self.corpus, self.position = corpus, 0
+    def __init__(self, corpus: SyntheticCorpus, rank: int = 0, world_size: int = 1):
+        self.corpus, self.rank, self.world_size, self.position = corpus, rank, world_size, 0
 
     def __iter__(self) -> _CorpusBatches:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        batch = self.corpus.batch_at(self.position)
+        batch = self.corpus.batch_at(self.position, self.rank, self.world_size)
         self.position += 1
         return batch
 
@@ -134,7 +164,8 @@ class _CorpusBatches:
 
 
 class CorpusData:
-    """codex_ml's data contract (`batches(split, ...)`) over a SyntheticCorpus; one process, train split only."""
+    """codex_ml's data contract (`batches(split, ...)`) over a SyntheticCorpus; train split only. Process r of N
+    reads rows [r * B / N, (r + 1) * B / N) of each global batch of B rows, so together they read what one does."""
 
     tokenizer = None
 
@@ -143,9 +174,9 @@ class CorpusData:
 
     def batches(self, split: str, *, batch_size: int, seq_len: int, seed: int, rank: int = 0,
                 world_size: int = 1) -> _CorpusBatches:
-        if (batch_size, seq_len, world_size) != (self.corpus.batch, self.corpus.seq_len, 1):
+        if (batch_size * world_size, seq_len) != (self.corpus.batch, self.corpus.seq_len):
             raise ValueError("the benchmark corpus was cut for another batch, sequence length or process count")
-        return _CorpusBatches(self.corpus)
+        return _CorpusBatches(self.corpus, rank, world_size)
 
 
 # -------------------------------------------------------------------------------- shared training parts

@@ -66,7 +66,8 @@ def test_the_pages_carry_the_tables():
     readme = (RUNFILES / "README.md").read_text()
     benchmarks = (RUNFILES / "docs" / "benchmarks.md").read_text()
     assert "<!-- bench:bench_train-cpu:headline -->" in readme
-    for name in ("bench_train-cpu", "bench_linear_cross_entropy-cpu", "bench_attention-cpu", "bench_layers-cpu"):
+    for name in ("bench_train-cpu", "bench_train-dist", "bench_linear_cross_entropy-cpu", "bench_attention-cpu",
+                 "bench_layers-cpu"):
         assert f"<!-- bench:{name} -->" in benchmarks
 
 
@@ -157,3 +158,36 @@ def test_bad_markers_and_files_are_named(root: Path, capsys):
     (root / "benchmarks" / "results" / "bench_train-cpu.json").write_text(json.dumps([{"impl": "codex_ml"}]))
     assert _check(root) == 2
     assert "expected an object with 'meta' and 'rows'" in capsys.readouterr().err
+
+
+def _dist_row(impl: str, tokens_per_s: float, per_rank: list[float], final_loss: float) -> dict:
+    return {"impl": impl, "settings": "as_shipped", "world_size": 2, "tokens_per_s": tokens_per_s,
+            "tokens_per_s_median": tokens_per_s, "peak_rss_mb": max(per_rank), "peak_rss_mb_per_rank": per_rank,
+            "peak_gpu_mb": None, "peak_gpu_mb_per_rank": None, "final_loss": final_loss}
+
+
+def test_distributed_rows_render_per_process_memory_and_their_ratios(root: Path):
+    """bench_train's dist presets: one line per training, memory per process, each codex_ml training's peak memory
+    against codex_ml DDP's and its tokens/s and final loss against the HF Trainer's FSDP2, from the same file."""
+    _write(root, "bench_train-dist", {**META, "preset": "dist"}, [
+        _dist_row("codex_ml_ddp", 1000.0, [2000.0, 1900.0], 6.5),
+        _dist_row("codex_ml_fsdp", 900.0, [1000.0, 1100.0], 6.5002),
+        _dist_row("codex_ml_fsdp_ac", 600.0, [900.0, 880.0], 6.4999),
+        _dist_row("hf_trainer_fsdp", 500.0, [1300.0, 1250.0], 6.5),
+    ])
+    (root / "docs" / "benchmarks.md").write_text("<!-- bench:bench_train-dist -->\n<!-- /bench -->\n")
+    (root / "README.md").write_text("<!-- bench:bench_train-dist:headline -->\n<!-- /bench -->\n")
+    assert _check(root) == 1
+    assert bench_tables.main(["--root", str(root)]) == 0
+    assert _check(root) == 0
+    table = (root / "docs" / "benchmarks.md").read_text()
+    assert "| settings | training | processes | tokens/s | median step tokens/s | peak RSS MB per process |" in table
+    assert "| as shipped | codex_ml DDP | 2 | 1,000 | 1,000 | 2,000 / 1,900 | 6.5000 | – | 2.00x | 0.0000 |" in table
+    assert "| as shipped | codex_ml FSDP2 | 2 | 900 | 900 | 1,000 / 1,100 | 6.5002 | 0.55x | 1.80x | 0.0002 |" in table
+    assert "| as shipped | codex_ml FSDP2 + activation checkpointing | 2 | 600 | 600 | 900 / 880 | 6.4999 | 0.45x | " \
+           "1.20x | -0.0001 |" in table
+    assert "| as shipped | HF Trainer FSDP2 | 2 | 500 | 500 | 1,300 / 1,250 | 6.5000 | – | – | – |" in table
+    readme = (root / "README.md").read_text()
+    assert "- codex_ml FSDP2 (as shipped, 2 processes): 0.55x codex_ml DDP's peak memory per process, 1.80x the HF " \
+           "Trainer FSDP2's tokens/s at final losses 0.0002 apart." in readme
+    assert "- codex_ml FSDP2 + activation checkpointing (as shipped, 2 processes): 0.45x codex_ml DDP's" in readme
