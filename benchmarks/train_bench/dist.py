@@ -124,7 +124,7 @@ def worker_main(impl: str, task_path: str, out_prefix: str) -> None:
     rank = int(os.environ["RANK"])
     torch.set_num_threads(spec.threads)
     base_rss = rss_mb("VmRSS")
-    allocator = apply_allocator_setting(_framework(impl), task["settings"], spec)
+    allocator = apply_allocator_setting(_framework(impl), task["settings"], spec, PARALLELISM[impl][0])
     corpus = SyntheticCorpus(spec)
     if impl == "hf_trainer_fsdp":
         result = run_hf_fsdp(spec, corpus, task["init_path"], task["run_dir"])

@@ -21,14 +21,15 @@ from benchmarks.train_bench.spec import BenchSpec, SyntheticCorpus
 from benchmarks.train_bench.step_clock import StepClock, rss_mb
 
 
-def apply_allocator_setting(impl: str, settings: str, spec: BenchSpec) -> str:
-    """glibc keeps freed blocks for codex_ml (as its Trainer ships) and, in same_settings, for all three; the
-    others as shipped keep glibc's defaults. Returns the setting in effect: "keep_freed" or "glibc_default"."""
+def apply_allocator_setting(impl: str, settings: str, spec: BenchSpec, parallelism: str = "ddp") -> str:
+    """glibc's settings as codex_ml's Trainer ships them (configure_cpu_allocator) for codex_ml and, in
+    same_settings, for all three; the others as shipped keep glibc's defaults. Returns the setting in effect:
+    "keep_freed", "return_freed" (FSDP) or "glibc_default"."""
     if spec.device.startswith("cuda") or (settings == "as_shipped" and impl != "codex_ml"):
         return "glibc_default"
-    from codex_ml.training.setup import keep_freed_cpu_memory
+    from codex_ml.training.setup import configure_cpu_allocator
 
-    return "keep_freed" if keep_freed_cpu_memory() else "glibc_default"
+    return configure_cpu_allocator(True, parallelism)
 
 
 def cpu_gemm_backend(impl: str, spec: BenchSpec) -> str | None:

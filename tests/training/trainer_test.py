@@ -4,6 +4,8 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -238,6 +240,37 @@ def test_keep_freed_cpu_memory_avoids_page_faults_on_reallocation():
     # then the blocks are reused. With glibc's default every one of them faults all its pages in.
     faults = [faults_of_a_fresh_64mib_tensor() for _ in range(20)]
     assert sum(faults[10:]) < 2 * 16384, faults
+
+
+def test_fsdp_on_the_cpu_returns_freed_blocks_to_the_system():
+    """Under FSDP the allocator gives blocks of 1 MiB and more back when they are freed (each block's gathered
+    parameters are freed within the step; kept, they would grow the resident set back towards an unsharded
+    copy): a freed 8 MiB tensor leaves the resident set, so a new one faults its pages in again. Unsharded
+    training keeps them. Process-wide settings, so each case runs in a fresh interpreter."""
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt settings are glibc's; this C library is " + (platform.libc_ver()[0] or "unknown"))
+    program = """
+import resource, sys, torch
+from codex_ml.training.setup import configure_cpu_allocator
+print(configure_cpu_allocator(True, sys.argv[1]))
+faults = []
+for _ in range(20):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(2 << 20, dtype=torch.float32).fill_(1.0)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sum(faults[10:]))
+"""
+    def run(parallelism: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", program, parallelism], capture_output=True, text=True,
+                             check=True).stdout.split()
+        return out[0], int(out[1])
+
+    setting, faults = run("fsdp")
+    assert setting == "return_freed" and faults >= 10 * 2048 * 0.9, (setting, faults)  # 2,048 pages each time
+    setting, faults = run("ddp")
+    assert setting == "keep_freed" and faults < 2 * 2048, (setting, faults)
 
 
 def test_bad_metric_names_and_log_every_fail_before_training(tmp_path):

@@ -88,8 +88,8 @@ def setup_process(config: TrainerConfig) -> ProcessInfo:
     if config.fsdp_cpu_offload and device.type != "cuda":
         raise ConfigError("Trainer.fsdp_cpu_offload = True moves FSDP's shards from the GPU to CPU memory: on the CPU "
                           "there is nothing to offload; turn it off.")
-    if config.keep_freed_memory and device.type == "cpu":
-        keep_freed_cpu_memory()
+    if device.type == "cpu":
+        configure_cpu_allocator(config.keep_freed_memory, config.parallelism)
     if config.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -161,6 +161,31 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def configure_cpu_allocator(keep_freed: bool, parallelism: str = "ddp") -> str:
+    """glibc's malloc settings for training on the CPU; returns the one in effect: "keep_freed", "return_freed" or
+    "glibc_default".
+
+    Unsharded training allocates the same activations and gradients every step: freed blocks are kept for reuse
+    (keep_freed_cpu_memory). FSDP gathers each block's parameters and frees them again within the step; kept, those
+    blocks stay in the heap and the resident set grows back towards an unsharded copy, undoing what sharding saves.
+    So under FSDP blocks of 1 MiB and more go back to the system when freed (return_freed_cpu_memory)."""
+    if parallelism == "fsdp":
+        return "return_freed" if return_freed_cpu_memory() else "glibc_default"
+    if keep_freed:
+        return "keep_freed" if keep_freed_cpu_memory() else "glibc_default"
+    return "glibc_default"
+
+
+def return_freed_cpu_memory(threshold_bytes: int = 1 << 20) -> bool:
+    """Asks glibc's malloc to serve blocks of `threshold_bytes` and more with mmap, so that freeing them returns
+    them to the system (a fixed threshold: glibc's default one rises up to 32 MiB as large blocks are freed).
+    Process-wide; returns whether the allocator took the setting."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold_bytes))
+    except (OSError, AttributeError):
+        return False
 
 
 def keep_freed_cpu_memory(limit_bytes: int = 1 << 30) -> bool:
