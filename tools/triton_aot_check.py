@@ -5,9 +5,10 @@ Usage: triton_aot_check.py [--triton_site=FILE] MODULE [MODULE ...]. Each module
 options the kernel runs with (num_warps, num_stages; Triton's defaults where absent). Each is compiled for every
 target as a GPU launch compiles it: those options, and pointer arguments 16-byte aligned (as PyTorch allocates
 tensors; Triton specializes on it, and only aligned loads are vectorized and pipelined). The PTX and cubin are
-checked to be for that architecture and the shared memory to fit the chip's limit per block. --triton_site names a file holding the site-packages folder of another Triton release
-(tools/triton_venv.bzl): that folder goes first on sys.path, so that release compiles the kernels (the line
-"triton X from PATH" says which one did). Exit status 1 if any kernel fails to compile.
+checked to be for that architecture and the shared memory to fit the chip's limit per block. --triton_site names
+a file holding the site-packages folder of another Triton release (tools/triton_venv.bzl): that folder goes first
+on sys.path, so that release compiles the kernels (the line "triton X from PATH" says which one did). Exit status
+1 if any kernel fails the check.
 """
 
 import argparse

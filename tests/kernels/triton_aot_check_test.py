@@ -5,18 +5,26 @@ The probe is a pipelined fp16 product of 128 x 128 tiles. Aligned, its loads are
 shared memory, 64 KB per stage on sm_90 (32 KB on sm_80): at Triton's default 3 stages it fits both chips, at 4 it
 fits neither. Unaligned, nothing is staged and any option fits, so the overflow is reported only when the check
 passes both the options and the alignment.
+
+TRITON_SITE_FILE (a runfiles path, as tools/triton_venv.bzl's site.txt) names another Triton release to run with:
+//tests/kernels:triton36_aot_check_test checks the same with Triton 3.6.
 """
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "0"  # compile the kernel, not interpret it (set before triton is imported)
+RUNFILES = Path(os.environ["RUNFILES_DIR"]) / "codex_ml"
+SITE = None
+if os.environ.get("TRITON_SITE_FILE"):
+    SITE = os.path.realpath((RUNFILES / os.environ["TRITON_SITE_FILE"]).read_text().strip())
+    sys.path.insert(0, SITE)
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-RUNFILES = Path(os.environ["RUNFILES_DIR"]) / "codex_ml"
 _spec = importlib.util.spec_from_file_location("triton_aot_check", RUNFILES / "tools" / "triton_aot_check.py")
 triton_aot_check = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(triton_aot_check)
@@ -35,6 +43,11 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, K: tl.constexpr, BLOCK: tl.constexpr):
 
 SIGNATURE = {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp16", "K": "constexpr", "BLOCK": "constexpr"}
 CONSTEXPRS = {"K": 1024, "BLOCK": 128}
+
+
+def test_the_triton_named_is_the_one_imported():
+    where = os.path.realpath(os.path.dirname(triton.__file__))
+    assert SITE is None or where.startswith(SITE + os.sep), (where, SITE)
 
 
 def test_pointers_are_marked_aligned():
