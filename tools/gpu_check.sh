@@ -4,10 +4,11 @@
 # with its compiled libraries, bench_train, the wheels the machine lacks); without one it assembles codex_ml from
 # the sources and builds the CUDA libraries with nvcc (tools/gpu_bundle.sh --libs nvcc), and says so. Then:
 #   1. load check: the libraries load (ctypes) and the imports work; one line says what is missing;
-#   2. the stages, by value: tests (pytest-xdist, a time limit per test), bench_attention,
-#      bench_linear_cross_entropy, bench_layers, tune_attention, bench_train. Each has its own budget, cut to what
-#      is left of the deadline; one that would get too little is skipped and named in the summary. Every
-#      benchmark rewrites its JSON file after each row, so a stage stopped at its budget keeps the rows it finished;
+#   2. the stages, by value: tests (pytest-xdist, a time limit per test, the Triton sweeps cut to a case per code
+#      path), bench_attention, bench_linear_cross_entropy, bench_layers, tune_attention, bench_train. Each has its
+#      own budget, cut to what is left of the deadline; one that would get too little is skipped and named in the
+#      summary. Every benchmark rewrites its JSON file after each row, so a stage stopped at its budget keeps the
+#      rows it finished;
 #   3. the summary (tools/gpu_summary.py): printed last, and written as summary.txt.
 # Logs and JSON go to GPU_CHECK_OUT (default /tmp/gpu_check). When OUT names a directory (one a batch job
 # collects), it gets at most 8 files, rewritten after every stage: gpu_check.tgz (all logs and JSON), summary.txt
@@ -122,7 +123,10 @@ load_line="$(grep '^load check:' "${out}/env.txt" | tail -1)"
 has_gpu="$("${py}" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)"
 pack
 
-# The tests stage's pytest options: in parallel and a limit per test where the plugins are there.
+# The tests stage's pytest options: in parallel and a limit per test where the plugins are there. The GPU tests
+# whose every case compiles Triton kernels anew run a case per code path (CODEX_ML_GPU_CHECK_QUICK; pytest by
+# itself runs them all).
+export CODEX_ML_GPU_CHECK_QUICK=1
 pytest_opts=(-p no:cacheprovider -rfEs)
 grep -q '^xdist ' "${out}/env.txt" && pytest_opts+=(-n "$(( $(nproc) > 8 ? 8 : $(nproc) ))")
 grep -q '^pytest_timeout' "${out}/env.txt" && pytest_opts+=(--timeout=90)

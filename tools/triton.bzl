@@ -1,7 +1,7 @@
 """triton_aot_test: proves at build time that Triton kernels compile for sm_80 and sm_90, no GPU needed."""
 
 def triton_aot_test(name, modules, triton = None, **kwargs):
-    """A test compiling every `aot_specs()` triple of each module (e.g. codex_ml.kernels.attention.triton).
+    """A test compiling every `aot_specs()` spec of each module (e.g. codex_ml.kernels.attention.triton).
 
     triton: a triton_venv repository (tools/triton_venv.bzl), e.g. "@triton36": compile with the Triton release it
     holds instead of the locked one (the test checks that this release is the one imported).

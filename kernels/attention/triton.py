@@ -384,9 +384,9 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
 
 
 def aot_specs() -> list[tuple]:
-    """(kernel, signature, constexprs) triples that the build compiles for sm_80 and sm_90: every kernel on the
-    tensor-core path (DOT_FP32=False) with the tiles _config picks on sm_80 (bf16, D 64) and on Hopper (fp16,
-    D 128). tests/kernels/attention_aot_test.py compiles both tables at D 64 and 128 with their warps and stages."""
+    """(kernel, signature, constexprs, options) that the build compiles for sm_80 and sm_90: every kernel on the
+    tensor-core path (DOT_FP32=False) with the tiles, warps and stages _config picks on sm_80 (bf16, D 64) and on
+    Hopper (fp16, D 128). tests/kernels/attention_aot_test.py compiles both tables at D 64 and 128."""
     specs = []
     scalars = {"scale": "fp32", "T": "i32", "H": "i32", "GROUPS": "i32", "WINDOW": "i32"}
     flags = ("CAUSAL", "HAS_WINDOW", "D", "BLOCK_M", "BLOCK_N", "DOT_FP32")
@@ -396,7 +396,7 @@ def aot_specs() -> list[tuple]:
         ptrs = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr")}
         fwd = {**ptrs, "o_ptr": f"*{dtype}", "lse_ptr": "*fp32", **scalars, **{f: "constexpr" for f in flags}}
         block_m, block_n = cfg["fwd"]
-        specs.append((_attn_fwd_kernel, fwd, {**base, "BLOCK_M": block_m, "BLOCK_N": block_n}))
+        specs.append((_attn_fwd_kernel, fwd, {**base, "BLOCK_M": block_m, "BLOCK_N": block_n}, cfg["fwd_opts"]))
         block_m, block_n = cfg["bwd"]
         specs.append((_attn_bwd_delta_kernel,
                       {"o_ptr": f"*{dtype}", "do_ptr": f"*{dtype}", "delta_ptr": "*fp32", "T": "i32",
@@ -405,7 +405,8 @@ def aot_specs() -> list[tuple]:
         bwd = {**base, "BLOCK_M": block_m, "BLOCK_N": block_n}
         specs.append((_attn_bwd_kernel, {**inputs, "dk_ptr": f"*{dtype}", "dv_ptr": f"*{dtype}",
                                          "dq_ptr": "*fp32", **scalars, **{f: "constexpr" for f in flags},
-                                         "ACCUMULATE_DQ": "constexpr"}, {**bwd, "ACCUMULATE_DQ": True}))
+                                         "ACCUMULATE_DQ": "constexpr"}, {**bwd, "ACCUMULATE_DQ": True},
+                      cfg["bwd_opts"]))
         specs.append((_attn_bwd_dq_kernel, {**inputs, "dq_ptr": f"*{dtype}", **scalars,
-                                            **{f: "constexpr" for f in flags}}, bwd))
+                                            **{f: "constexpr" for f in flags}}, bwd, cfg["bwd_opts"]))
     return specs

@@ -26,10 +26,11 @@ PRESETS = {
     # (B, H, T, D, dtype, device, causal values, impls, repeats)
     "quick": [(1, 2, 256, 64, torch.float32, "cpu", (True,), ("cpu", "torch"), 2)],
     "cpu": [(1, 8, 2048, 64, torch.float32, "cpu", (True, False), ("cpu", "torch"), 3)],
-    # 16k tokens per batch at H=16 (B = 16384 / T), then B*H = 256 heads at T=4096, D=128 to fill the chip.
-    "gpu": [(16384 // t, 16, t, d, torch.bfloat16, "cuda", (True, False), ("triton", "cuda"), 10)
-            for d in (64, 128) for t in (512, 2048, 4096, 16384)]
-           + [(8, 32, 4096, 128, torch.bfloat16, "cuda", (True, False), ("triton", "cuda"), 10)],
+    # First the target, B*H = 256 heads at T=4096, D=128 to fill the chip (a run stopped early keeps its rows),
+    # then 16k tokens per batch at H=16 (B = 16384 / T).
+    "gpu": [(8, 32, 4096, 128, torch.bfloat16, "cuda", (True, False), ("triton", "cuda"), 10)]
+           + [(16384 // t, 16, t, d, torch.bfloat16, "cuda", (True, False), ("triton", "cuda"), 10)
+              for d in (64, 128) for t in (512, 2048, 4096, 16384)],
 }
 
 

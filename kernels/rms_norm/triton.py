@@ -110,8 +110,8 @@ def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 
 
 def aot_specs() -> list[tuple]:
-    """(kernel, signature, constexprs) triples that the build compiles for sm_80 and sm_90: x in fp32, bf16, fp16
-    (y in x's dtype, and fp32 for a bf16/fp16 x with an fp32 weight), H up to 4096."""
+    """(kernel, signature, constexprs, options) that the build compiles for sm_80 and sm_90: x in fp32, bf16, fp16
+    (y in x's dtype, and fp32 for a bf16/fp16 x with an fp32 weight), H up to 4096, with the launch's warps."""
     specs = []
     for dtype in ("fp32", "bf16", "fp16"):
         for w_dtype, y_dtype in [(dtype, dtype)] + ([("fp32", "fp32")] if dtype != "fp32" else []):
@@ -120,7 +120,8 @@ def aot_specs() -> list[tuple]:
             bwd = {"g_ptr": f"*{y_dtype}", "x_ptr": f"*{dtype}", "w_ptr": f"*{w_dtype}", "rstd_ptr": "*fp32",
                    "dx_ptr": f"*{dtype}", "dw_partial_ptr": "*fp32", "rows": "i32", "H": "i32",
                    "rows_per_program": "i32", "BLOCK_H": "constexpr"}
-            for block in (1024, 4096):
-                specs.append((_rms_norm_fwd_kernel, fwd, {"BLOCK_H": block}))
-                specs.append((_rms_norm_bwd_kernel, bwd, {"BLOCK_H": block}))
+            for h in (1024, 4096):
+                block, warps = _block_and_warps(h)
+                specs.append((_rms_norm_fwd_kernel, fwd, {"BLOCK_H": block}, {"num_warps": warps}))
+                specs.append((_rms_norm_bwd_kernel, bwd, {"BLOCK_H": block}, {"num_warps": warps}))
     return specs

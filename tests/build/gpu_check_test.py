@@ -163,6 +163,16 @@ def test_every_gpu_test_is_collected(dry_run):
     assert "error" not in collected.lower()
 
 
+def test_the_tests_stage_runs_the_triton_attention_sweep_a_case_per_code_path(dry_run):
+    """CODEX_ML_GPU_CHECK_QUICK: the Triton attention tests (each case compiles its kernels) run on fewer rows of
+    the grid than the CUDA kernel's tests (which compile nothing) and a plain pytest run."""
+    _, out = dry_run
+    collected = (out / "gpu_tests.log").read_text()
+    triton_rows = len(re.findall(r"test_triton_on_cuda_matches_float64\[", collected)) / 3  # bf16, fp16, fp32
+    cuda_rows = len(re.findall(r"test_cuda_kernel_matches_float64\[", collected)) / 2  # bf16, fp16
+    assert 0 < triton_rows < cuda_rows, (triton_rows, cuda_rows)
+
+
 def test_every_kernel_and_benchmark_module_is_imported(dry_run):
     _, out = dry_run
     imported = int((out / "dry_run.log").read_text().split("imported ")[1].split()[0])
@@ -199,6 +209,17 @@ def test_without_a_bundle_it_builds_with_nvcc_and_a_failed_build_fails(tmp_path)
     assert "no bundle at" in result.stdout and "building the CUDA libraries with nvcc" in result.stdout
     assert "FAILED to build kernels/attention/attention.cu" in result.stdout
     assert result.returncode != 0
+
+
+def test_bench_attention_measures_the_target_shape_first(bundle):
+    """The gpu preset's first case is the target (T 4096, D 128, B*H >= 128): a stage stopped early still has it."""
+    code = "from codex_ml.kernels.bench.bench_attention import PRESETS; b, h, t, d = PRESETS['gpu'][0][:4]; " \
+           "print(b * h, t, d)"
+    result = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(bundle[0])),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    heads, t, d = map(int, result.stdout.split())
+    assert (t, d) == (4096, 128) and heads >= 128
 
 
 @pytest.mark.parametrize("bench,args,done", [

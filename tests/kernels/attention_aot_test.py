@@ -4,8 +4,8 @@ The tensor-core path (DOT_FP32=False) in bf16 at D 64 and 128, with the tiles, w
 on sm_80 and on Hopper (sm_90), and pointers 16-byte aligned, as PyTorch allocates them and as Triton specializes
 on them at launch (unaligned, no load is vectorized and none is pipelined). Each kernel must fit the chip's shared
 memory (sm_80 163 KB, sm_90 227 KB per block), load its tiles asynchronously (cp.async: the pipelined loop) and,
-on Hopper, run its products as warpgroup MMAs (wgmma). tools/triton_aot_check.py compiles every kernel with
-default options.
+on Hopper, run its products as warpgroup MMAs (wgmma). tools/triton_aot_check.py compiles the specs of aot_specs()
+the same way (their options, aligned pointers).
 """
 
 import os
@@ -26,7 +26,7 @@ KERNELS = {"fwd": kernels._attn_fwd_kernel, "bwd": kernels._attn_bwd_kernel, "dq
 def _compile(capability: int, d: int, name: str):
     config = kernels._tensor_core_config(capability >= 90, d)
     tiles = "fwd" if name == "fwd" else "bwd"
-    fn, signature, constexprs = next(spec for spec in kernels.aot_specs() if spec[0] is KERNELS[name])
+    fn, signature, constexprs, _ = next(spec for spec in kernels.aot_specs() if spec[0] is KERNELS[name])
     signature = {arg: kind.replace("fp16", "bf16") for arg, kind in signature.items()}
     block_m, block_n = config[tiles]
     aligned = {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(signature.values()) if kind.startswith("*")}
