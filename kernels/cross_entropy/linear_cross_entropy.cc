@@ -21,10 +21,11 @@ namespace {
 using codex_ml::cpu::Tensor;
 using torch::headeronly::ScalarType;
 
-// Logits block per chunk: 32 MiB (256 rows at V = 32k). Smaller chunks cost time twice over: the logits
-// product gets too few rows to run at full speed, and every chunk adds a rank-`chunk` update to the [V, H]
-// weight gradient, a full read and write of it.
-constexpr int64_t kChunkBytes = 32 << 20;
+// Logits block per chunk, unless the caller gives the rows: 128 MiB (1,024 rows at V = 32k). Each chunk runs three
+// matrix products whose large operand is the whole [V, H] weight (or its gradient), and with few rows they run well
+// below the speed of the same products over all rows: most of all the logits product, whose rows are the chunk's
+// (docs/kernels.md, "Against what a user would pick instead").
+constexpr int64_t kChunkBytes = int64_t{128} << 20;
 
 struct RowOptions {
   float smoothing, z_loss, cap;
@@ -53,74 +54,76 @@ void row_grad_scalar(float* z, int64_t V, float a, float b, float lse) {
 }
 
 #if CODEX_HAS_AVX2_PATH
-using codex_ml::cpu::exp256;
-using codex_ml::cpu::hmax;
-using codex_ml::cpu::hsum;
+// The vector operations the row passes use, on 8 lanes (AVX2+FMA) and on 16 (AVX-512F).
+struct Avx2 {
+  using Vec = __m256;
+  static constexpr int64_t kLanes = 8;
+  CODEX_AVX2 static Vec set1(float x) { return _mm256_set1_ps(x); }
+  CODEX_AVX2 static Vec load(const float* p) { return _mm256_loadu_ps(p); }
+  CODEX_AVX2 static void store(float* p, Vec x) { _mm256_storeu_ps(p, x); }
+  CODEX_AVX2 static Vec max(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+  CODEX_AVX2 static Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+  CODEX_AVX2 static Vec sub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
+  CODEX_AVX2 static Vec fmsub(Vec a, Vec b, Vec c) { return _mm256_fmsub_ps(a, b, c); }
+  CODEX_AVX2 static Vec exp(Vec x) { return codex_ml::cpu::exp256(x); }
+  CODEX_AVX2 static float hmax(Vec x) { return codex_ml::cpu::hmax(x); }
+  CODEX_AVX2 static float hsum(Vec x) { return codex_ml::cpu::hsum(x); }
+};
 
-CODEX_AVX2 RowPasses row_stats_avx2(const float* z, int64_t V) {
-  const int64_t V8 = V - V % 8;
-  __m256 vmax = _mm256_set1_ps(-INFINITY);
-  for (int64_t j = 0; j < V8; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(z + j));
-  float mx = hmax(vmax);
-  for (int64_t j = V8; j < V; ++j) mx = std::max(mx, z[j]);
-  const __m256 vm = _mm256_set1_ps(mx);
-  __m256 vsum = _mm256_setzero_ps(), vz = _mm256_setzero_ps();
-  for (int64_t j = 0; j < V8; j += 8) {
-    const __m256 x = _mm256_loadu_ps(z + j);
-    vsum = _mm256_add_ps(vsum, exp256(_mm256_sub_ps(x, vm)));
-    vz = _mm256_add_ps(vz, x);
+struct Avx512 {
+  using Vec = __m512;
+  static constexpr int64_t kLanes = 16;
+  CODEX_AVX512 static Vec set1(float x) { return _mm512_set1_ps(x); }
+  CODEX_AVX512 static Vec load(const float* p) { return _mm512_loadu_ps(p); }
+  CODEX_AVX512 static void store(float* p, Vec x) { _mm512_storeu_ps(p, x); }
+  CODEX_AVX512 static Vec max(Vec a, Vec b) { return _mm512_max_ps(a, b); }
+  CODEX_AVX512 static Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+  CODEX_AVX512 static Vec sub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
+  CODEX_AVX512 static Vec fmsub(Vec a, Vec b, Vec c) { return _mm512_fmsub_ps(a, b, c); }
+  CODEX_AVX512 static Vec exp(Vec x) { return codex_ml::cpu::exp512(x); }
+  CODEX_AVX512 static float hmax(Vec x) { return codex_ml::cpu::hmax(x); }
+  CODEX_AVX512 static float hsum(Vec x) { return codex_ml::cpu::hsum(x); }
+};
+
+// The row passes on S's vectors, the last V % kLanes values by the plain loops. Always inlined into the wrappers
+// below, so each copy is compiled for its wrapper's instruction set only.
+template <class S>
+__attribute__((always_inline)) inline RowPasses row_stats_simd(const float* z, int64_t V) {
+  const int64_t Vv = V - V % S::kLanes;
+  auto vmax = S::set1(-INFINITY);
+  for (int64_t j = 0; j < Vv; j += S::kLanes) vmax = S::max(vmax, S::load(z + j));
+  float mx = S::hmax(vmax);
+  for (int64_t j = Vv; j < V; ++j) mx = std::max(mx, z[j]);
+  const auto vm = S::set1(mx);
+  auto vsum = S::set1(0.0f), vz = S::set1(0.0f);
+  for (int64_t j = 0; j < Vv; j += S::kLanes) {
+    const auto x = S::load(z + j);
+    vsum = S::add(vsum, S::exp(S::sub(x, vm)));
+    vz = S::add(vz, x);
   }
-  float sum = hsum(vsum), zsum = hsum(vz);
-  for (int64_t j = V8; j < V; ++j) {
+  float sum = S::hsum(vsum), zsum = S::hsum(vz);
+  for (int64_t j = Vv; j < V; ++j) {
     sum += std::exp(z[j] - mx);
     zsum += z[j];
   }
   return {mx, sum, zsum};
 }
 
+template <class S>
+__attribute__((always_inline)) inline void row_grad_simd(float* z, int64_t V, float a, float b, float lse) {
+  const int64_t Vv = V - V % S::kLanes;
+  const auto va = S::set1(a), vb = S::set1(b), vl = S::set1(lse);
+  for (int64_t j = 0; j < Vv; j += S::kLanes) S::store(z + j, S::fmsub(va, S::exp(S::sub(S::load(z + j), vl)), vb));
+  for (int64_t j = Vv; j < V; ++j) z[j] = a * std::exp(z[j] - lse) - b;
+}
+
+CODEX_AVX2 RowPasses row_stats_avx2(const float* z, int64_t V) { return row_stats_simd<Avx2>(z, V); }
 CODEX_AVX2 void row_grad_avx2(float* z, int64_t V, float a, float b, float lse) {
-  const int64_t V8 = V - V % 8;
-  const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b), vl = _mm256_set1_ps(lse);
-  for (int64_t j = 0; j < V8; j += 8) {
-    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(z + j), vl));
-    _mm256_storeu_ps(z + j, _mm256_fmsub_ps(va, e, vb));
-  }
-  for (int64_t j = V8; j < V; ++j) z[j] = a * std::exp(z[j] - lse) - b;
+  row_grad_simd<Avx2>(z, V, a, b, lse);
 }
-
-// The same on 16 lanes; the tail of a row (V % 16 values) through masked loads and stores.
-using codex_ml::cpu::exp512;
-
-CODEX_AVX512 RowPasses row_stats_avx512(const float* z, int64_t V) {
-  const int64_t V16 = V - V % 16;
-  const __mmask16 tail = static_cast<__mmask16>((1u << (V % 16)) - 1);
-  __m512 vmax = _mm512_set1_ps(-INFINITY);
-  for (int64_t j = 0; j < V16; j += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(z + j));
-  vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_loadu_ps(tail, z + V16));
-  const float mx = hmax(vmax);
-  const __m512 vm = _mm512_set1_ps(mx);
-  __m512 vsum = _mm512_setzero_ps(), vz = _mm512_setzero_ps();
-  for (int64_t j = 0; j < V16; j += 16) {
-    const __m512 x = _mm512_loadu_ps(z + j);
-    vsum = _mm512_add_ps(vsum, exp512(_mm512_sub_ps(x, vm)));
-    vz = _mm512_add_ps(vz, x);
-  }
-  const __m512 x = _mm512_maskz_loadu_ps(tail, z + V16);
-  vsum = _mm512_mask_add_ps(vsum, tail, vsum, exp512(_mm512_sub_ps(x, vm)));
-  vz = _mm512_add_ps(vz, x);
-  return {mx, hsum(vsum), hsum(vz)};
-}
-
+CODEX_AVX512 RowPasses row_stats_avx512(const float* z, int64_t V) { return row_stats_simd<Avx512>(z, V); }
 CODEX_AVX512 void row_grad_avx512(float* z, int64_t V, float a, float b, float lse) {
-  const int64_t V16 = V - V % 16;
-  const __mmask16 tail = static_cast<__mmask16>((1u << (V % 16)) - 1);
-  const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b), vl = _mm512_set1_ps(lse);
-  for (int64_t j = 0; j < V16; j += 16) {
-    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(z + j), vl));
-    _mm512_storeu_ps(z + j, _mm512_fmsub_ps(va, e, vb));
-  }
-  const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, z + V16), vl));
-  _mm512_mask_storeu_ps(z + V16, tail, _mm512_fmsub_ps(va, e, vb));
+  row_grad_simd<Avx512>(z, V, a, b, lse);
 }
 
 #else
@@ -206,15 +209,17 @@ void add_column_sums(const float* z, int64_t n, int64_t V, float* gb) {
 }
 
 // Returns (loss [N], lse [N], grad_hidden [N, H], grad_weight [V, H], grad_bias [V]); the gradients are
-// empty tensors when row_scale is not given. Ignored rows give loss 0, lse 0 and zero gradients.
+// empty tensors when row_scale is not given; chunk_rows: rows per chunk of logits (0: kChunkBytes' worth).
+// Ignored rows give loss 0, lse 0 and zero gradients.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy(
     Tensor hidden, Tensor weight, std::optional<Tensor> bias, Tensor target, std::optional<Tensor> row_scale,
-    int64_t ignore_index, double label_smoothing, double z_loss, double softcap) {
+    int64_t ignore_index, double label_smoothing, double z_loss, double softcap, int64_t chunk_rows) {
   namespace cpu = codex_ml::cpu;
   STD_TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && target.dim() == 1,
                   "expected hidden [N, H], weight [V, H], target [N]");
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
   STD_TORCH_CHECK(weight.size(1) == H && target.size(0) == N, "shape mismatch");
+  STD_TORCH_CHECK(chunk_rows >= 0, "chunk_rows must be >= 0 (0: the kernel's choice), got ", chunk_rows);
   const bool grad = row_scale.has_value();
   const ScalarType f32 = ScalarType::Float;
   Tensor w = cpu::contiguous(cpu::to(weight, f32));
@@ -228,7 +233,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy(
   Tensor gb = grad && b.has_value() ? cpu::zeros({V}, f32) : cpu::empty({0}, f32);
   std::optional<Tensor> scale;
   if (grad) scale = cpu::contiguous(cpu::to(*row_scale, f32));
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(N, kChunkBytes / (4 * std::max<int64_t>(V, 1))));
+  const int64_t rows = chunk_rows > 0 ? chunk_rows : kChunkBytes / (4 * std::max<int64_t>(V, 1));
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(N, rows));
   Tensor logits_buf = cpu::empty({chunk, V}, f32);
   const Tensor wt = cpu::transposed(w);
   const RowOptions options{static_cast<float>(label_smoothing), static_cast<float>(z_loss),
@@ -259,7 +265,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy(
 STABLE_TORCH_LIBRARY_FRAGMENT(codex_ml_cpu, m) {
   m.def(
       "linear_cross_entropy(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor? row_scale, "
-      "int ignore_index, float label_smoothing, float z_loss, float softcap) "
+      "int ignore_index, float label_smoothing, float z_loss, float softcap, int chunk_rows=0) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

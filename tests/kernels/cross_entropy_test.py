@@ -20,6 +20,7 @@ from references import (  # noqa: F401 (autouse fixture)
 )
 
 from codex_ml.ops import cross_entropy, linear_cross_entropy
+from codex_ml.ops.dispatch import load_extension
 
 # The module (codex_ml.ops.cross_entropy, as an attribute of codex_ml.ops, is the function).
 loss_module = importlib.import_module("codex_ml.ops.cross_entropy")
@@ -56,7 +57,7 @@ def run_case(n, h, v, *, dtype=torch.float32, impl="cpu", reduction="mean", bias
     return loss, ref, grads, ref_grads
 
 
-# (600, 48, 20011): two CPU chunks of logits (419 + 181 rows), so grad_weight is accumulated across chunks.
+# The C++ kernel's chunks of many rows: test_cpu_kernel_in_many_chunks.
 SHAPES = [(1, 3, 1), (7, 64, 2), (1000, 64, 1000), (7, 768, 32003), (1000, 3, 1000), (600, 48, 20011)]
 # The Triton interpreter runs the kernel in Python: small shapes only here (the GPU test runs large ones).
 CASES = [(impl, *shape) for impl in IMPLS for shape in SHAPES if impl != "triton" or shape[0] * shape[2] <= 100_000]
@@ -120,6 +121,45 @@ def test_many_chunks(monkeypatch, impl, dtype, accum_dtype, reduction):
     for g, r in zip(grads, ref_grads):
         assert g.dtype == dtype
         assert rel_err(g.float(), r) < BOUNDS[dtype]
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"label_smoothing": 0.1, "z_loss": 1e-3}, {"label_smoothing": 0.2, "z_loss": 1e-2, "softcap": 30.0},
+])
+def test_cpu_kernel_in_many_chunks(options):
+    """The C++ kernel in 7-row chunks (the last one partial; its default is 128 MiB of logits, one chunk for the
+    shapes above): each chunk's loss, lse and grad_hidden rows, and grad_weight and grad_bias summed across the
+    chunks, against float64, with a different scale per row and ignored rows."""
+    load_extension("cross_entropy")
+    torch.manual_seed(6)
+    n, h, v = 40, 32, 300
+    hidden = torch.randn(n, h, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, h, dtype=torch.float64).div(h ** 0.5).requires_grad_()
+    bias = torch.randn(v, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, v, (n,))
+    target[::5] = -100
+    row_scale = torch.rand(n)
+    smoothing, z_loss, softcap = options.get("label_smoothing", 0.0), options.get("z_loss", 0.0), options.get("softcap")
+    loss, lse, gh, gw, gb = torch.ops.codex_ml_cpu.linear_cross_entropy(
+        hidden.detach().float(), weight.detach().float(), bias.detach().float(), target, row_scale, -100, smoothing,
+        z_loss, softcap or 0.0, chunk_rows=7)
+    ref = cross_entropy_reference(F.linear(hidden, weight, bias), target, reduction="none", label_smoothing=smoothing,
+                                  z_loss=z_loss, softcap=softcap)
+    ref_grads = torch.autograd.grad((ref * row_scale.double()).sum(), [hidden, weight, bias])
+    assert rel_err(loss, ref.detach()) < BOUNDS[torch.float32]
+    z = F.linear(hidden, weight, bias).detach()
+    z = softcap * torch.tanh(z / softcap) if softcap else z
+    ref_lse = torch.where(target != -100, torch.logsumexp(z, -1), 0.0)
+    assert rel_err(lse, ref_lse) < BOUNDS[torch.float32]
+    for g, r in zip((gh, gw, gb), ref_grads):
+        assert rel_err(g, r) < BOUNDS[torch.float32]
+
+
+def test_cpu_kernel_refuses_negative_chunk_rows():
+    load_extension("cross_entropy")
+    args = (torch.randn(3, 4), torch.randn(5, 4), None, torch.zeros(3, dtype=torch.long), None, -100, 0.0, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="chunk_rows must be >= 0"):
+        torch.ops.codex_ml_cpu.linear_cross_entropy(*args, chunk_rows=-1)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
