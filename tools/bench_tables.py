@@ -265,8 +265,9 @@ RENDERERS: dict[tuple[str, str], Callable[[dict], str]] = {
 
 
 def bench_of(name: str) -> tuple[str, str]:
-    """(bench, preset) of a result file name such as bench_train-cpu."""
-    bench, sep, preset = name.rpartition("-")
+    """(bench, preset) of a result file name such as bench_train-cpu (a further run of the same preset, kept to
+    show that figures repeat: bench_train-cpu.2)."""
+    bench, sep, preset = name.split(".")[0].rpartition("-")
     if not sep or bench not in COMMANDS:
         raise BenchTableError(f"table {name!r}: name a result file as <bench>-<preset>, <bench> one of "
                               f"{', '.join(COMMANDS)}")

@@ -135,6 +135,21 @@ def test_a_new_result_file_fails_the_check_until_rendered(root: Path):
         (root / "docs" / "benchmarks.md").read_text()
 
 
+def test_a_further_run_of_a_preset_has_its_own_file_and_table(root: Path):
+    """bench_train-cpu.2 is a second run of the cpu preset: its own result file, its own table, the cpu command."""
+    page = root / "docs" / "benchmarks.md"
+    page.write_text(page.read_text() + "<!-- bench:bench_train-cpu.2 -->\n<!-- /bench -->\n")
+    bench_tables.main(["--root", str(root)])
+    assert "--preset=cpu --json=$PWD/benchmarks/results/bench_train-cpu.2.json" in page.read_text()
+    rows = _train_rows()
+    rows[0]["tokens_per_s"] = 1500.0
+    _write(root, "bench_train-cpu.2", META, rows)
+    assert _check(root) == 1
+    bench_tables.main(["--root", str(root)])
+    text = page.read_text()
+    assert "benchmarks/results/bench_train-cpu.2.json" in text and "1,500" in text and "1,300" in text
+
+
 def test_kernel_ratios_come_from_each_row():
     rows = [{"impl": "cpu", "N": 8, "H": 4, "V": 16, "dtype": "float32", "pass": "fwd", "time_ms": 3.0,
              "ref_time_ms": 4.0, "floor_time_ms": 2.5, "compiled_ref_time_ms": None, "peak_mem_mb": 32.0,
