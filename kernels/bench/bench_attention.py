@@ -13,7 +13,6 @@ Rows per shape, implementation and pass ("fwd", "bwd", "fwd+bwd"): time_ms (medi
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 
 import torch
@@ -87,17 +86,11 @@ def run_case(b, h, t, d, dtype, device, causal, impls, repeats) -> Iterator[dict
 
 def main() -> None:
     args = common.parse_args(__doc__)
-    results = common.result_file("bench_attention", args)
     rows = [matmul_peak_row(args.repeats or 10)] if args.preset == "gpu" and torch.cuda.is_available() else []
-    for b, h, t, d, dtype, device, causals, impls, repeats in PRESETS[args.preset]:
-        if device == "cuda" and not torch.cuda.is_available():
-            sys.exit(f"preset {args.preset!r} needs a CUDA GPU and none is available")
-        for causal in causals:
-            for row in run_case(b, h, t, d, dtype, device, causal, impls, args.repeats or repeats):
-                rows.append(row)
-                results.write(rows)  # the rows so far
-    common.print_table(rows)
-    results.write(rows, quiet=False)
+    cases = (run_case(b, h, t, d, dtype, common.needs_device(device, args.preset), causal, impls,
+                      args.repeats or repeats)
+             for b, h, t, d, dtype, device, causals, impls, repeats in PRESETS[args.preset] for causal in causals)
+    common.record(common.result_file("bench_attention", args), cases, rows)
 
 
 if __name__ == "__main__":

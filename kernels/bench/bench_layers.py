@@ -17,7 +17,6 @@ time_ms (above 1: faster than eager).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 
 import torch
@@ -161,16 +160,10 @@ def run_case(rms_shape, swiglu_shape, rotary_shape, dtypes, device, impls, repea
 
 def main() -> None:
     args = common.parse_args(__doc__)
-    results = common.result_file("bench_layers", args)
-    rows = []
-    for rms_shape, swiglu_shape, rotary_shape, dtypes, device, impls, repeats in PRESETS[args.preset]:
-        if device == "cuda" and not torch.cuda.is_available():
-            sys.exit(f"preset {args.preset!r} needs a CUDA GPU and none is available")
-        for row in run_case(rms_shape, swiglu_shape, rotary_shape, dtypes, device, impls, args.repeats or repeats):
-            rows.append(row)
-            results.write(rows)  # the rows so far
-    common.print_table(rows)
-    results.write(rows, quiet=False)
+    cases = (run_case(rms_shape, swiglu_shape, rotary_shape, dtypes, common.needs_device(device, args.preset), impls,
+                      args.repeats or repeats)
+             for rms_shape, swiglu_shape, rotary_shape, dtypes, device, impls, repeats in PRESETS[args.preset])
+    common.record(common.result_file("bench_layers", args), cases)
 
 
 if __name__ == "__main__":

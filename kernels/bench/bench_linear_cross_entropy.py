@@ -29,7 +29,6 @@ CPUs), the floor is timed once, not once per backend.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 
 import torch
@@ -196,16 +195,9 @@ def run_case(n: int, h: int, v: int, dtype: torch.dtype, device: str, impls: tup
 
 def main() -> None:
     args = common.parse_args(__doc__)
-    results = common.result_file("bench_linear_cross_entropy", args)
-    rows = []
-    for n, h, v, dtype, device, impls, repeats in PRESETS[args.preset]:
-        if device == "cuda" and not torch.cuda.is_available():
-            sys.exit(f"preset {args.preset!r} needs a CUDA GPU and none is available")
-        for row in run_case(n, h, v, dtype, device, impls, args.repeats or repeats):
-            rows.append(row)
-            results.write(rows)  # the rows so far
-    common.print_table(rows)
-    results.write(rows, quiet=False)
+    cases = (run_case(n, h, v, dtype, common.needs_device(device, args.preset), impls, args.repeats or repeats)
+             for n, h, v, dtype, device, impls, repeats in PRESETS[args.preset])
+    common.record(common.result_file("bench_linear_cross_entropy", args), cases)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from absl import flags
@@ -164,6 +164,25 @@ def print_table(rows: list[dict]) -> None:
     print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
     for c in cells:
         print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
+
+
+def needs_device(device: str, preset: str) -> str:
+    """`device`, once it is known to exist: a preset that needs a CUDA GPU on a machine without one stops here."""
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"preset {preset!r} needs a CUDA GPU and none is available")
+    return device
+
+
+def record(results: ResultFile, cases: Iterable[Iterable[dict]], rows: list[dict] | None = None) -> None:
+    """Runs every case (each yields rows), writing the result file after each row, so that a run stopped midway
+    keeps the rows it finished; then prints the table."""
+    rows = list(rows or [])
+    for case in cases:
+        for row in case:
+            rows.append(row)
+            results.write(rows)  # the rows so far
+    print_table(rows)
+    results.write(rows, quiet=False)
 
 
 def liger_functional():

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from standins import free_port, make_trainer, torchrun, train_records
+from standins import exported_tiny_gpt, free_port, make_trainer, torchrun, train_records
 
 from codex_ml.checkpoint import latest_valid_checkpoint, load_model_state, verify_checkpoint
 from codex_ml.training import TrainerConfig
@@ -114,21 +114,7 @@ def test_smoke_config_under_torchrun_with_fsdp_matches_one_process(tmp_path):
 
 @pytest.fixture(scope="module")
 def hf_model_dir(tmp_path_factory):
-    """A tiny native GPT with its tokenizer, exported to a Hugging Face folder (the path docs/models.md shows)."""
-    from codex_ml.checkpoint.core import save_checkpoint
-    from codex_ml.data import read_corpus
-    from codex_ml.models import GPT, GPTConfig
-    from codex_ml.models.export import export_hf
-    from codex_ml.tokenization import Tokenizer
-
-    tmp = tmp_path_factory.mktemp("hf")
-    tok = Tokenizer.train((d.text for d in read_corpus(None).documents[:40]), tmp / "tokenizer.model", vocab_size=400)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=64))
-    checkpoint = save_checkpoint(tmp / "native", model_state=model.state_dict(),
-                                 model_config={**model.config.to_dict(), "architecture": "codex_ml.GPT"},
-                                 tokenizer_path=tok.model_path, manifest_extra={"tokenizer_sha256": tok.sha256})
-    return export_hf(checkpoint, tmp / "exported")
+    return exported_tiny_gpt(tmp_path_factory.mktemp("hf"))
 
 
 def test_lora_under_fsdp_matches_one_process_and_saves_the_adapters_alone(tmp_path, hf_model_dir):

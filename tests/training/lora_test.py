@@ -13,16 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors import safe_open
+from standins import exported_tiny_gpt
 
 from codex_ml.checkpoint import latest_valid_checkpoint
-from codex_ml.checkpoint.core import save_checkpoint
-from codex_ml.data import read_corpus
-from codex_ml.models import GPT, GPTConfig
-from codex_ml.models.export import export_hf
 from codex_ml.models.generation import SamplingConfig, generate, load_model
-from codex_ml.tokenization import Tokenizer
 
 SMALL = ["Trainer.seq_len = 32", "Trainer.batch_size = 4", "Trainer.eval_every = 3", "Trainer.eval_batches = 1",
          "Trainer.checkpoint_every = 3", "Trainer.log_every = 1", "Trainer.mlflow = False", "Trainer.warmup_steps = 1",
@@ -42,15 +37,7 @@ def _train(tmp_path, *bindings, run_dir="runs/lora"):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """The documented path: a native GPT checkpoint (with its tokenizer) exported to a Hugging Face folder."""
-    tmp = tmp_path_factory.mktemp("hf")
-    corpus = read_corpus(None)
-    tok = Tokenizer.train((d.text for d in corpus.documents[:40]), tmp / "tokenizer.model", vocab_size=400)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=64))
-    checkpoint = save_checkpoint(tmp / "native", model_state=model.state_dict(),
-                                 model_config={**model.config.to_dict(), "architecture": "codex_ml.GPT"},
-                                 tokenizer_path=tok.model_path, manifest_extra={"tokenizer_sha256": tok.sha256})
-    return export_hf(checkpoint, tmp / "exported")
+    return exported_tiny_gpt(tmp_path_factory.mktemp("hf"))
 
 
 def test_lora_config_trains_resumes_and_generates(tmp_path, model_dir):

@@ -120,6 +120,25 @@ def tiny_gpt():
     return GPT(GPTConfig(vocab_size=32, n_layer=2, n_head=2, n_kv_head=1, d_model=32, max_seq_len=16))
 
 
+def exported_tiny_gpt(folder: Path) -> Path:
+    """A tiny native GPT checkpoint with its tokenizer (trained on 40 stdlib files), exported to a Hugging Face
+    folder under `folder`: the path docs/models.md shows."""
+    from codex_ml.checkpoint.core import save_checkpoint
+    from codex_ml.data import read_corpus
+    from codex_ml.models import GPT, GPTConfig
+    from codex_ml.models.export import export_hf
+    from codex_ml.tokenization import Tokenizer
+
+    tok = Tokenizer.train((d.text for d in read_corpus(None).documents[:40]), folder / "tokenizer.model",
+                          vocab_size=400)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=64))
+    checkpoint = save_checkpoint(folder / "native", model_state=model.state_dict(),
+                                 model_config={**model.config.to_dict(), "architecture": "codex_ml.GPT"},
+                                 tokenizer_path=tok.model_path, manifest_extra={"tokenizer_sha256": tok.sha256})
+    return export_hf(checkpoint, folder / "exported")
+
+
 def make_trainer(run_dir, *, seed=0, dropout=0.1, data=None, model=None, operative_config="", **settings):
     """A Trainer over the stand-ins, set up as the command line does: the config (TrainerConfig fields as keyword
     arguments), then the process, then the model, built right after seeding as the experiment does. model="gpt":
