@@ -22,8 +22,9 @@ def codex_area(name, deps = [], exclude = [], data = []):
         data = data,
     )
 
-def py_pytest(name, srcs, deps = [], data = [], args = [], size = "medium", env = {}, slow = [], tags = [], **kwargs):
-    """A pytest test target. `srcs` are test files; `args` are extra pytest flags.
+def py_pytest(name, srcs, args = [], slow = [], tags = [], **kwargs):
+    """A pytest test target. `srcs` are test files; `args` are extra pytest flags; the other attributes (`deps`,
+    `data`, `size`, `env`, ...) are py_test's.
 
     `deps` names the //python areas the test imports (//python:data, //python:models, ...), not the whole
     package, so that an edit reruns only the tests that can see it. A test that runs a command in a subprocess
@@ -35,22 +36,17 @@ def py_pytest(name, srcs, deps = [], data = [], args = [], size = "medium", env 
     """
     if slow:
         selection = " or ".join(slow)  # quoted: Bazel splits `args` like a shell
-        slow_args = args + ["-k", "'%s'" % selection]
-        _pytest(name + "_slow", srcs, deps, data, slow_args, size, env, tags + ["e2e"], **kwargs)
+        _pytest(name + "_slow", srcs, args + ["-k", "'%s'" % selection], tags + ["e2e"], **kwargs)
         args = args + ["-k", "'not (%s)'" % selection]
-    _pytest(name, srcs, deps, data, args, size, env, tags, **kwargs)
+    _pytest(name, srcs, args, tags, **kwargs)
 
-def _pytest(name, srcs, deps, data, args, size, env, tags, **kwargs):
+def _pytest(name, srcs, args, tags, **kwargs):
     native.py_test(
         name = name,
         srcs = srcs + ["//tools:pytest_main.py"],
         main = "//tools:pytest_main.py",
         args = args + ["$(location %s)" % s for s in srcs],
-        deps = deps,
-        data = data,
-        size = size,
         python_version = "PY3",
-        env = env,
         tags = tags,
         **kwargs
     )

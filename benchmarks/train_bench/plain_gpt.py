@@ -16,11 +16,8 @@ import torch.nn.functional as F
 from benchmarks.train_bench.spec import BenchSpec
 
 
-class _RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+class _RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm's weight, with codex_ml's formula written out: normalized in fp32, cast back, then scaled."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()

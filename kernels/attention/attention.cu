@@ -17,6 +17,8 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include <type_traits>
+
 #include "kernels/attention/attention_tile.h"
 
 namespace {
@@ -30,19 +32,14 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kLdS = kBlock + 4;   // fp32 score tiles, padded against bank conflicts
 constexpr int kLdP = kBlock + 8;   // P / dS tiles in the input dtype
 
-template <typename E>
-__device__ __forceinline__ float to_float(E x);
-template <>
-__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename E>
-__device__ __forceinline__ E from_float(float x);
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+// x as a To, between fp32 and the input dtype (__half or __nv_bfloat16) either way, rounding to nearest even.
+template <typename To, typename From>
+__device__ __forceinline__ To convert(From x) {
+  if constexpr (std::is_same_v<From, __half>) return __half2float(x);
+  else if constexpr (std::is_same_v<From, __nv_bfloat16>) return __bfloat162float(x);
+  else if constexpr (std::is_same_v<To, __half>) return __float2half_rn(x);
+  else return __float2bfloat16_rn(x);
+}
 
 using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 template <typename E>
@@ -117,7 +114,7 @@ __device__ void store_acc(E* dst, const Acc* acc, float* stage, float scale, int
   __syncwarp();
   for (int idx = lane; idx < 16 * D; idx += 32) {
     const int r = warp * 16 + idx / D, d = idx % D;
-    if (row0 + r < T) dst[static_cast<size_t>(row0 + r) * D + d] = from_float<E>(stage[r * kLd + d] * scale);
+    if (row0 + r < T) dst[static_cast<size_t>(row0 + r) * D + d] = convert<E>(stage[r * kLd + d] * scale);
   }
 }
 
@@ -174,7 +171,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const E* q, con
     float tile_sum = 0.0f;
     for (int jj = half * 32; jj < half * 32 + 32; ++jj) {
       const float p = ca::row_prob(s_row[jj], m_new);
-      s_p[row * kLdP + jj] = from_float<E>(p);
+      s_p[row * kLdP + jj] = convert<E>(p);
       tile_sum += p;
     }
     tile_sum += __shfl_xor_sync(0xffffffffu, tile_sum, 1);
@@ -201,7 +198,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const E* q, con
   if (i < T) {
     const float inv = ca::row_inv_sum(state);
     for (int d = half * (D / 2); d < (half + 1) * (D / 2); ++d) {
-      o[static_cast<size_t>(i) * D + d] = from_float<E>(s_o[row * kLdO + d] * inv);
+      o[static_cast<size_t>(i) * D + d] = convert<E>(s_o[row * kLdO + d] * inv);
     }
     if (half == 0) lse[bh * T + i] = ca::row_lse(state);
   }
@@ -214,7 +211,7 @@ __global__ void attention_delta_kernel(const E* dout, const E* out, float* delta
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
   float sum = 0.0f;
-  for (int d = lane; d < D; d += 32) sum += to_float(dout[row * D + d]) * to_float(out[row * D + d]);
+  for (int d = lane; d < D; d += 32) sum += convert<float>(dout[row * D + d]) * convert<float>(out[row * D + d]);
   for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
   if (lane == 0) delta[row] = sum;
 }
@@ -293,8 +290,8 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(const E* q, co
       for (int ii = half * 32; ii < half * 32 + 32; ++ii) {
         const float p = ca::allowed(q0 + ii, j, T, causal, window)
                             ? ca::prob_from_lse(s_s[row * kLdS + ii] * c, s_lse[ii]) : 0.0f;
-        s_p[row * kLdP + ii] = from_float<E>(p);
-        s_ds[row * kLdP + ii] = from_float<E>(ca::grad_score(p, s_dp[row * kLdS + ii], s_delta[ii]));
+        s_p[row * kLdP + ii] = convert<E>(p);
+        s_ds[row * kLdP + ii] = convert<E>(ca::grad_score(p, s_dp[row * kLdS + ii], s_delta[ii]));
       }
       __syncwarp();
       warp_accumulate_ab<E, D>(acc_dv, s_p + warp * 16 * kLdP, kLdP, s_do, kLdE);  // dV += P^T dO
@@ -345,7 +342,7 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(const E* q, cons
     for (int jj = half * 32; jj < half * 32 + 32; ++jj) {
       const float p = ca::allowed(i, k0 + jj, T, causal, window)
                           ? ca::prob_from_lse(s_s[row * kLdS + jj] * c, row_lse) : 0.0f;
-      s_ds[row * kLdP + jj] = from_float<E>(ca::grad_score(p, s_dp[row * kLdS + jj], row_delta));
+      s_ds[row * kLdP + jj] = convert<E>(ca::grad_score(p, s_dp[row * kLdS + jj], row_delta));
     }
     __syncwarp();
     warp_accumulate_ab<E, D>(acc_dq, s_ds + warp * 16 * kLdP, kLdP, s_k, kLdE);  // dQ += dS K

@@ -18,36 +18,32 @@ TORCH_API void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2, const Tenso
 
 namespace {
 const at::Tensor& tensor(AtenTensorHandle handle) { return *reinterpret_cast<at::Tensor*>(handle); }
+
+// out = beta * out + a @ b on oneDNN; false where oneDNN refused or PyTorch was built without it.
+bool matmul(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out, float beta) {
+#if AT_MKLDNN_ENABLED()
+  try {
+    at::native::mkldnn_matmul(a, b, out, beta, 1.0f);
+    return true;
+  } catch (const c10::Error&) {
+    return false;
+  }
+#else
+  return false;
+#endif
+}
 }  // namespace
 
 // out = beta * out + a @ b; 0 on success, 1 where oneDNN refused.
 extern "C" __attribute__((visibility("default"))) int codex_onednn_gemm(AtenTensorHandle a, AtenTensorHandle b,
                                                                          AtenTensorHandle out, float beta) {
-#if AT_MKLDNN_ENABLED()
-  try {
-    at::native::mkldnn_matmul(tensor(a), tensor(b), tensor(out), beta, 1.0f);
-    return 0;
-  } catch (const c10::Error&) {
-    return 1;
-  }
-#else
-  return 1;
-#endif
+  return matmul(tensor(a), tensor(b), tensor(out), beta) ? 0 : 1;
 }
 
 // 1 where oneDNN runs fp32 products here, from one 2 x 2 product.
 extern "C" __attribute__((visibility("default"))) int codex_onednn_works() {
-#if AT_MKLDNN_ENABLED()
-  try {
-    const at::Tensor a = at::eye(2, at::kFloat), b = at::full({2, 2}, 3.0f), out = at::empty({2, 2});
-    at::native::mkldnn_matmul(a, b, out, 0.0f, 1.0f);
-    return at::equal(out, b) ? 1 : 0;
-  } catch (const c10::Error&) {
-    return 0;
-  }
-#else
-  return 0;
-#endif
+  const at::Tensor a = at::eye(2, at::kFloat), b = at::full({2, 2}, 3.0f), out = at::empty({2, 2});
+  return matmul(a, b, out, 0.0f) && at::equal(out, b) ? 1 : 0;
 }
 
 // 1 unless torch.backends.mkldnn.enabled was set False.

@@ -86,4 +86,16 @@ inline std::string shape(const Tensor& t) { return shape(t.sizes()); }
 
 }  // namespace codex_ml::cpu
 
+// Registers an op and its backward as torch.ops.codex_ml_cpu.<forward> and <backward>: their schemas, and the C++
+// functions of the same names as their CPU kernels.
+#define CODEX_ML_CPU_OP_WITH_BACKWARD(forward, forward_schema, backward, backward_schema) \
+  STABLE_TORCH_LIBRARY_FRAGMENT(codex_ml_cpu, m) {                                         \
+    m.def(forward_schema);                                                                \
+    m.def(backward_schema);                                                               \
+  }                                                                                       \
+  STABLE_TORCH_LIBRARY_IMPL(codex_ml_cpu, CPU, m) {                                        \
+    m.impl(#forward, TORCH_BOX(&forward));                                                \
+    m.impl(#backward, TORCH_BOX(&backward));                                              \
+  }
+
 #endif  // CODEX_ML_KERNELS_STABLE_H_

@@ -33,7 +33,8 @@ struct RowOptions {
 
 // The three row passes (max; sum of exp(z - max) and of z; the gradient a * exp(z - lse) - b), with AVX-512
 // or AVX2+FMA where the CPU has them (checked at run time, so the extension still runs on any x86-64 CPU) and
-// plain loops otherwise. exp is kernels/common/cpu_exp.h's (Cephes' expf); its arguments are <= 0 here.
+// plain loops otherwise. The vector types and their exp (Cephes' expf) are kernels/common/cpu_exp.h's; exp's
+// arguments are <= 0 here.
 struct RowPasses {
   float max, sum, zsum;
 };
@@ -54,36 +55,8 @@ void row_grad_scalar(float* z, int64_t V, float a, float b, float lse) {
 }
 
 #if CODEX_HAS_AVX2_PATH
-// The vector operations the row passes use, on 8 lanes (AVX2+FMA) and on 16 (AVX-512F).
-struct Avx2 {
-  using Vec = __m256;
-  static constexpr int64_t kLanes = 8;
-  CODEX_AVX2 static Vec set1(float x) { return _mm256_set1_ps(x); }
-  CODEX_AVX2 static Vec load(const float* p) { return _mm256_loadu_ps(p); }
-  CODEX_AVX2 static void store(float* p, Vec x) { _mm256_storeu_ps(p, x); }
-  CODEX_AVX2 static Vec max(Vec a, Vec b) { return _mm256_max_ps(a, b); }
-  CODEX_AVX2 static Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
-  CODEX_AVX2 static Vec sub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
-  CODEX_AVX2 static Vec fmsub(Vec a, Vec b, Vec c) { return _mm256_fmsub_ps(a, b, c); }
-  CODEX_AVX2 static Vec exp(Vec x) { return codex_ml::cpu::exp256(x); }
-  CODEX_AVX2 static float hmax(Vec x) { return codex_ml::cpu::hmax(x); }
-  CODEX_AVX2 static float hsum(Vec x) { return codex_ml::cpu::hsum(x); }
-};
-
-struct Avx512 {
-  using Vec = __m512;
-  static constexpr int64_t kLanes = 16;
-  CODEX_AVX512 static Vec set1(float x) { return _mm512_set1_ps(x); }
-  CODEX_AVX512 static Vec load(const float* p) { return _mm512_loadu_ps(p); }
-  CODEX_AVX512 static void store(float* p, Vec x) { _mm512_storeu_ps(p, x); }
-  CODEX_AVX512 static Vec max(Vec a, Vec b) { return _mm512_max_ps(a, b); }
-  CODEX_AVX512 static Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
-  CODEX_AVX512 static Vec sub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
-  CODEX_AVX512 static Vec fmsub(Vec a, Vec b, Vec c) { return _mm512_fmsub_ps(a, b, c); }
-  CODEX_AVX512 static Vec exp(Vec x) { return codex_ml::cpu::exp512(x); }
-  CODEX_AVX512 static float hmax(Vec x) { return codex_ml::cpu::hmax(x); }
-  CODEX_AVX512 static float hsum(Vec x) { return codex_ml::cpu::hsum(x); }
-};
+using codex_ml::cpu::Avx2;
+using codex_ml::cpu::Avx512;
 
 // The row passes on S's vectors, the last V % kLanes values by the plain loops. Always inlined into the wrappers
 // below, so each copy is compiled for its wrapper's instruction set only.

@@ -187,12 +187,6 @@ std::tuple<Tensor, Tensor> rms_norm_backward(Tensor grad, Tensor x, Tensor weigh
 
 }  // namespace
 
-STABLE_TORCH_LIBRARY_FRAGMENT(codex_ml_cpu, m) {
-  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
-  m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)");
-}
-
-STABLE_TORCH_LIBRARY_IMPL(codex_ml_cpu, CPU, m) {
-  m.impl("rms_norm", TORCH_BOX(&rms_norm));
-  m.impl("rms_norm_backward", TORCH_BOX(&rms_norm_backward));
-}
+CODEX_ML_CPU_OP_WITH_BACKWARD(
+    rms_norm, "rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)",
+    rms_norm_backward, "rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)")

@@ -149,12 +149,6 @@ Tensor rotary_backward(Tensor grad, Tensor cos, Tensor sin, std::vector<int64_t>
 
 }  // namespace
 
-STABLE_TORCH_LIBRARY_FRAGMENT(codex_ml_cpu, m) {
-  m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
-  m.def("rotary_backward(Tensor grad, Tensor cos, Tensor sin, int[] strides) -> Tensor");
-}
-
-STABLE_TORCH_LIBRARY_IMPL(codex_ml_cpu, CPU, m) {
-  m.impl("rotary", TORCH_BOX(&rotary));
-  m.impl("rotary_backward", TORCH_BOX(&rotary_backward));
-}
+CODEX_ML_CPU_OP_WITH_BACKWARD(
+    rotary, "rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor",
+    rotary_backward, "rotary_backward(Tensor grad, Tensor cos, Tensor sin, int[] strides) -> Tensor")

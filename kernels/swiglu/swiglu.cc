@@ -238,12 +238,6 @@ std::tuple<Tensor, Tensor> swiglu_backward(Tensor grad, Tensor gate, Tensor up) 
 
 }  // namespace
 
-STABLE_TORCH_LIBRARY_FRAGMENT(codex_ml_cpu, m) {
-  m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
-  m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor, Tensor)");
-}
-
-STABLE_TORCH_LIBRARY_IMPL(codex_ml_cpu, CPU, m) {
-  m.impl("swiglu", TORCH_BOX(&swiglu));
-  m.impl("swiglu_backward", TORCH_BOX(&swiglu_backward));
-}
+CODEX_ML_CPU_OP_WITH_BACKWARD(
+    swiglu, "swiglu(Tensor gate, Tensor up) -> Tensor",
+    swiglu_backward, "swiglu_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor, Tensor)")

@@ -128,44 +128,30 @@ static int read_only(int dirfd, const char *path) { return path_under(dirfd, pat
 
 static int writes(int flags) { return (flags & (O_WRONLY | O_RDWR | O_CREAT | O_TRUNC)) != 0; }
 
-static mode_t mode_of(int flags, va_list args) {
-  return (flags & O_CREAT) || (flags & __O_TMPFILE) == __O_TMPFILE ? va_arg(args, mode_t) : 0;
-}
+// The mode argument of an open call whose last named parameter is `flags`: passed only with O_CREAT or O_TMPFILE.
+// A macro, because only the variadic function itself can read its arguments.
+#define MODE_ARG(flags)                                                                                       \
+  __extension__({                                                                                             \
+    va_list args_;                                                                                            \
+    va_start(args_, flags);                                                                                   \
+    mode_t mode_ = ((flags) & O_CREAT) || ((flags) & __O_TMPFILE) == __O_TMPFILE ? va_arg(args_, mode_t) : 0; \
+    va_end(args_);                                                                                            \
+    mode_;                                                                                                    \
+  })
 
 int openat64(int dirfd, const char *path, int flags, ...) {
   static int (*next)(int, const char *, int, ...);
   if (!next) next = real("openat64");
-  va_list args;
-  va_start(args, flags);
-  mode_t mode = mode_of(flags, args);
-  va_end(args);
+  mode_t mode = MODE_ARG(flags);
   if (writes(flags) && read_only(dirfd, path)) { errno = EROFS; return -1; }
   return next(dirfd, path, flags, mode);
 }
 
-int openat(int dirfd, const char *path, int flags, ...) {
-  va_list args;
-  va_start(args, flags);
-  mode_t mode = mode_of(flags, args);
-  va_end(args);
-  return openat64(dirfd, path, flags, mode);
-}
+int openat(int dirfd, const char *path, int flags, ...) { return openat64(dirfd, path, flags, MODE_ARG(flags)); }
 
-int open64(const char *path, int flags, ...) {
-  va_list args;
-  va_start(args, flags);
-  mode_t mode = mode_of(flags, args);
-  va_end(args);
-  return openat64(AT_FDCWD, path, flags, mode);
-}
+int open64(const char *path, int flags, ...) { return openat64(AT_FDCWD, path, flags, MODE_ARG(flags)); }
 
-int open(const char *path, int flags, ...) {
-  va_list args;
-  va_start(args, flags);
-  mode_t mode = mode_of(flags, args);
-  va_end(args);
-  return openat64(AT_FDCWD, path, flags, mode);
-}
+int open(const char *path, int flags, ...) { return openat64(AT_FDCWD, path, flags, MODE_ARG(flags)); }
 
 int creat64(const char *path, mode_t mode) { return openat64(AT_FDCWD, path, O_CREAT | O_WRONLY | O_TRUNC, mode); }
 

@@ -111,6 +111,32 @@ static bool visible_by_definition(int i, int j, int T, bool causal, int window) 
   return true;
 }
 
+// The block ranges of one side, query blocks (key_range) or key blocks (query_range): for each block, the range
+// [lo, hi) of the other side's rows it scans starts aligned to the other side's blocks and holds every visible pair.
+static void check_block_ranges(bool query_blocks, int T, bool causal, int window, int block_m, int block_n) {
+  const int block = query_blocks ? block_m : block_n, other_block = query_blocks ? block_n : block_m;
+  const char* side = query_blocks ? "query" : "key";
+  const char* other = query_blocks ? "key" : "query";
+  for (int r0 = 0; r0 < T; r0 += block) {
+    int lo, hi;
+    if (query_blocks) {
+      ca::key_range(r0, block_m, T, causal, window, block_n, &lo, &hi);
+    } else {
+      ca::query_range(r0, block_n, T, causal, window, block_m, &lo, &hi);
+    }
+    EXPECT(lo % other_block == 0 && lo >= 0 && hi <= T, "%s range [%d, %d)", other, lo, hi);
+    for (int r = r0; r < r0 + block; ++r) {
+      for (int c = 0; c < T; ++c) {
+        const bool visible = query_blocks ? ca::allowed(r, c, T, causal, window) : ca::allowed(c, r, T, causal, window);
+        if (visible) {
+          EXPECT(lo <= c && c < hi, "%s %d of %s %d outside [%d, %d) (T=%d causal=%d window=%d)", other, c, side, r,
+                 lo, hi, T, causal, window);
+        }
+      }
+    }
+  }
+}
+
 // The predicate matches its definition, and the block ranges cover every visible pair (so skipping
 // tiles outside them loses nothing) with aligned starts.
 static void test_masks_and_block_ranges() {
@@ -124,32 +150,7 @@ static void test_masks_and_block_ranges() {
                    "allowed(%d, %d, T=%d, causal=%d, window=%d)", i, j, T, causal, window);
           }
         }
-        for (int q0 = 0; q0 < T; q0 += block_m) {
-          int lo, hi;
-          ca::key_range(q0, block_m, T, causal, window, block_n, &lo, &hi);
-          EXPECT(lo % block_n == 0 && lo >= 0 && hi <= T, "key range [%d, %d)", lo, hi);
-          for (int i = q0; i < q0 + block_m; ++i) {
-            for (int j = 0; j < T; ++j) {
-              if (ca::allowed(i, j, T, causal, window)) {
-                EXPECT(lo <= j && j < hi, "key %d of query %d outside [%d, %d) (T=%d causal=%d window=%d)", j, i,
-                       lo, hi, T, causal, window);
-              }
-            }
-          }
-        }
-        for (int k0 = 0; k0 < T; k0 += block_n) {
-          int lo, hi;
-          ca::query_range(k0, block_n, T, causal, window, block_m, &lo, &hi);
-          EXPECT(lo % block_m == 0 && lo >= 0 && hi <= T, "query range [%d, %d)", lo, hi);
-          for (int j = k0; j < k0 + block_n; ++j) {
-            for (int i = 0; i < T; ++i) {
-              if (ca::allowed(i, j, T, causal, window)) {
-                EXPECT(lo <= i && i < hi, "query %d of key %d outside [%d, %d) (T=%d causal=%d window=%d)", i, j,
-                       lo, hi, T, causal, window);
-              }
-            }
-          }
-        }
+        for (bool query_blocks : {true, false}) check_block_ranges(query_blocks, T, causal, window, block_m, block_n);
       }
     }
   }

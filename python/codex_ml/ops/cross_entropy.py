@@ -382,8 +382,8 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
-    return_z_loss: bool = False,
     accum_dtype: torch.dtype = torch.float32,
+    return_z_loss: bool = False,
     impl: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of softcap(hidden [N, H] @ weight[V, H]^T + bias) against target [N], without the logits.
