@@ -6,6 +6,8 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -430,3 +432,23 @@ def test_directory_sources_skip_hidden_directories_and_virtual_environments(tmp)
     (src / "pkg" / "a.py").unlink()
     with pytest.raises(DataError, match="outside hidden directories and virtual environments.*include_hidden"):
         read_corpus([str(src)])
+
+
+def test_the_secret_filter_and_the_corpus_reader_import_nothing_else_of_the_pipeline():
+    """generation reads data/secrets.py and the tokenizer command data/corpus.py: neither imports the batches,
+    shards or cache (nor numpy, torch or SentencePiece), while `from codex_ml.data import <name>` still works."""
+    code = ("import sys\n"
+            "import codex_ml.data.corpus, codex_ml.data.secrets\n"
+            "print(sorted(m for m in sys.modules if m.startswith('codex_ml.data')"
+            " or m in ('numpy', 'torch', 'sentencepiece')))\n"
+            "from codex_ml.data import BatchIterator, prepare_data\n"
+            "print(BatchIterator.__module__, prepare_data.__module__)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded, facade = result.stdout.splitlines()
+    assert loaded == str(["codex_ml.data", "codex_ml.data.corpus", "codex_ml.data.secrets"])
+    assert facade == "codex_ml.data.batches codex_ml.data.pipeline"
+    import codex_ml.data
+
+    with pytest.raises(AttributeError, match="has no attribute 'prepare'"):
+        codex_ml.data.prepare  # noqa: B018

@@ -14,7 +14,7 @@ import sys
 from absl import flags
 
 from codex_ml.cli.common import HELP, enter_working_directory, parse_flags, usage_error
-from codex_ml.data import DataError, read_corpus
+from codex_ml.data.corpus import DataError, read_corpus
 from codex_ml.tokenization import Tokenizer, TokenizerError
 from codex_ml.tokenization.tokenizer import check_utf8
 

@@ -1,9 +1,30 @@
-"""The data pipeline: corpus, tokenizer, cached token shards with manifests, deterministic batches."""
+"""The data pipeline: corpus, tokenizer, cached token shards with manifests, deterministic batches.
 
-from codex_ml.data.batches import BatchIterator, document_attention_mask
-from codex_ml.data.corpus import Corpus, DataError, Document, read_corpus
-from codex_ml.data.pipeline import PreparedData, load_prepared, prepare_data
-from codex_ml.data.secrets import find_secret
+The names below are imported from their modules on first use: importing the secret filter (codex_ml.data.secrets,
+what generation reads) or the corpus reader (codex_ml.data.corpus, what the tokenizer command reads) does not
+import the batches, shards and cache, nor numpy, torch and SentencePiece with them.
+"""
 
-__all__ = ["BatchIterator", "Corpus", "DataError", "Document", "PreparedData", "document_attention_mask", "find_secret",
-           "load_prepared", "prepare_data", "read_corpus"]
+import importlib
+
+_MODULE_OF = {
+    "BatchIterator": "batches",
+    "document_attention_mask": "batches",
+    "Corpus": "corpus",
+    "DataError": "corpus",
+    "Document": "corpus",
+    "read_corpus": "corpus",
+    "PreparedData": "pipeline",
+    "load_prepared": "pipeline",
+    "prepare_data": "pipeline",
+    "find_secret": "secrets",
+}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> object:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+
