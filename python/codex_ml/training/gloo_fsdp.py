@@ -1,0 +1,79 @@
+"""FSDP2's collectives on gloo (training on the CPU), done the way the CPU is fast at them.
+
+FSDP2 calls its collectives through two objects it lets a user replace (FSDPModule.set_custom_all_gather,
+set_custom_reduce_scatter). Its defaults suit NCCL; on gloo they cost the step more than its compute:
+- gloo's reduce_scatter_tensor copies its input and all-reduces all of it, then keeps one part: twice the bytes
+  an all-to-all moves, and a fresh copy of every block's gradients;
+- a CPU has no streams, so FSDP's implicit prefetch cannot overlap anything: each block's all-gather is waited
+  for before the block computes. Issued asynchronously, a prefetched all-gather runs on gloo's thread while the
+  previous block computes;
+- every all-gather allocates a fresh buffer of a whole block's parameters, freed after its copy-out: with large
+  blocks returned to the system when freed (configure_cpu_allocator), each is page-faulted in again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
+
+
+class _Buffers:
+    """One reused tensor per (size, dtype): a collective's buffer that no one reads once the collective's result
+    has been copied out."""
+
+    def __init__(self):
+        self._tensors: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def get(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (numel, dtype, device)
+        if key not in self._tensors:
+            self._tensors[key] = torch.empty(numel, dtype=dtype, device=device)
+        return self._tensors[key]
+
+
+class GlooAllGather(AllGather):
+    """All-gathers into a reused buffer: FSDP copies each all-gather's output out before it issues the next one
+    (on the CPU every collective completes before the call returns), so no one reads the previous contents."""
+
+    def __init__(self):
+        self._buffers = _Buffers()
+
+    def allocate(self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype,
+                 device: torch.device) -> torch.Tensor:
+        return self._buffers.get(int(torch.Size(size).numel()), dtype, device).view(size)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
+                 async_op: bool = False) -> dist.Work | None:
+        return dist.all_gather_into_tensor(output_tensor, input_tensor, group=group, async_op=async_op)
+
+
+class GlooReduceScatter(ReduceScatter):
+    """Reduce-scatter as an all-to-all (each process receives every process's part for its own shard) and a sum:
+    (N - 1) / N of the input sent, as a ring reduce-scatter, instead of gloo's all-reduce of all of it."""
+
+    def __init__(self):
+        self._inputs, self._received = _Buffers(), _Buffers()
+        self._input_next = True
+
+    def allocate(self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype,
+                 device: torch.device) -> torch.Tensor:
+        # FSDP asks for the input (the block's gradients, copied in), then for the output, which becomes the
+        # sharded gradients and so must be fresh. The input is reused: consumed before the next block's arrives.
+        input_next, self._input_next = self._input_next, not self._input_next
+        if input_next:
+            return self._inputs.get(int(torch.Size(size).numel()), dtype, device).view(size)
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
+                 op: object, async_op: bool = False) -> None:
+        world_size = group.size()
+        received = self._received.get(input_tensor.numel(), input_tensor.dtype, input_tensor.device)
+        dist.all_to_all_single(received, input_tensor, group=group)
+        torch.sum(received.view(world_size, -1), dim=0, out=output_tensor.view(-1))
+        if op == dist.ReduceOp.AVG:
+            output_tensor.div_(world_size)
+        elif op != dist.ReduceOp.SUM:
+            raise ValueError(f"GlooReduceScatter reduces by SUM or AVG, not {op}")
