@@ -73,11 +73,12 @@ fully_shard per block and at the root), codex_ml_fsdp_ac (also Trainer.activatio
 hf_trainer_fsdp (the HF Trainer with its FSDP2 integration, accelerate's FSDP plugin with fsdp_version=2). The
 same initial weights, global batches (process r reads rows [r * B / N, (r + 1) * B / N) of each), optimizer and
 schedule as above; settings default to as_shipped, with the HF Trainer's FSDP2 also run under same_settings
-(codex_ml's allocator setting, which under FSDP returns freed blocks to the system). Each row is one training: tokens_per_s counts the global
-batch over steps that last until the slowest process finishes them; peak_rss_mb_per_rank and
-train_peak_rss_mb_per_rank hold each process's VmHWM (peak_rss_mb, the largest), peak_gpu_mb_per_rank CUDA's
-max allocated; the losses are rank 0's (the mean over the processes, as both frameworks log it); the codex_ml
-rows hold their ratios against every other training (speedup_vs_*, rss_ratio_vs_*, loss_diff_vs_*).
+(codex_ml's allocator setting, which under FSDP returns freed blocks to the system). Each row is one training:
+tokens_per_s counts the global batch over steps that last until the slowest process finishes them;
+peak_rss_mb_per_rank and train_peak_rss_mb_per_rank hold each process's VmHWM (peak_rss_mb, the largest),
+peak_gpu_mb_per_rank CUDA's max allocated; the losses are rank 0's (the mean over the processes, as both frameworks
+log it); the codex_ml rows hold their ratios against every other training (speedup_vs_*, rss_ratio_vs_*,
+loss_diff_vs_*).
 
 The result file (--json; default runs/bench_train/<preset>.json) is codex_ml.kernels.bench.record's format:
 {"meta": {...}, "rows": [...]}, one row per implementation and settings; a PNG plot is written beside it.

@@ -1,14 +1,12 @@
-"""FSDP2's collectives on gloo (training on the CPU), done the way the CPU is fast at them.
+"""FSDP2's collectives on gloo (training on the CPU).
 
-FSDP2 calls its collectives through two objects it lets a user replace (FSDPModule.set_custom_all_gather,
-set_custom_reduce_scatter). Its defaults suit NCCL; on gloo they cost the step more than its compute:
-- gloo's reduce_scatter_tensor copies its input and all-reduces all of it, then keeps one part: twice the bytes
-  an all-to-all moves, and a fresh copy of every block's gradients;
-- a CPU has no streams, so FSDP's implicit prefetch cannot overlap anything: each block's all-gather is waited
-  for before the block computes. Issued asynchronously, a prefetched all-gather runs on gloo's thread while the
-  previous block computes;
-- every all-gather allocates a fresh buffer of a whole block's parameters, freed after its copy-out: with large
-  blocks returned to the system when freed (configure_cpu_allocator), each is page-faulted in again.
+FSDP2 calls its collectives through two objects a user may replace (FSDPModule.set_custom_all_gather,
+set_custom_reduce_scatter). Its defaults suit NCCL; on gloo two of their costs are avoidable:
+- gloo's reduce_scatter_tensor copies its input, all-reduces all of it and keeps one part: twice the bytes an
+  all-to-all moves, and a fresh copy of every block's gradients;
+- every all-gather and reduce-scatter allocates a fresh buffer of a whole block, freed after use: with large
+  blocks returned to the system when freed (configure_cpu_allocator under FSDP), each is page-faulted in again.
+(Prefetching asynchronously does not help on the CPU: gloo's thread competes with the compute for the cores.)
 """
 
 from __future__ import annotations
