@@ -44,6 +44,10 @@ def _check_collectives(rank: int, port: int) -> None:
         with pytest.raises(ValueError, match="SUM or AVG"):
             reduce_scatter(output, reduce_scatter.allocate((WORLD,), dtype=torch.float32,
                                                            device=torch.device("cpu")), group, dist.ReduceOp.MAX)
+        swapped_input = reduce_scatter.allocate((WORLD,), dtype=torch.float32, device=torch.device("cpu"))
+        swapped_output = reduce_scatter.allocate((1,), dtype=torch.float32, device=torch.device("cpu"))
+        with pytest.raises(RuntimeError, match="unexpected order"):  # never reduce into the reused input buffer
+            reduce_scatter(swapped_input, swapped_output, group, dist.ReduceOp.SUM)
 
         first = all_gather.allocate((1001 * WORLD,), dtype=torch.float32, device=torch.device("cpu"))
         for call in range(2):

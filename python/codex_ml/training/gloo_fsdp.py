@@ -31,6 +31,10 @@ class _Buffers:
             self._tensors[key] = torch.empty(numel, dtype=dtype, device=device)
         return self._tensors[key]
 
+    def holds(self, tensor: torch.Tensor) -> bool:
+        return any(tensor.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+                   for t in self._tensors.values())
+
 
 class GlooAllGather(AllGather):
     """All-gathers into a reused buffer: FSDP copies each all-gather's output out before it issues the next one
@@ -67,6 +71,10 @@ class GlooReduceScatter(ReduceScatter):
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
                  op: object, async_op: bool = False) -> None:
+        self._input_next = True  # whatever happened before, the next request is the next reduce-scatter's input
+        if self._inputs.holds(output_tensor):
+            raise RuntimeError("GlooReduceScatter: FSDP asked for its buffers in an unexpected order (the output "
+                               "would be the reused input buffer); set Trainer.parallelism = 'ddp' or report it")
         world_size = group.size()
         received = self._received.get(input_tensor.numel(), input_tensor.dtype, input_tensor.device)
         dist.all_to_all_single(received, input_tensor, group=group)
