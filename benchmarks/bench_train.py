@@ -72,11 +72,13 @@ in lockstep (train_bench/dist.py): codex_ml_ddp, codex_ml_fsdp (Trainer.parallel
 fully_shard per block and at the root), codex_ml_fsdp_ac (also Trainer.activation_checkpointing) and
 hf_trainer_fsdp (the HF Trainer with its FSDP2 integration, accelerate's FSDP plugin with fsdp_version=2). The
 same initial weights, global batches (process r reads rows [r * B / N, (r + 1) * B / N) of each), optimizer and
-schedule as above; settings default to as_shipped. Each row is one training: tokens_per_s counts the global
-batch over steps that last until the slowest process finishes them; peak_rss_mb_per_rank and
-train_peak_rss_mb_per_rank hold each process's VmHWM (peak_rss_mb, the largest), peak_gpu_mb_per_rank CUDA's
-max allocated; the losses are rank 0's (the mean over the processes, as both frameworks log it); the codex_ml
-rows hold their ratios against every other training (speedup_vs_*, rss_ratio_vs_*, loss_diff_vs_*).
+schedule as above; settings default to as_shipped, with the HF Trainer's FSDP2 also run under same_settings
+(codex_ml's allocator setting, which under FSDP returns freed blocks to the system). Each row is one training:
+tokens_per_s counts the global batch over steps that last until the slowest process finishes them;
+peak_rss_mb_per_rank and train_peak_rss_mb_per_rank hold each process's VmHWM (peak_rss_mb, the largest),
+peak_gpu_mb_per_rank CUDA's max allocated; the losses are rank 0's (the mean over the processes, as both frameworks
+log it); the codex_ml rows hold their ratios against every other training (speedup_vs_*, rss_ratio_vs_*,
+loss_diff_vs_*).
 
 The result file (--json; default runs/bench_train/<preset>.json) is codex_ml.kernels.bench.record's format:
 {"meta": {...}, "rows": [...]}, one row per implementation and settings; a PNG plot is written beside it.
@@ -200,7 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         init_path = work / "init.pt"
         save_init(spec, init_path)
         if spec.distributed:
-            measured = run_distributed([(impl, s) for s in settings for impl in impls], spec, work, init_path)
+            runs = [(impl, s) for s in settings for impl in impls]
+            if "hf_trainer_fsdp" in impls and "same_settings" not in settings:
+                # As shipped, codex_ml's FSDP returns freed blocks to the system and the HF Trainer keeps glibc's
+                # defaults: its FSDP2 under codex_ml's process settings too, so that allocator is compared alike.
+                runs.append(("hf_trainer_fsdp", "same_settings"))
+            measured = run_distributed(runs, spec, work, init_path)
         else:
             measured = []
             for group in settings:

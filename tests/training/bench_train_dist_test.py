@@ -40,9 +40,12 @@ def test_one_row_per_training_with_memory_per_process(run):
     result, stdout = run
     assert (result["meta"]["bench"], result["meta"]["preset"]) == ("bench_train", "dist_quick")
     rows = result["rows"]
-    assert [(row["settings"], row["impl"]) for row in rows] == [("as_shipped", impl) for impl in DIST_IMPLS]
+    assert [(row["settings"], row["impl"]) for row in rows] == [("as_shipped", impl) for impl in DIST_IMPLS] + [
+        ("same_settings", "hf_trainer_fsdp")]
     assert [(row["parallelism"], row["activation_checkpointing"]) for row in rows] == [
-        ("ddp", False), ("fsdp", False), ("fsdp", True), ("fsdp", False)]
+        ("ddp", False), ("fsdp", False), ("fsdp", True), ("fsdp", False), ("fsdp", False)]
+    # The HF Trainer's FSDP2 as shipped (glibc's defaults) and under codex_ml's FSDP allocator setting.
+    assert [row["allocator"] for row in rows[3:]] == ["glibc_default", "return_freed"]
     for row in rows:
         assert FIELDS <= set(row), FIELDS - set(row)
         assert (row["world_size"], row["backend"], row["threads"]) == (2, "gloo", 1)
@@ -58,7 +61,7 @@ def test_one_row_per_training_with_memory_per_process(run):
             assert len(per_rank) == 2 and all(100 < mb < 20_000 for mb in per_rank), (row["impl"], per_rank)
             assert row[key] == max(per_rank)
         assert row["peak_rss_mb"] >= row["train_peak_rss_mb"] >= row["base_rss_mb"] > 0
-    by_impl = {row["impl"]: row for row in rows}
+    by_impl = {row["impl"]: row for row in rows[:4]}
     for impl in ("codex_ml_fsdp", "codex_ml_fsdp_ac"):
         ours = by_impl[impl]
         for other in ("codex_ml_ddp", "hf_trainer_fsdp"):

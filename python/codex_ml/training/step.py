@@ -58,13 +58,16 @@ def _checkpointed(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
 def shard_model(model: torch.nn.Module, config: TrainerConfig, process: ProcessInfo) -> None:
     """FSDP2 (torch.distributed.fsdp.fully_shard) in place: each transformer block, then the root (embeddings, final
     norm, head), sharded over all processes. A block's parameters are all-gathered just before its forward and
-    freed after it (and again for the backward), so each process holds 1/N of the parameters, gradients and
-    optimizer state plus one block at a time. Parameters that do not train (a LoRA base) are sharded too.
+    freed after it (and again for the backward; the last block's stay gathered in between), so each process holds
+    1/N of the parameters, gradients and optimizer state plus one block at a time. Parameters that do not train (a
+    LoRA base) are sharded too. On the CPU the collectives are gloo_fsdp's.
 
     Mixed precision (bf16 parameters in compute, fp32 gradient reduction) where precision = 'bf16' on a GPU that
     has bf16; on the CPU, bf16 comes from autocast as without FSDP."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    from codex_ml.training.gloo_fsdp import GlooAllGather, GlooReduceScatter
 
     device = process.device
     mesh = init_device_mesh(device.type, (process.world_size,))
@@ -72,9 +75,17 @@ def shard_model(model: torch.nn.Module, config: TrainerConfig, process: ProcessI
     mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
         MixedPrecisionPolicy()
     offload = CPUOffloadPolicy() if config.fsdp_cpu_offload else OffloadPolicy()
-    for block in transformer_blocks(model):
-        fully_shard(block, mesh=mesh, mp_policy=mixed, offload_policy=offload)
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        # The last block's backward follows its forward at once: gathering its parameters again would be wasted.
+        fully_shard(block, mesh=mesh, mp_policy=mixed, offload_policy=offload,
+                    reshard_after_forward=block is not blocks[-1])
     fully_shard(model, mesh=mesh, mp_policy=mixed, offload_policy=offload)
+    if device.type == "cpu":  # gloo: collectives that avoid its slow reduce-scatter and reuse their buffers
+        all_gather, reduce_scatter = GlooAllGather(), GlooReduceScatter()
+        for module in [*blocks, model]:
+            module.set_custom_all_gather(all_gather)
+            module.set_custom_reduce_scatter(reduce_scatter)
 
 
 def data_parallel(model: torch.nn.Module, config: TrainerConfig, process: ProcessInfo) -> torch.nn.Module | None:
