@@ -141,6 +141,9 @@ def bench_train_dist_table(result: dict) -> str:
     header = ["settings", "training", "processes", "tokens/s", "median step tokens/s",
               f"peak {'GPU' if gpu else 'RSS'} MB per process", "final loss", "peak memory vs codex_ml DDP",
               "tokens/s vs HF Trainer FSDP2", "final loss − HF Trainer FSDP2's"]
+    hf_alike = _hf_under_codex_ml_settings(result)
+    if hf_alike:
+        header.append("tokens/s vs HF Trainer FSDP2 under the same process settings")
     body = []
     for settings, rows in _group(result["rows"], "settings").items():
         impls = _by_impl(rows)
@@ -152,11 +155,23 @@ def bench_train_dist_table(result: dict) -> str:
             vs_ddp = ratio(peak, _dist_memory(ddp)[1]) if ours and row is not ddp else None
             vs_hf = ratio(row.get("tokens_per_s"), hf.get("tokens_per_s")) if ours else None
             loss_diff = row["final_loss"] - hf["final_loss"] if ours and "final_loss" in hf else None
-            body.append([_settings_label(settings), DIST_NAMES.get(impl, str(impl)), str(row.get("world_size")),
-                         fmt(row.get("tokens_per_s"), "int"), fmt(row.get("tokens_per_s_median"), "int"),
-                         " / ".join(fmt(mb, "int") for mb in per_rank), fmt(row.get("final_loss"), "loss"),
-                         fmt(vs_ddp, "ratio"), fmt(vs_hf, "ratio"), fmt(loss_diff, "loss")])
+            line = [_settings_label(settings), DIST_NAMES.get(impl, str(impl)), str(row.get("world_size")),
+                    fmt(row.get("tokens_per_s"), "int"), fmt(row.get("tokens_per_s_median"), "int"),
+                    " / ".join(fmt(mb, "int") for mb in per_rank), fmt(row.get("final_loss"), "loss"),
+                    fmt(vs_ddp, "ratio"), fmt(vs_hf, "ratio"), fmt(loss_diff, "loss")]
+            if hf_alike:
+                alike = ours and settings == "as_shipped" and row.get("allocator") == hf_alike.get("allocator")
+                line.append(fmt(ratio(row.get("tokens_per_s"), hf_alike.get("tokens_per_s")) if alike else None,
+                                "ratio"))
+            body.append(line)
     return markdown(header, body)
+
+
+def _hf_under_codex_ml_settings(result: dict) -> Row:
+    """The HF Trainer's FSDP2 row run under codex_ml's FSDP process settings (settings 'same_settings'), if the file
+    has one: codex_ml's as-shipped rows with the same allocator setting compare with it like for like."""
+    return next((row for row in result["rows"]
+                 if row.get("impl") == "hf_trainer_fsdp" and row.get("settings") == "same_settings"), {})
 
 
 def bench_train_dist_headline(result: dict) -> str:
@@ -173,9 +188,13 @@ def bench_train_dist_headline(result: dict) -> str:
             memory = fmt(ratio(_dist_memory(row)[1], _dist_memory(ddp)[1]), "ratio")
             speed = fmt(ratio(row.get("tokens_per_s"), hf.get("tokens_per_s")), "ratio")
             loss = fmt(abs(row["final_loss"] - hf["final_loss"]) if "final_loss" in hf else None, "loss")
+            alike = _hf_under_codex_ml_settings(result) if settings == "as_shipped" else {}
+            alike = alike if alike.get("allocator") == row.get("allocator") else {}
+            alike_speed = (f" as shipped and {fmt(ratio(row.get('tokens_per_s'), alike.get('tokens_per_s')), 'ratio')}"
+                           " under the same process settings") if alike else ""
             lines.append(f"- {DIST_NAMES[impl]} ({_settings_label(settings)}, {row.get('world_size')} processes): "
-                         f"{memory} codex_ml DDP's peak memory per process, {speed} the HF Trainer FSDP2's tokens/s "
-                         f"at final losses {loss} apart.")
+                         f"{memory} codex_ml DDP's peak memory per process, {speed} the HF Trainer FSDP2's tokens/s"
+                         f"{alike_speed} at final losses {loss} apart.")
     return "\n".join(lines)
 
 

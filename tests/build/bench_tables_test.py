@@ -206,3 +206,33 @@ def test_distributed_rows_render_per_process_memory_and_their_ratios(root: Path)
     assert "- codex_ml FSDP2 (as shipped, 2 processes): 0.55x codex_ml DDP's peak memory per process, 1.80x the HF " \
            "Trainer FSDP2's tokens/s at final losses 0.0002 apart." in readme
     assert "- codex_ml FSDP2 + activation checkpointing (as shipped, 2 processes): 0.45x codex_ml DDP's" in readme
+    assert "same process settings" not in table + readme  # no such HF row: no such column
+
+
+def test_distributed_speed_also_against_the_hf_trainer_under_codex_mls_process_settings(root: Path):
+    """An HF Trainer FSDP2 row run under codex_ml's process settings ('same_settings') gets codex_ml's as-shipped
+    rows compared with it too, in a column and in the headline, beside the as-shipped comparison."""
+    alike = {**_dist_row("hf_trainer_fsdp", 400.0, [1000.0, 1000.0], 6.5), "settings": "same_settings",
+             "allocator": "return_freed"}
+    _write(root, "bench_train-dist", {**META, "preset": "dist"}, [
+        {**_dist_row("codex_ml_ddp", 1000.0, [2000.0, 1900.0], 6.5), "allocator": "keep_freed"},
+        {**_dist_row("codex_ml_fsdp", 900.0, [1000.0, 1100.0], 6.5002), "allocator": "return_freed"},
+        {**_dist_row("hf_trainer_fsdp", 500.0, [1300.0, 1250.0], 6.5), "allocator": "glibc_default"},
+        alike,
+    ])
+    (root / "docs" / "benchmarks.md").write_text("<!-- bench:bench_train-dist -->\n<!-- /bench -->\n")
+    (root / "README.md").write_text("<!-- bench:bench_train-dist:headline -->\n<!-- /bench -->\n")
+    assert bench_tables.main(["--root", str(root)]) == 0
+    table = (root / "docs" / "benchmarks.md").read_text()
+    assert "| tokens/s vs HF Trainer FSDP2 under the same process settings |" in table
+    assert "| as shipped | codex_ml FSDP2 | 2 | 900 | 900 | 1,000 / 1,100 | 6.5002 | 0.55x | 1.80x | 0.0002 | 2.25x |" \
+        in table
+    # DDP keeps freed blocks: not the same process settings as the HF row's, so no ratio
+    assert "| as shipped | codex_ml DDP | 2 | 1,000 | 1,000 | 2,000 / 1,900 | 6.5000 | – | 2.00x | 0.0000 | – |" \
+        in table
+    assert "| same process settings | HF Trainer FSDP2 | 2 | 400 | 400 | 1,000 / 1,000 | 6.5000 | – | – | – | – |" \
+        in table
+    readme = (root / "README.md").read_text()
+    assert "- codex_ml FSDP2 (as shipped, 2 processes): 0.55x codex_ml DDP's peak memory per process, 1.80x the HF " \
+           "Trainer FSDP2's tokens/s as shipped and 2.25x under the same process settings at final losses 0.0002 " \
+           "apart." in readme
