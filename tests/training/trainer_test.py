@@ -245,8 +245,10 @@ def test_keep_freed_cpu_memory_avoids_page_faults_on_reallocation():
 def test_fsdp_on_the_cpu_returns_freed_blocks_to_the_system():
     """Under FSDP the allocator gives blocks of 256 KiB and more back when they are freed (each block's gathered
     parameters are freed within the step; kept, they would grow the resident set back towards an unsharded
-    copy): a freed 8 MiB tensor leaves the resident set, so a new one faults its pages in again. Unsharded
-    training keeps them. Process-wide settings, so each case runs in a fresh interpreter."""
+    copy): a freed 8 MiB tensor leaves the resident set, so a new one faults its pages in again, and so does a
+    768 KiB one (an activation of a few hundred tokens: kept in the heap, such blocks let gathered parameters and
+    gradients fill the holes they leave, and the heap grows by them). Unsharded training keeps them. Process-wide
+    settings, so each case runs in a fresh interpreter."""
     import platform
 
     if platform.libc_ver()[0] != "glibc":
@@ -258,43 +260,20 @@ print(configure_cpu_allocator(True, sys.argv[1]))
 faults = []
 for _ in range(20):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.empty(2 << 20, dtype=torch.float32).fill_(1.0)
+    torch.empty(int(sys.argv[2]), dtype=torch.float32).fill_(1.0)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(sum(faults[10:]))
 """
-    def run(parallelism: str) -> tuple[str, int]:
-        out = subprocess.run([sys.executable, "-c", program, parallelism], capture_output=True, text=True,
-                             check=True).stdout.split()
+    def run(parallelism: str, pages: int) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", program, parallelism, str(pages * 1024)], capture_output=True,
+                             text=True, check=True).stdout.split()
         return out[0], int(out[1])
 
-    setting, faults = run("fsdp")
-    assert setting == "return_freed" and faults >= 10 * 2048 * 0.9, (setting, faults)  # 2,048 pages each time
-    setting, faults = run("ddp")
+    for pages in (2048, 192):  # 8 MiB, 768 KiB
+        setting, faults = run("fsdp", pages)
+        assert setting == "return_freed" and faults >= 10 * pages * 0.9, (pages, setting, faults)
+    setting, faults = run("ddp", 2048)
     assert setting == "keep_freed" and faults < 2 * 2048, (setting, faults)
-
-
-def test_fsdp_on_the_cpu_returns_freed_activation_sized_blocks_too():
-    """Under FSDP a freed 768 KiB block (an activation of a few hundred tokens) leaves the resident set as well:
-    kept in the heap, such blocks let gathered parameters and gradients fill the holes they leave, and the heap
-    grows by them."""
-    import platform
-
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("mallopt settings are glibc's; this C library is " + (platform.libc_ver()[0] or "unknown"))
-    program = """
-import resource, torch
-from codex_ml.training.setup import configure_cpu_allocator
-configure_cpu_allocator(True, "fsdp")
-faults = []
-for _ in range(20):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.empty(192 << 10, dtype=torch.float32).fill_(1.0)
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(sum(faults[10:]))
-"""
-    faults = int(subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
-                                check=True).stdout)
-    assert faults >= 10 * 192 * 0.9, faults  # 192 pages each time
 
 
 def test_bad_metric_names_and_log_every_fail_before_training(tmp_path):
