@@ -1,6 +1,7 @@
-"""bench_train --preset=dist_quick end to end: four distributed trainings (codex_ml DDP, FSDP2, FSDP2 with
-activation checkpointing, the HF Trainer's FSDP2), each two processes under torchrun on gloo, give one row each
-with memory per process, and agree on the losses (same weights, same batches)."""
+"""bench_train --preset=dist_quick end to end: five distributed trainings (codex_ml DDP, FSDP2, FSDP2 with
+activation checkpointing, the HF Trainer's FSDP2 as shipped and under codex_ml's process settings), each two
+processes under torchrun on gloo, give one row each with memory per process, and agree on the losses (same
+weights, same batches)."""
 
 import dataclasses
 import json
